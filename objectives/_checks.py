@@ -1,0 +1,106 @@
+"""Input validation shared by every objective.
+
+Shape checks run at trace time (they cost nothing under ``jit``) and name the offending argument, so
+a user who passes ``mask`` with the wrong shape reads ``mask`` in the error, not an XLA broadcast
+message. Config checks raise ``ValueError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_float(x: Any, name: str) -> jnp.ndarray:
+    """Return ``x`` as a floating array computed in at least float32.
+
+    bf16 / fp16 inputs are upcast to float32 (all ratio and KL maths runs in float32 or wider);
+    float64 stays float64 (under ``jax_enable_x64``). Integer or bool inputs are rejected because a
+    log-probability that arrives as an integer is always a bug upstream.
+    """
+    arr = jnp.asarray(x)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating array, got dtype {arr.dtype}")
+    if jnp.finfo(arr.dtype).bits < 32:
+        arr = arr.astype(jnp.float32)
+    return arr
+
+
+def as_mask(mask: Any, name: str = "mask") -> jnp.ndarray:
+    """Return a boolean mask from a bool or 0/1 numeric array."""
+    arr = jnp.asarray(mask)
+    if arr.dtype == jnp.bool_:
+        return arr
+    if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):
+        raise TypeError(f"`{name}` must be bool or 0/1 numeric, got dtype {arr.dtype}")
+    return arr != 0
+
+
+def check_rank(x: jnp.ndarray, rank: int, name: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(f"`{name}` must have rank {rank}, got shape {tuple(x.shape)}")
+
+
+def check_shape(x: jnp.ndarray, shape: Iterable[Optional[int]], name: str) -> None:
+    """Check ``x.shape`` against ``shape`` (``None`` matches any size)."""
+    shape = tuple(shape)
+    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    if not ok:
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"`{name}` must have shape {want}, got {tuple(x.shape)}")
+
+
+def check_same_shape(ref: jnp.ndarray, ref_name: str, **others: Optional[jnp.ndarray]) -> None:
+    for name, arr in others.items():
+        if arr is not None and tuple(jnp.shape(arr)) != tuple(ref.shape):
+            raise ValueError(
+                f"`{name}` must have the same shape as `{ref_name}` {tuple(ref.shape)}, "
+                f"got {tuple(jnp.shape(arr))}"
+            )
+
+
+def per_row(x: Any, batch: int, name: str, dtype=None) -> jnp.ndarray:
+    """Accept a ``[B]`` or ``[B, 1]`` per-sequence array and return it as ``[B, 1]``."""
+    arr = as_float(x, name) if dtype is None else jnp.asarray(x, dtype)
+    if arr.ndim == 1 and arr.shape[0] == batch:
+        return arr[:, None]
+    if arr.ndim == 2 and arr.shape == (batch, 1):
+        return arr
+    raise ValueError(f"`{name}` must have shape ({batch},) or ({batch}, 1), got {tuple(arr.shape)}")
+
+
+# ----------------------------------------------------------------------------- config field checks
+
+
+def check_choice(field: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def check_range(
+    field: str,
+    value: Optional[float],
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_none: bool = False,
+) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{field}=None is not allowed; a number is required")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{field}={value!r} must be a number")
+    if not np.isfinite(value):
+        raise ValueError(f"{field}={value!r} must be finite")
+    bad_low = low is not None and (value < low if low_inclusive else value <= low)
+    bad_high = high is not None and (value > high if high_inclusive else value >= high)
+    if bad_low or bad_high:
+        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
+        hi = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
+        raise ValueError(f"{field}={value!r} is out of range; allowed: {lo}, {hi}")

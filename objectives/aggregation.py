@@ -1,0 +1,182 @@
+"""Masked reductions and loss aggregation (the normalisations of the GRPO family).
+
+Every reduction is *select-then-compute*: masked positions are replaced with zeros by ``jnp.where``
+before anything is summed, so a NaN or inf sitting under padding can reach neither the value nor the
+gradient (``mask * x`` would turn ``0 * nan`` into ``nan``).
+
+Normalisation modes of :func:`aggregate` (``L`` the per-token loss, ``m`` the mask, ``B`` rows):
+
+======================  ====================================================================
+mode                    loss
+======================  ====================================================================
+``grpo`` / ``sapo``     ``(1/B) Σ_i Σ_t m L / max(Σ_t m, 1)``  (per-sequence mean, then mean over
+                        *all* rows, fully-masked rows included, as TRL). Shao et al. 2024, eq. 3.
+``bnpo``                ``Σ m L / max(Σ m, 1)`` over the local micro-batch.
+``dr_grpo``             ``Σ m L / (B · max_completion_length)``. Liu et al. 2025 (Dr. GRPO), eq. 4.
+``dapo`` / ``cispo`` /  ``Σ m L / max(num_items, 1)`` with ``num_items`` the *global* token count of
+``vespo`` /             the optimiser batch (all micro-batches, all devices); defaults to the local
+``token_mean``          count. Yu et al. 2025 (DAPO), eq. 8.
+``luspo``               ``(1/B) Σ_i Σ_t m L`` (per-sequence sum). LUSPO, arXiv 2602.05261.
+======================  ====================================================================
+
+Micro-batching: pass ``num_items`` (global token count) and ``num_sequences`` (global row count) and
+each micro-batch returns its share of the global loss, so summing the micro-batch losses (and the
+device losses) gives exactly the loss of the whole batch, in every mode except ``bnpo`` (which is
+defined per micro-batch, as in TRL).
+
+Metrics are returned as ``(sum, count)`` pairs (:class:`Mean`) and ``min`` / ``max`` scalars so they
+merge correctly across micro-batches and devices (:func:`merge_metrics`, :func:`finalize_metrics`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from trlax.objectives._checks import as_float, as_mask, check_choice, check_same_shape, check_rank
+
+AGGREGATION_MODES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "token_mean", "luspo")
+
+
+def masked_sum(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+    """``Σ x`` over positions where ``mask`` is true; masked NaN/inf never leak (select, then sum)."""
+    mask = as_mask(mask)
+    return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=axis)
+
+
+def masked_mean(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+    """Mean over masked positions; 0 (not NaN) where nothing is selected."""
+    mask = as_mask(mask)
+    count = jnp.sum(mask, axis=axis).astype(x.dtype)
+    return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1)
+
+
+def masked_min(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Min over masked positions; 0 where nothing is selected."""
+    mask = as_mask(mask)
+    out = jnp.min(jnp.where(mask, x, jnp.inf))
+    return jnp.where(jnp.any(mask), out, jnp.zeros((), x.dtype))
+
+
+def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Max over masked positions; 0 where nothing is selected."""
+    mask = as_mask(mask)
+    out = jnp.max(jnp.where(mask, x, -jnp.inf))
+    return jnp.where(jnp.any(mask), out, jnp.zeros((), x.dtype))
+
+
+def aggregate(
+    per_token_loss: jnp.ndarray,
+    mask: jnp.ndarray,
+    mode: str = "dapo",
+    *,
+    num_items: Optional[Any] = None,
+    num_sequences: Optional[Any] = None,
+    max_completion_length: Optional[int] = None,
+) -> jnp.ndarray:
+    """Reduce a ``[B, T]`` per-token loss to a scalar with the normalisation of ``mode``.
+
+    Args:
+      per_token_loss: ``[B, T]`` loss per token (a ``[B, 1]`` sequence loss broadcasts over ``T``).
+      mask: ``[B, T]`` bool / 0-1 mask of real completion tokens.
+      mode: one of ``AGGREGATION_MODES`` (table in the module docstring).
+      num_items: global number of completion tokens in the optimiser batch, for ``dapo`` / ``cispo``
+        / ``vespo`` / ``token_mean`` (defaults to this micro-batch's count). Clamped to >= 1.
+      num_sequences: global number of rows, for ``grpo`` / ``sapo`` / ``dr_grpo`` / ``luspo``
+        (defaults to ``B``).
+      max_completion_length: the Dr. GRPO constant (defaults to ``T``).
+
+    Returns:
+      A scalar in the dtype of ``per_token_loss`` (at least float32).
+    """
+    check_choice("mode", mode, AGGREGATION_MODES)
+    mask = as_mask(mask)
+    check_rank(mask, 2, "mask")
+    loss = as_float(per_token_loss, "per_token_loss")
+    loss = jnp.broadcast_to(loss, mask.shape) if loss.shape != mask.shape and loss.shape == (mask.shape[0], 1) else loss
+    check_same_shape(mask, "mask", per_token_loss=loss)
+    B, T = mask.shape
+    dtype = loss.dtype
+    n_seq = jnp.asarray(B if num_sequences is None else num_sequences, dtype)
+    row_sum = masked_sum(loss, mask, axis=-1)  # [B]
+    if mode in ("grpo", "sapo"):
+        row_len = jnp.sum(mask, axis=-1).astype(dtype)
+        return jnp.sum(row_sum / jnp.maximum(row_len, 1)) / n_seq
+    if mode == "bnpo":
+        return jnp.sum(row_sum) / jnp.maximum(jnp.sum(mask).astype(dtype), 1)
+    if mode == "dr_grpo":
+        length = T if max_completion_length is None else max_completion_length
+        return jnp.sum(row_sum) / (n_seq * length)
+    if mode == "luspo":
+        return jnp.sum(row_sum) / n_seq
+    # dapo / cispo / vespo / token_mean: global token mean
+    n_items = jnp.sum(mask).astype(dtype) if num_items is None else jnp.asarray(num_items, dtype)
+    return jnp.sum(row_sum) / jnp.maximum(n_items, 1)
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+class Mean(NamedTuple):
+    """A mean kept as ``(sum, count)`` so it merges exactly across micro-batches and devices."""
+
+    total: jnp.ndarray
+    count: jnp.ndarray
+
+    @property
+    def value(self) -> jnp.ndarray:
+        return self.total / jnp.maximum(self.count, 1)
+
+
+def mean_metric(x: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> Mean:
+    """``Mean`` of ``x`` over ``mask`` (all elements when ``mask`` is None)."""
+    x = jnp.asarray(x)
+    if mask is None:
+        return Mean(jnp.sum(x).astype(jnp.float32), jnp.asarray(x.size, jnp.float32))
+    mask = jnp.broadcast_to(as_mask(mask), x.shape)
+    return Mean(masked_sum(x, mask).astype(jnp.float32), jnp.sum(mask).astype(jnp.float32))
+
+
+def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Merge metric dicts from several micro-batches / devices.
+
+    ``Mean`` values add their sums and counts; keys ending in ``min`` / ``max`` take the min / max;
+    any other scalar is averaged.
+    """
+    out: Dict[str, Any] = {}
+    for key in metrics[0]:
+        vals = [m[key] for m in metrics]
+        if isinstance(vals[0], Mean):
+            out[key] = Mean(sum(v.total for v in vals), sum(v.count for v in vals))
+        elif key.endswith("min"):
+            out[key] = jnp.min(jnp.stack([jnp.asarray(v) for v in vals]))
+        elif key.endswith("max"):
+            out[key] = jnp.max(jnp.stack([jnp.asarray(v) for v in vals]))
+        else:
+            out[key] = jnp.mean(jnp.stack([jnp.asarray(v) for v in vals]))
+    return out
+
+
+def finalize_metrics(metrics: Mapping[str, Any]) -> Dict[str, jnp.ndarray]:
+    """Turn ``Mean`` pairs into values; everything else passes through."""
+    return {k: (v.value if isinstance(v, Mean) else jnp.asarray(v)) for k, v in metrics.items()}
+
+
+def is_mean(x: Any) -> bool:
+    return isinstance(x, Mean)
+
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "Mean",
+    "aggregate",
+    "finalize_metrics",
+    "masked_max",
+    "masked_mean",
+    "masked_min",
+    "masked_sum",
+    "mean_metric",
+    "merge_metrics",
+]
