@@ -404,13 +404,10 @@ def policy_loss(
     if lt in _CLIP_LOSSES:
         per_token = ppo_clip_loss(ratio, adv, eps_l, eps_h, config.delta)
         low, high, region = clip_indicators(ratio, adv, eps_l, eps_h)
-        shape_mask = jnp.broadcast_to(mask, low.shape) if low.shape == mask.shape else None
-        cm = mask if low.shape == mask.shape else jnp.broadcast_to(mask, jnp.broadcast_shapes(low.shape, mask.shape))
-        low, high, region = (jnp.broadcast_to(x, cm.shape) for x in (low, high, region))
-        metrics["clip_ratio/low_mean"] = mean_metric(low.astype(jnp.float32), cm)
-        metrics["clip_ratio/high_mean"] = mean_metric(high.astype(jnp.float32), cm)
-        metrics["clip_ratio/region_mean"] = mean_metric(region.astype(jnp.float32), cm)
-        del shape_mask
+        # token level: a fraction of tokens; sequence level ([B, 1] ratio and advantage): of rows
+        cm = mask if low.shape == mask.shape else jnp.ones(low.shape, bool)
+        for name, ind in (("low", low), ("high", high), ("region", region)):
+            metrics[f"clip_ratio/{name}_mean"] = mean_metric(ind.astype(jnp.float32), cm)
     elif lt == "cispo":
         per_token = cispo_loss(ratio, adv, logps_safe, eps_h)
         clipped = jnp.broadcast_to((jax.lax.stop_gradient(ratio) > eps_h) & (adv > 0), mask.shape)
