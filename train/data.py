@@ -1,0 +1,189 @@
+"""Data: a tiny local tokenizer, built-in toy tasks, Hugging Face ``datasets`` loading with column
+checks, and tokenisation into fixed-shape numpy batches.
+
+Nothing here downloads anything unless the user names a hub dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+REQUIRED_COLUMNS = {
+    "grpo": ("prompt",),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "sft": ("prompt", "completion"),
+}
+
+_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+_CHARS = list("0123456789+-*=?:() abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!'\n<>/")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %}{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_tokenizer(directory: str):
+    """Train a character-level tokenizer with the ``tokenizers`` library on a small local text and
+    save it (``tokenizer.json`` + config) as a transformers ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    trainer = trainers.WordLevelTrainer(special_tokens=_SPECIALS, min_frequency=1)
+    tok.train_from_iterator(["".join(_CHARS)] * 2, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(directory, exist_ok=True)
+    fast.save_pretrained(directory)
+    return fast
+
+
+# --------------------------------------------------------------------------------- built-in tasks
+
+
+def addition_examples(n: int, seed: int = 0, max_operand: int = 9) -> List[Dict[str, str]]:
+    """``{"prompt": "3+4=", "answer": "7"}`` — the built-in verifiable task."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def preference_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
+    """Synthetic preference set: the right sum is chosen, a wrong one rejected."""
+    rng = random.Random(seed + 1)
+    out = []
+    for ex in addition_examples(n, seed):
+        wrong = str((int(ex["answer"]) + rng.randint(1, 9)) % 19)
+        out.append({"prompt": ex["prompt"], "chosen": ex["answer"], "rejected": wrong})
+    return out
+
+
+def sft_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
+    return [{"prompt": e["prompt"], "completion": e["answer"]} for e in addition_examples(n, seed)]
+
+
+def addition_rewards(completions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    """``[N, 2]`` rewards for the built-in task: exact answer (1/0) and format (completion made of
+    digits only, 0.5/0)."""
+    acc = [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answers)]
+    fmt = [0.5 if c.strip().isdigit() else 0.0 for c in completions]
+    return np.stack([np.asarray(acc), np.asarray(fmt)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_records(algo: str, dataset: str, *, n_builtin: int = 4096, seed: int = 0, split: str = "train"):
+    """Rows for ``algo`` from ``dataset`` ("builtin", a local json / jsonl / parquet file, or a hub
+    name). Missing columns raise before any compute, naming them."""
+    if dataset == "builtin":
+        rows = {"grpo": addition_examples, "dpo": preference_examples, "sft": sft_examples}[algo](n_builtin, seed)
+    else:
+        import datasets
+
+        ext = os.path.splitext(dataset)[1].lower()
+        if ext in (".json", ".jsonl"):
+            ds = datasets.load_dataset("json", data_files=dataset, split=split)
+        elif ext == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=dataset, split=split)
+        elif os.path.exists(dataset):
+            raise ValueError(f"dataset={dataset!r}: unsupported file type {ext!r}; use .json, .jsonl or .parquet")
+        else:
+            ds = datasets.load_dataset(dataset, split=split)
+        rows = [dict(r) for r in ds]
+    if not rows:
+        raise ValueError(f"dataset={dataset!r} is empty")
+    missing = [c for c in REQUIRED_COLUMNS[algo] if c not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"dataset={dataset!r} is missing column(s) {', '.join(missing)} required by '{algo}' "
+            f"(has: {', '.join(sorted(rows[0]))})")
+    return rows
+
+
+def as_text(tokenizer, value: Any) -> str:
+    """A prompt / completion as text: plain strings pass through, chat messages go through the
+    tokenizer's chat template."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return tokenizer.apply_chat_template(value, tokenize=False)
+    raise ValueError(f"cannot turn {type(value).__name__} into text")
+
+
+def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int):
+    """``(ids [N, L], mask [N, L])`` left-padded to ``max_length`` (long prompts keep their end)."""
+    pad = tokenizer.pad_token_id
+    ids = np.full((len(texts), max_length), pad, np.int32)
+    mask = np.zeros((len(texts), max_length), bool)
+    for i, t in enumerate(texts):
+        toks = tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:]
+        if toks:
+            ids[i, -len(toks):] = toks
+            mask[i, -len(toks):] = True
+    return ids, mask
+
+
+def encode_right_padded(tokenizer, texts: Sequence[str], max_length: int, add_eos: bool = True):
+    """``(ids [N, L], mask [N, L])`` right-padded, EOS appended, truncated at ``max_length``."""
+    pad = tokenizer.pad_token_id
+    ids = np.full((len(texts), max_length), pad, np.int32)
+    mask = np.zeros((len(texts), max_length), bool)
+    for i, t in enumerate(texts):
+        toks = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if add_eos:
+            toks = toks + [tokenizer.eos_token_id]
+        toks = toks[:max_length]
+        ids[i, : len(toks)] = toks
+        mask[i, : len(toks)] = True
+    return ids, mask
+
+
+class EpochSampler:
+    """Deterministic shuffled batches of row indices; the position (epoch, offset) is part of the
+    checkpoint so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
+        if batch_size > n:
+            raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} rows)")
+        self.n, self.batch_size, self.seed, self.epoch, self.offset = n, batch_size, seed, epoch, offset
+
+    def _perm(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        if self.offset + self.batch_size > self.n:
+            self.epoch, self.offset = self.epoch + 1, 0
+        idx = self._perm()[self.offset: self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return idx
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "EpochSampler",
+    "REQUIRED_COLUMNS",
+    "addition_examples",
+    "addition_rewards",
+    "as_text",
+    "build_tokenizer",
+    "encode_left_padded",
+    "encode_right_padded",
+    "load_records",
+    "preference_examples",
+    "sft_examples",
+]
