@@ -79,7 +79,8 @@ def aggregate(
     """Reduce a ``[B, T]`` per-token loss to a scalar with the normalisation of ``mode``.
 
     Args:
-      per_token_loss: ``[B, T]`` loss per token (a ``[B, 1]`` sequence loss broadcasts over ``T``).
+      per_token_loss: ``[B, T]`` loss per token, or ``[B, 1]`` per-sequence loss (counted once per
+        valid token of its row, i.e. broadcast over ``T``).
       mask: ``[B, T]`` bool / 0-1 mask of real completion tokens.
       mode: one of ``AGGREGATION_MODES`` (table in the module docstring).
       num_items: global number of completion tokens in the optimiser batch, for ``dapo`` / ``cispo``
@@ -95,24 +96,27 @@ def aggregate(
     mask = as_mask(mask)
     check_rank(mask, 2, "mask")
     loss = as_float(per_token_loss, "per_token_loss")
-    loss = jnp.broadcast_to(loss, mask.shape) if loss.shape != mask.shape and loss.shape == (mask.shape[0], 1) else loss
-    check_same_shape(mask, "mask", per_token_loss=loss)
     B, T = mask.shape
     dtype = loss.dtype
+    row_len = jnp.sum(mask, axis=-1).astype(dtype)
+    if loss.shape == (B, 1) and T != 1:
+        # a per-sequence loss (GSPO-style): Σ_t m·L_i = L_i·|y_i| without a [B, T] pass
+        row_sum = jnp.where(row_len > 0, loss[:, 0] * row_len, jnp.zeros((), dtype))
+    else:
+        check_same_shape(mask, "mask", per_token_loss=loss)
+        row_sum = masked_sum(loss, mask, axis=-1)  # [B]
     n_seq = jnp.asarray(B if num_sequences is None else num_sequences, dtype)
-    row_sum = masked_sum(loss, mask, axis=-1)  # [B]
     if mode in ("grpo", "sapo"):
-        row_len = jnp.sum(mask, axis=-1).astype(dtype)
         return jnp.sum(row_sum / jnp.maximum(row_len, 1)) / n_seq
     if mode == "bnpo":
-        return jnp.sum(row_sum) / jnp.maximum(jnp.sum(mask).astype(dtype), 1)
+        return jnp.sum(row_sum) / jnp.maximum(jnp.sum(row_len), 1)
     if mode == "dr_grpo":
         length = T if max_completion_length is None else max_completion_length
         return jnp.sum(row_sum) / (n_seq * length)
     if mode == "luspo":
         return jnp.sum(row_sum) / n_seq
     # dapo / cispo / vespo / token_mean: global token mean
-    n_items = jnp.sum(mask).astype(dtype) if num_items is None else jnp.asarray(num_items, dtype)
+    n_items = jnp.sum(row_len) if num_items is None else jnp.asarray(num_items, dtype)
     return jnp.sum(row_sum) / jnp.maximum(n_items, 1)
 
 

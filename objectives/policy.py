@@ -455,7 +455,6 @@ def policy_loss(
         per_token = per_token + config.beta * kl
 
     # 7. aggregation
-    per_token = jnp.broadcast_to(per_token, mask.shape)
     loss = aggregate(per_token, mask, lt, num_items=num_items, num_sequences=num_sequences,
                      max_completion_length=config.max_completion_length)
     metrics["policy_loss"] = jax.lax.stop_gradient(loss)
