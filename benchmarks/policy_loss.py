@@ -1,8 +1,9 @@
 """Benchmark: trlax ``policy_loss`` (jitted, value + gradient) vs TRL 1.16's GRPOTrainer loss (eager
 PyTorch, forward + backward) on identical float32 inputs, on this machine's CPU.
 
-Both sides run in this one process, on the same arrays; each timing is the median of ``--repeats``
-runs after a warm-up (the jit compile is excluded and reported separately). TRL's loss is driven
+Both sides run in this one process, on the same arrays, timed alternately (at least ``--repeats``
+runs each and at least 0.5 s of work); each timing is the median after a warm-up (the jit compile is
+excluded and reported separately). TRL's loss is driven
 through the same stand-in ``self`` as the parity tests (tests/objectives/test_policy_trl.py).
 
     python benchmarks/policy_loss.py            # full table (8x512 ... 256x8192)
@@ -35,13 +36,16 @@ CONFIGS = {
 }
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _interleaved_medians(fn_a, fn_b, repeats, min_seconds=0.5):
+    """Median wall time of ``fn_a`` and ``fn_b``, timed alternately (so a background load hits both
+    sides alike), ``repeats`` times or until both have run for ``min_seconds``."""
+    ta, tb = [], []
+    while len(ta) < repeats or (sum(ta) < min_seconds and sum(tb) < min_seconds and len(ta) < 2000):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb), len(ta)
 
 
 def bench(name, cfg, B, T, repeats):
@@ -61,7 +65,6 @@ def bench(name, cfg, B, T, repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(jfn(*args))
     compile_s = time.perf_counter() - t0
-    t_jax = _median_time(lambda: jax.block_until_ready(jfn(*args)), repeats)
 
     stub = oracle._make_stub(cfg.replace(max_completion_length=T), use_vllm=False, entropy_coef=0.0)
     mask_t = torch.tensor(mask, dtype=torch.float32)
@@ -86,8 +89,8 @@ def bench(name, cfg, B, T, repeats):
         return lp.grad
 
     trl_step()
-    t_trl = _median_time(trl_step, repeats)
-    return t_jax, t_trl, compile_s
+    t_jax, t_trl, n = _interleaved_medians(lambda: jax.block_until_ready(jfn(*args)), trl_step, repeats)
+    return t_jax, t_trl, compile_s, n
 
 
 def main():
@@ -97,12 +100,13 @@ def main():
     a = ap.parse_args()
     sizes = SIZES[:2] if a.quick else SIZES
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32, value+grad, median of {a.repeats}")
-    print(f"{'config':<9} {'B x T':>11} {'trlax ms':>10} {'TRL ms':>10} {'speed-up':>9} {'compile s':>10}")
+          f"({torch.get_num_threads()} threads), float32, value+grad, interleaved runs, median")
+    print(f"{'config':<9} {'B x T':>11} {'trlax ms':>10} {'TRL ms':>10} {'speed-up':>9} {'compile s':>10} {'runs':>6}")
     for name, cfg in CONFIGS.items():
         for B, T in sizes:
-            tj, tt, c = bench(name, cfg, B, T, a.repeats)
-            print(f"{name:<9} {f'{B}x{T}':>11} {tj*1e3:>10.2f} {tt*1e3:>10.2f} {tt/tj:>8.1f}x {c:>10.2f}", flush=True)
+            tj, tt, c, n = bench(name, cfg, B, T, a.repeats)
+            print(f"{name:<9} {f'{B}x{T}':>11} {tj*1e3:>10.3f} {tt*1e3:>10.3f} {tt/tj:>8.1f}x {c:>10.2f} {n:>6}",
+                  flush=True)
 
 
 if __name__ == "__main__":
