@@ -1,3 +1,475 @@
-"""Placeholder; filled in by its issue."""
+"""Knowledge-distillation objectives on logits and sampled-token log-probs.
 
-__all__: list = []
+- :func:`generalized_jsd` — per-token generalised Jensen-Shannon divergence of GKD (arXiv 2306.13649,
+  eq. 1); ``beta = 0`` is forward KL(p_T‖p_S), ``beta = 1`` reverse KL(p_S‖p_T) (:func:`forward_kl`,
+  :func:`reverse_kl`). :func:`gkd_loss` reduces it at token or sequence level.
+- :func:`on_policy_distillation_loss` — per-token reverse KL ``−(ℓ_S − ℓ_T)`` on student samples used as
+  a policy-gradient advantage (Agarwal et al. 2306.13649 sec. 3; Thinking Machines "On-Policy
+  Distillation"); :func:`on_policy_distillation_advantages` is the advantage alone.
+- :func:`iw_opd_loss` — IW-OPD position-bias importance weighting (arXiv 2606.22600).
+- :func:`self_distillation_loss` — SDPO / SDFT self-distillation on the student's top-k logits (or full
+  vocabulary, or the sampled token) with an importance-sampling clip (arXiv 2601.20802, 2601.19897).
+- :func:`minillm_loss` — MiniLLM reverse-KL policy gradient (arXiv 2306.08543, eq. 5-7).
+
+Teacher quantities are always treated as constants (``stop_gradient``). Logits are ``[B, T, V]``;
+per-token quantities ``[B, T]``; ``mask`` is ``[B, T]``. Divergences are computed in float32 or wider.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
+from trlax.objectives.aggregation import AGGREGATION_MODES, aggregate, masked_sum, mean_metric
+
+DISTILLATION_LEVELS = ("token", "sequence")
+SELF_DISTILLATION_MODES = ("topk_logits", "full_logit", "sampled_token")
+
+_sg = jax.lax.stop_gradient
+
+
+def _kl_from_logprobs(log_p, log_q) -> jnp.ndarray:
+    """``Σ_v p (log p − log q)`` over the last axis; terms with ``p = 0`` contribute 0 (selected
+    before the product, so ``log p = −inf`` never makes a NaN)."""
+    pos = log_p > -jnp.inf
+    lp = jnp.where(pos, log_p, 0.0)
+    diff = jnp.where(pos, lp - jnp.where(pos, log_q, 0.0), 0.0)
+    return jnp.sum(jnp.where(pos, jnp.exp(lp) * diff, 0.0), axis=-1)
+
+
+def _divergence(log_s, log_t, beta: float) -> jnp.ndarray:
+    """Generalised JSD between log-prob vectors (last axis): β·KL(T‖M) + (1−β)·KL(S‖M)."""
+    if beta == 0.0:
+        return _kl_from_logprobs(log_t, log_s)
+    if beta == 1.0:
+        return _kl_from_logprobs(log_s, log_t)
+    log_m = jnp.logaddexp(log_s + jnp.log1p(-beta), log_t + jnp.log(beta))
+    return beta * _kl_from_logprobs(log_t, log_m) + (1.0 - beta) * _kl_from_logprobs(log_s, log_m)
+
+
+def _logits_pair(student_logits, teacher_logits):
+    s = as_float(student_logits, "student_logits")
+    t = _sg(as_float(teacher_logits, "teacher_logits"))
+    check_rank(s, 3, "student_logits")
+    check_same_shape(s, "student_logits", teacher_logits=t)
+    dt = jnp.promote_types(s.dtype, t.dtype)
+    return s.astype(dt), t.astype(dt)
+
+
+def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temperature: float = 1.0) -> jnp.ndarray:
+    """Per-token generalised JSD of GKD (Agarwal et al., arXiv 2306.13649, eq. 1; TRL
+    ``GKDTrainer.generalized_jsd_loss`` before reduction).
+
+    With ``p_S = softmax(z_S/τ)``, ``p_T = softmax(z_T/τ)`` and ``M = (1−β)p_S + βp_T``:
+    ``JSD_β = β·KL(p_T‖M) + (1−β)·KL(p_S‖M)``; ``β = 0`` gives KL(p_T‖p_S) and ``β = 1``
+    KL(p_S‖p_T) exactly (not the degenerate mixture).
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]`` (teacher is a constant).
+      beta: β in [0, 1]. temperature: τ > 0.
+
+    Returns:
+      ``[B, T]`` divergence per position (unmasked; reduce with :func:`gkd_loss` or ``aggregate``).
+    """
+    check_range("beta", beta, low=0.0, high=1.0)
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    s, t = _logits_pair(student_logits, teacher_logits)
+    log_s = jax.nn.log_softmax(s / temperature, axis=-1)
+    log_t = jax.nn.log_softmax(t / temperature, axis=-1)
+    return _divergence(log_s, log_t, float(beta))
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:
+    """Per-token forward KL(p_T‖p_S) (mode-covering; word-level KD, Hinton et al. 1503.02531,
+    Kim & Rush 1606.07947): ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=0``."""
+    return generalized_jsd(student_logits, teacher_logits, beta=0.0, temperature=temperature)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:
+    """Per-token reverse KL(p_S‖p_T) (mode-seeking; MiniLLM arXiv 2306.08543 eq. 1, GKD β = 1):
+    ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=1``."""
+    return generalized_jsd(student_logits, teacher_logits, beta=1.0, temperature=temperature)
+
+
+def gkd_loss(
+    student_logits,
+    teacher_logits,
+    mask,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    level: str = "token",
+    num_items: Optional[Any] = None,
+    num_sequences: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """GKD loss (arXiv 2306.13649, eq. 1-2; TRL ``GKDTrainer``): masked generalised JSD, reduced
+
+    - ``token``: ``Σ_{b,t} m·JSD / max(N, 1)`` with ``N = num_items`` (global token count of the
+      optimiser batch) or the local count — TRL's ``num_items_in_batch`` / ``batchmean`` reduction;
+    - ``sequence``: ``Σ_b Σ_t m·JSD / num_sequences`` — the sequence-level divergence (sum over
+      positions, the chain rule of KL) averaged over rows (``num_sequences`` defaults to ``B``).
+
+    Which sequences are fed (on-policy student samples with probability ``lmbda``, teacher or
+    dataset otherwise) is the data pipeline's choice; the loss is the same.
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]``.
+      mask: ``[B, T]`` completion mask.
+      beta: β in [0, 1] (paper index 0.5). temperature: τ > 0 (TRL's loss uses 1).
+      level: ``token`` | ``sequence``.
+
+    Returns:
+      ``(loss, metrics)`` with ``jsd`` (Mean over tokens).
+    """
+    check_choice("level", level, DISTILLATION_LEVELS)
+    jsd = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature)
+    m = as_mask(mask)
+    check_same_shape(jsd, "student_logits[..., 0]", mask=m)
+    total = masked_sum(jsd, m)
+    if level == "token":
+        n = jnp.sum(m).astype(jsd.dtype) if num_items is None else jnp.asarray(num_items, jsd.dtype)
+    else:
+        n = jnp.asarray(jsd.shape[0] if num_sequences is None else num_sequences, jsd.dtype)
+    loss = total / jnp.maximum(n, 1)
+    return loss, {"jsd": mean_metric(_sg(jsd), m)}
+
+
+# ---------------------------------------------------------------------------- on-policy distillation
+
+
+def on_policy_distillation_advantages(student_logps, teacher_logps, mask, *, kl_coef: float = 1.0) -> jnp.ndarray:
+    """Per-token reverse-KL advantage of on-policy distillation (Thinking Machines, "On-Policy
+    Distillation", 2025; GKD arXiv 2306.13649 sec. 3 with β = 1, discount 0):
+    ``A_t = −kl_coef·(log π_S(y_t) − log π_T(y_t))`` on the student's own samples, 0 where masked.
+
+    Args:
+      student_logps: ``[B, T]`` log-probs of the sampled tokens under the sampling student.
+      teacher_logps: ``[B, T]`` teacher log-probs of the same tokens.
+      mask: ``[B, T]``.
+
+    Returns:
+      ``[B, T]`` advantages (constants).
+    """
+    check_range("kl_coef", kl_coef, low=0.0)
+    s = _sg(as_float(student_logps, "student_logps"))
+    t = _sg(as_float(teacher_logps, "teacher_logps"))
+    check_rank(s, 2, "student_logps")
+    m = as_mask(mask)
+    check_same_shape(s, "student_logps", teacher_logps=t, mask=m)
+    zero = jnp.zeros((), s.dtype)
+    return jnp.where(m, -kl_coef * (jnp.where(m, s, zero) - jnp.where(m, t, zero)), zero)
+
+
+def on_policy_distillation_loss(
+    logps,
+    teacher_logps,
+    mask,
+    *,
+    sampler_logps=None,
+    kl_coef: float = 1.0,
+    num_items: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """On-policy distillation as importance-sampled policy gradient with the per-token reverse-KL
+    advantage (:func:`on_policy_distillation_advantages` of the *sampler* log-probs):
+    ``loss = −Σ_{b,t} m·(π_θ/π_sampler)(y_t)·A_t / max(N, 1)``. On-policy (``sampler_logps=None``)
+    the ratio is 1 and the gradient is ``−Σ A_t ∇log π_θ(y_t) / N`` — the reverse-KL gradient
+    (per-token, no future terms).
+
+    Args:
+      logps: ``[B, T]`` student log-probs (differentiable). teacher_logps: ``[B, T]`` (constant).
+      mask: ``[B, T]``. sampler_logps: ``[B, T]`` behaviour log-probs (``sg(logps)`` if None).
+      kl_coef: advantage scale ≥ 0. num_items: global token count.
+
+    Returns:
+      ``(loss, metrics)`` with ``reverse_kl`` (Mean of ``ℓ_sampler − ℓ_T``).
+    """
+    lp = as_float(logps, "logps")
+    check_rank(lp, 2, "logps")
+    m = as_mask(mask)
+    check_same_shape(lp, "logps", mask=m, sampler_logps=sampler_logps)
+    zero = jnp.zeros((), lp.dtype)
+    lp = jnp.where(m, lp, zero)
+    beh = _sg(lp) if sampler_logps is None else _sg(jnp.where(m, as_float(sampler_logps, "sampler_logps"), zero))
+    adv = on_policy_distillation_advantages(beh, teacher_logps, m, kl_coef=kl_coef)
+    ratio = jnp.exp(jnp.clip(lp - beh, -20.0, 20.0))
+    per_token = -ratio * adv
+    loss = aggregate(per_token, m, "token_mean", num_items=num_items)
+    rkl = jnp.where(m, beh - jnp.where(m, _sg(as_float(teacher_logps, "teacher_logps")), zero), zero)
+    return loss, {"reverse_kl": mean_metric(rkl, m)}
+
+
+def iw_opd_weights(advantages, mask, *, gamma: float = 0.5, eps: float = 1e-8) -> jnp.ndarray:
+    """IW-OPD position weights (arXiv 2606.22600, eq. 7; TRL ``IWOPDTrainer``):
+    ``w_t = 1 + γ·(1 − Σ_{s<t}|a_s| / max(Σ_s|a_s|, ε))`` — tokens before most of the row's
+    teacher-student disagreement get up to ``1 + γ``, the tail down to 1.
+
+    Args:
+      advantages: ``[B, T]`` per-token ``a_t`` (masked entries ignored). mask: ``[B, T]``.
+      gamma: γ ≥ 0 (paper index 0.5). eps: ε > 0.
+
+    Returns:
+      ``[B, T]`` weights (constants), 0 where masked.
+    """
+    check_range("gamma", gamma, low=0.0)
+    check_range("eps", eps, low=0.0, low_inclusive=False)
+    a = _sg(as_float(advantages, "advantages"))
+    check_rank(a, 2, "advantages")
+    m = as_mask(mask)
+    check_same_shape(a, "advantages", mask=m)
+    abs_a = jnp.where(m, jnp.abs(jnp.where(m, a, 0.0)), 0.0)
+    prefix = jnp.cumsum(abs_a, axis=-1) - abs_a
+    total = jnp.maximum(jnp.sum(abs_a, axis=-1, keepdims=True), eps)
+    w = 1.0 + gamma * (1.0 - prefix / total)
+    return jnp.where(m, w, 0.0)
+
+
+def iw_opd_loss(
+    logps,
+    teacher_logps,
+    mask,
+    *,
+    rollout_logps=None,
+    gamma: float = 0.5,
+    eps: float = 1e-8,
+    num_items: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """IW-OPD, importance-weighted on-policy distillation (arXiv 2606.22600, eq. 8; TRL
+    ``IWOPDTrainer._compute_iw_opd_loss``):
+    ``a_t = sg(ℓ_T − ℓ_roll)``, ``w_t`` = :func:`iw_opd_weights`,
+    ``loss = −Σ m·ℓ_S(y_t)·w_t·a_t / max(N, 1)``.
+
+    Args:
+      logps: ``[B, T]`` student log-probs of the sampled tokens (differentiable).
+      teacher_logps: ``[B, T]`` teacher log-probs. rollout_logps: ``[B, T]`` sampler log-probs
+        (student's own, detached, when None).
+      mask: ``[B, T]``. gamma, eps: as :func:`iw_opd_weights`. num_items: global token count.
+
+    Returns:
+      ``(loss, metrics)`` with ``mean_advantage``, ``mean_abs_advantage``, ``mean_weight``.
+    """
+    lp = as_float(logps, "logps")
+    check_rank(lp, 2, "logps")
+    m = as_mask(mask)
+    check_same_shape(lp, "logps", mask=m, teacher_logps=teacher_logps, rollout_logps=rollout_logps)
+    zero = jnp.zeros((), lp.dtype)
+    lp = jnp.where(m, lp, zero)
+    t = jnp.where(m, _sg(as_float(teacher_logps, "teacher_logps")), zero)
+    roll = lp if rollout_logps is None else jnp.where(m, as_float(rollout_logps, "rollout_logps"), zero)
+    a = jnp.where(m, _sg(t - roll), zero)
+    w = iw_opd_weights(a, m, gamma=gamma, eps=eps)
+    adv = w * a
+    loss = aggregate(-lp * adv, m, "token_mean", num_items=num_items)
+    return loss, {
+        "mean_advantage": mean_metric(adv, m),
+        "mean_abs_advantage": mean_metric(jnp.abs(a), m),
+        "mean_weight": mean_metric(w, m),
+    }
+
+
+# ------------------------------------------------------------------------------- self-distillation
+
+
+def _add_tail_bucket(log_p: jnp.ndarray) -> jnp.ndarray:
+    log_mass = jnp.minimum(jax.scipy.special.logsumexp(log_p, axis=-1, keepdims=True), -1e-7)
+    return jnp.concatenate([log_p, jnp.log(-jnp.expm1(log_mass))], axis=-1)
+
+
+def topk_distillation_divergence(
+    student_logits,
+    teacher_logits,
+    *,
+    topk: int,
+    alpha: float = 0.5,
+    add_tail: bool = False,
+) -> jnp.ndarray:
+    """Top-k logit divergence of SDPO / SDFT (arXiv 2601.20802 sec. 3.2; TRL
+    ``compute_topk_self_distillation_loss``): the student's top-k tokens define the support; teacher
+    log-probs are gathered on it. With ``add_tail`` both get a tail bucket ``log(1 − Σ_topk p)``;
+    otherwise both are renormalised on the top-k. Then the generalised JSD with ``alpha``
+    (0 forward KL, 1 reverse KL).
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]``. topk: 1 ≤ k ≤ V. alpha: in [0, 1].
+
+    Returns:
+      ``[B, T]`` per-token divergence.
+    """
+    s, t = _logits_pair(student_logits, teacher_logits)
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= s.shape[-1]:
+        raise ValueError(f"topk={topk!r} is out of range; allowed: integers in [1, {s.shape[-1]}]")
+    check_range("alpha", alpha, low=0.0, high=1.0)
+    top_s, idx = jax.lax.top_k(s, topk)
+    log_s = top_s - jax.scipy.special.logsumexp(s, axis=-1, keepdims=True)
+    log_t = jnp.take_along_axis(t, idx, axis=-1) - jax.scipy.special.logsumexp(t, axis=-1, keepdims=True)
+    if add_tail:
+        log_s, log_t = _add_tail_bucket(log_s), _add_tail_bucket(log_t)
+    else:
+        log_s = log_s - jax.scipy.special.logsumexp(log_s, axis=-1, keepdims=True)
+        log_t = log_t - jax.scipy.special.logsumexp(log_t, axis=-1, keepdims=True)
+    return _divergence(log_s, log_t, float(alpha))
+
+
+def self_distillation_loss(
+    student_logits,
+    teacher_logits,
+    mask,
+    *,
+    mode: str = "topk_logits",
+    alpha: float = 0.5,
+    topk: int = 100,
+    add_tail: bool = False,
+    tokens=None,
+    logps=None,
+    old_logps=None,
+    is_clip: Optional[float] = None,
+    aggregation: str = "dapo",
+    num_items: Optional[Any] = None,
+    num_sequences: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """SDPO / SDFT self-distillation loss (Hübotter et al. arXiv 2601.20802 eq. 4; Shenfeld et al.
+    arXiv 2601.19897; TRL ``experimental.sdpo`` / ``sdft`` ``loss_utils``).
+
+    Per-token divergence by ``mode``: ``topk_logits`` (:func:`topk_distillation_divergence`),
+    ``full_logit`` (:func:`generalized_jsd` with ``beta=alpha``), ``sampled_token`` (reverse KL
+    estimate ``sg(ℓ_S − ℓ_T)·ℓ_S`` on ``tokens``, ``alpha`` must be 1). With ``is_clip`` the
+    divergence is multiplied by ``min(exp(clip(sg(ℓ − ℓ_old), −20, 20)), is_clip)`` (off-policy
+    importance clip). Reduced with :func:`aggregate` (``aggregation`` mode).
+
+    Paper-index values: SDPO ``alpha=0.5, topk=100, is_clip=2.0``; SDFT ``alpha=0.5, topk=5``.
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]``. mask: ``[B, T]``.
+      tokens: ``[B, T]`` int sampled tokens (``sampled_token`` mode).
+      logps, old_logps: ``[B, T]`` student / old log-probs of the sampled tokens (for ``is_clip``).
+      aggregation: an ``AGGREGATION_MODES`` value. num_items / num_sequences: global counts.
+
+    Returns:
+      ``(loss, metrics)`` with ``distillation_divergence`` (Mean over tokens).
+    """
+    check_choice("mode", mode, SELF_DISTILLATION_MODES)
+    check_choice("aggregation", aggregation, AGGREGATION_MODES)
+    check_range("alpha", alpha, low=0.0, high=1.0)
+    check_range("is_clip", is_clip, low=0.0, low_inclusive=False, allow_none=True)
+    m = as_mask(mask)
+    if mode == "topk_logits":
+        div = topk_distillation_divergence(student_logits, teacher_logits, topk=topk, alpha=alpha, add_tail=add_tail)
+    elif mode == "full_logit":
+        div = generalized_jsd(student_logits, teacher_logits, beta=alpha)
+    else:
+        if alpha != 1.0:
+            raise ValueError(f"alpha={alpha!r} is not allowed with mode='sampled_token'; allowed values: 1.0")
+        if tokens is None:
+            raise ValueError("`tokens` is required with mode='sampled_token'")
+        s, t = _logits_pair(student_logits, teacher_logits)
+        tok = jnp.asarray(tokens)
+        if tok.shape != s.shape[:2]:
+            raise ValueError(f"`tokens` must have shape {tuple(s.shape[:2])}, got {tuple(tok.shape)}")
+        ls = jnp.take_along_axis(jax.nn.log_softmax(s, axis=-1), tok[..., None], axis=-1)[..., 0]
+        lt = jnp.take_along_axis(jax.nn.log_softmax(t, axis=-1), tok[..., None], axis=-1)[..., 0]
+        div = _sg(ls - lt) * ls
+    check_same_shape(div, "student_logits[..., 0]", mask=m)
+    per_token = div
+    metrics: Dict[str, Any] = {"distillation_divergence": mean_metric(_sg(div), m)}
+    if is_clip is not None:
+        if logps is None or old_logps is None:
+            raise ValueError(f"`logps` and `old_logps` are required when is_clip={is_clip}")
+        lp, old = as_float(logps, "logps"), as_float(old_logps, "old_logps")
+        check_same_shape(m, "mask", logps=lp, old_logps=old)
+        zero = jnp.zeros((), lp.dtype)
+        d = _sg(jnp.where(m, lp, zero) - jnp.where(m, old, zero))
+        ratio = jnp.minimum(jnp.exp(jnp.clip(d, -20.0, 20.0)), is_clip)
+        per_token = per_token * ratio
+        metrics["is_ratio"] = mean_metric(ratio, m)
+    loss = aggregate(per_token, m, aggregation, num_items=num_items, num_sequences=num_sequences)
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------- MiniLLM
+
+
+def minillm_loss(
+    student_logits,
+    teacher_logits,
+    tokens,
+    mask,
+    *,
+    gamma: float = 1.0,
+    length_normalize: bool = True,
+    single_step_coef: float = 1.0,
+    temperature: float = 1.0,
+    num_items: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """MiniLLM reverse-KL policy gradient (Gu et al., arXiv 2306.08543, eq. 5-7, sec. 2.2).
+
+    On student samples ``y`` with per-token reward ``r_t = log p_T(y_t) − log q_θ(y_t)`` (constant):
+
+    - long-term part (eq. 5-6): ``R_{t+1} = Σ_{t'>t} γ^{t'−t−1} r_{t'}`` — normalised by the number
+      of future tokens when ``length_normalize`` (eq. 7) — and ``L_long = −Σ_t sg(R_{t+1})·log q_θ(y_t)``;
+    - single-step part (eq. 6): ``L_single = Σ_t KL(q_θ(·|y_<t) ‖ p_T(·|y_<t))`` exactly over the
+      vocabulary (its full gradient, lower variance);
+
+    ``loss = (L_long + single_step_coef·L_single) / max(N, 1)`` over masked tokens.
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]`` (logits ÷ ``temperature``).
+      tokens: ``[B, T]`` int sampled tokens. mask: ``[B, T]``.
+      gamma: discount in [0, 1]. length_normalize: eq. 7. single_step_coef: ≥ 0.
+      num_items: global token count.
+
+    Returns:
+      ``(loss, metrics)`` with ``reverse_kl`` (Mean of the single-step KL).
+    """
+    check_range("gamma", gamma, low=0.0, high=1.0)
+    check_range("single_step_coef", single_step_coef, low=0.0)
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    s, t = _logits_pair(student_logits, teacher_logits)
+    m = as_mask(mask)
+    tok = jnp.asarray(tokens)
+    if tok.shape != s.shape[:2] or m.shape != s.shape[:2]:
+        raise ValueError(f"`tokens` and `mask` must have shape {tuple(s.shape[:2])}, got "
+                         f"{tuple(tok.shape)} and {tuple(m.shape)}")
+    log_s = jax.nn.log_softmax(s / temperature, axis=-1)
+    log_t = jax.nn.log_softmax(t / temperature, axis=-1)
+    safe_tok = jnp.where(m, tok, 0)
+    ls = jnp.take_along_axis(log_s, safe_tok[..., None], axis=-1)[..., 0]
+    lt = jnp.take_along_axis(log_t, safe_tok[..., None], axis=-1)[..., 0]
+    zero = jnp.zeros((), ls.dtype)
+    r = jnp.where(m, _sg(lt - ls), zero)
+    # R_t = r_t + γ·R_{t+1} (reverse scan over time); masked positions pass the carry through
+    def body(carry, x):
+        rt, mt = x
+        ret = jnp.where(mt, rt + gamma * carry, carry)
+        return ret, ret
+
+    _, returns = jax.lax.scan(body, jnp.zeros(r.shape[0], r.dtype), (r.T[::-1], m.T[::-1]))
+    returns = returns[::-1].T  # R_t (including t)
+    future = jnp.concatenate([returns[:, 1:], jnp.zeros((r.shape[0], 1), r.dtype)], axis=1)
+    if length_normalize:
+        m_int = m.astype(r.dtype)
+        n_future = jnp.flip(jnp.cumsum(jnp.flip(m_int, axis=1), axis=1), axis=1) - m_int
+        future = future / jnp.maximum(n_future, 1)
+    long_term = -_sg(future) * ls
+    single = _kl_from_logprobs(log_s, log_t)
+    per_token = long_term + single_step_coef * single
+    loss = aggregate(per_token, m, "token_mean", num_items=num_items)
+    return loss, {"reverse_kl": mean_metric(_sg(single), m)}
+
+
+__all__ = [
+    "DISTILLATION_LEVELS",
+    "SELF_DISTILLATION_MODES",
+    "forward_kl",
+    "generalized_jsd",
+    "gkd_loss",
+    "iw_opd_loss",
+    "iw_opd_weights",
+    "minillm_loss",
+    "on_policy_distillation_advantages",
+    "on_policy_distillation_loss",
+    "reverse_kl",
+    "self_distillation_loss",
+    "topk_distillation_divergence",
+]
