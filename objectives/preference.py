@@ -867,9 +867,10 @@ class PreferenceLossConfig:
                 out[key] = f[key]
         if "loss_type" in f and f["loss_type"] is not None:
             lt = f["loss_type"]
-            out["loss_type"] = lt if isinstance(lt, str) else tuple(lt)
+            out["loss_type"] = lt if isinstance(lt, str) else (lt[0] if len(lt) == 1 else tuple(lt))
         if f.get("loss_weights") is not None:
-            out["loss_weights"] = tuple(f["loss_weights"])
+            w = tuple(f["loss_weights"])
+            out["loss_weights"] = None if isinstance(out.get("loss_type"), str) and w == (1.0,) else w
         if "f_divergence_type" in out:  # an enum in some TRL versions
             out["f_divergence_type"] = getattr(out["f_divergence_type"], "value", out["f_divergence_type"])
         return cls(**out)
