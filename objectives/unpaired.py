@@ -23,7 +23,8 @@ function               objective
 
 Inputs: per-sequence log-probabilities are either ``[B]`` sequence scores (``mask=None``) or
 ``[B, T]`` per-token log-probs reduced here through a ``[B, T]`` mask (sum, or length-normalised
-mean where the objective says so). Losses that TRL averages over the micro-batch take an optional
+mean where the objective says so); summed-score arguments such as ``ref_logps`` may be ``[B]`` even
+when a mask is given (precomputed reference sums). Losses that TRL averages over the micro-batch take an optional
 ``num_sequences`` (the global row count): the loss is then ``Σ_rows / num_sequences`` so that summing
 micro-batch losses gives the full-batch loss. All maths runs in float32 or wider.
 """
@@ -53,10 +54,11 @@ def _seq_score(logps, mask, name: str, average: bool = False, mask_name: str = "
     """``[B]`` score from ``[B]`` sequence log-probs (``mask=None``) or ``[B, T]`` per-token ones.
 
     With a mask: masked sum (``average=False``) or masked mean over valid tokens (``average=True``,
-    0 for an empty row). Select-then-compute: padding never reaches value or gradient.
+    0 for an empty row). Select-then-compute: padding never reaches value or gradient. A ``[B]``
+    input is an already-reduced sequence score and is used as is (e.g. precomputed reference sums).
     """
     x = as_float(logps, name)
-    if mask is None:
+    if mask is None or (x.ndim == 1 and not average):
         if average:
             raise ValueError(f"`{mask_name}` is required to length-normalise `{name}`")
         check_rank(x, 1, name)
