@@ -12,7 +12,9 @@ DeepSeek-V3.2, Beyond-80/20, Skywork-OR1, truncated / masked IS). Per-token pipe
 5. × sampler importance weight if ``sampler_correction`` is set (not for VESPO, where it is inside φ);
 6. + β · KL(π_θ‖π_ref) (k3 by default; × ratio if ``use_bias_correction_kl``) — not masked by 3–5;
 7. aggregation of ``loss_type`` (:func:`trlax.objectives.aggregate`);
-8. − ``entropy_coef`` × mean entropy over the effective mask.
+8. − ``entropy_coef`` × mean entropy over the effective mask (with ``num_items``: × this
+   micro-batch's share ``Σ mask / num_items`` of the global token count, so the micro-batch bonuses
+   sum to the full-batch mean entropy; exact without the entropy mask).
 
 Gradient-accumulation note: TRL divides ``grpo/bnpo/dr_grpo/luspo/sapo`` losses by the number of
 accumulation steps; trlax instead takes the global ``num_sequences`` / ``num_items`` so that summing
@@ -345,7 +347,8 @@ def policy_loss(
         set; also used by OPSM when given. NaN entries mean "no correction" for that token.
       entropies: ``[B, T]`` per-token entropies; required for ``top_entropy_quantile < 1`` or
         ``entropy_coef != 0``, and reported as a metric when given.
-      num_items: global completion-token count for ``dapo / cispo / vespo`` (micro-batching).
+      num_items: global completion-token count for ``dapo / cispo / vespo`` (micro-batching); also
+        weights the entropy bonus by this micro-batch's token share (step 8).
       num_sequences: global row count for ``grpo / sapo / dr_grpo / luspo``.
       entropy_threshold: precomputed (e.g. global) threshold for the entropy mask.
       truncated: ``[B]`` bool truncation flags, used when ``config.mask_truncated_completions``.
@@ -465,6 +468,10 @@ def policy_loss(
         metrics["entropy"] = mean_metric(ent, mask)
         if config.entropy_coef != 0.0:
             ent_mean = masked_sum(ent, effective_mask) / jnp.maximum(jnp.sum(effective_mask), 1).astype(ent.dtype)
+            if num_items is not None:
+                # this micro-batch's token share, so that micro-batch losses sum to the full-batch bonus
+                ent_mean = ent_mean * jnp.sum(mask).astype(ent.dtype) / jnp.maximum(
+                    jnp.asarray(num_items, ent.dtype), 1)
             loss = loss - config.entropy_coef * ent_mean
     elif config.entropy_coef != 0.0:
         raise ValueError(f"`entropies` is required when entropy_coef={config.entropy_coef} != 0")

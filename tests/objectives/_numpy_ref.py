@@ -531,7 +531,8 @@ def policy_loss(logps, old_logps, adv, mask, cfg, *, ref_logps=None, sampler_log
     2. surrogate (PPO clip / CISPO / SAPO / VESPO);
     3. × OPSM; 4. × high-entropy mask; 5. × sampler ρ (not VESPO, whose φ contains ρ);
     6. + β·KL (× ratio with bias correction), not masked by 3–5; 7. aggregation of ``loss_type``;
-    8. − entropy_coef × mean entropy over the effective mask.
+    8. − entropy_coef × mean entropy over the effective mask (× ``Σ mask / num_items`` when the global
+       token count ``num_items`` is given, so micro-batch losses add up).
 
     ``cfg`` is a ``PolicyLossConfig`` (only its fields are read). ``frozen``: stop-gradient copy of
     ``logps`` (see the module docstring). Returns the scalar loss (float).
@@ -607,6 +608,9 @@ def policy_loss(logps, old_logps, adv, mask, cfg, *, ref_logps=None, sampler_log
 
     loss = aggregate(L, mask, lt, num_items, num_sequences, cfg.max_completion_length)
     if cfg.entropy_coef != 0.0:
-        loss -= cfg.entropy_coef * entropy_bonus(entropies, eff_mask)
+        bonus = entropy_bonus(entropies, eff_mask)
+        if num_items is not None:  # this micro-batch's share of the global token count
+            bonus *= mask.sum() / max(float(num_items), 1.0)
+        loss -= cfg.entropy_coef * bonus
     return float(loss)
 

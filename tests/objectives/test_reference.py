@@ -459,6 +459,8 @@ def _pipeline_cases():
         ("dr-grpo-L", dict(loss_type="dr_grpo", max_completion_length=10), {}),
         ("global-counts-dapo", dict(loss_type="dapo"), {"num_items": 60}),
         ("global-counts-grpo", dict(loss_type="grpo"), {"num_sequences": 15}),
+        ("global-counts-entropy-bonus", dict(loss_type="dapo", entropy_coef=0.1, top_entropy_quantile=0.5),
+         {"num_items": 60}),
         ("log-clamp", dict(loss_type="grpo", log_ratio_clamp=0.3, beta=0.05), {}),
         ("everything", dict(loss_type="dapo", epsilon_high=0.28, delta=1.4, beta=0.05, off_policy_mask_threshold=0.0,
                             top_entropy_quantile=0.6, sampler_correction="sequence_mask", sampler_clip_min=0.3,
