@@ -159,7 +159,7 @@ class DecoderConfig:
 
 
 def _param(value: jnp.ndarray, names: Tuple[Optional[str], ...]) -> nnx.Param:
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -169,9 +169,10 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
 def rms_norm(x: jnp.ndarray, scale: jnp.ndarray, eps: float) -> jnp.ndarray:
     """RMSNorm (arXiv 1910.07467, eq. 4): ``x / sqrt(mean(x²) + eps) · g``, computed in float32 and
     returned in ``x.dtype``. x: ``[..., F]``, scale: ``[F]``."""
-    xf = x.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(acc)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (scale.astype(jnp.float32) * y.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+    return (scale.astype(acc) * y.astype(x.dtype).astype(acc)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> jnp.ndarray:
@@ -196,9 +197,10 @@ def rope_inv_freq(cfg: DecoderConfig) -> jnp.ndarray:
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
     """Rotate ``x`` ``[B, T, heads, D]`` by angle ``position · inv_freq`` in the rotate-half layout
     (first and second halves of the head dim form the pairs). positions: ``[B, T]`` int."""
-    ang = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    xf = x.astype(jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    ang = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, D/2] (float32, as HF)
+    cos, sin = jnp.cos(ang).astype(acc), jnp.sin(ang).astype(acc)
+    xf = x.astype(acc)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -265,10 +267,11 @@ class Attention(nnx.Module):
         b, t, n, d = q.shape
         kh = cfg.num_kv_heads
         qg = q.reshape(b, t, kh, n // kh, d)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        acc = jnp.promote_types(dt, jnp.float32)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(d)
         q_slot = index + jnp.arange(t)
         allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
-        s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+        s = jnp.where(allowed[:, None, None], s, jnp.finfo(acc).min)
         p = jax.nn.softmax(s, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
         y = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
@@ -296,7 +299,7 @@ class MLP(nnx.Module):
         g, u = x @ self.gate[...].astype(dt), x @ self.up[...].astype(dt)
         if self.cfg.mlp_bias:
             g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
-        y = (jax.nn.silu(g.astype(jnp.float32)).astype(dt) * u) @ self.down[...].astype(dt)
+        y = (jax.nn.silu(g.astype(jnp.promote_types(dt, jnp.float32))).astype(dt) * u) @ self.down[...].astype(dt)
         if self.cfg.mlp_bias:
             y = y + self.down_bias[...].astype(dt)
         return y
@@ -421,13 +424,13 @@ class Decoder(nnx.Module):
         return x, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), mask=key_mask, index=index + t)
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: Optional[KVCache] = None):
-        """Float32 logits ``[B, T, V]`` (and the new cache when ``cache`` is given); arguments as
+        """Float32 (float64 for a float64 model) logits ``[B, T, V]`` (and the new cache when ``cache`` is given); arguments as
         :meth:`hidden_states`. For training losses prefer :func:`completion_logps`, which never
         materialises ``[B, T, V]``."""
         out = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
         h, new_cache = (out, None) if cache is None else out
         w = self.lm_head_weight().astype(self.dtype)
-        logits = jnp.einsum("bth,vh->btv", h, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bth,vh->btv", h, w, preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
         return logits if cache is None else (logits, new_cache)
 
 

@@ -213,10 +213,12 @@ def save_pretrained(model: Decoder, path: str, *, tokenizer=None, dtype=None,
                            "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+        "num_key_value_heads": cfg.num_kv_heads, "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings, "dtype": _DTYPE_NAMES.get(dt, str(dt)),
     })
     hf.pop("torch_dtype", None)
+    if "head_dim" in hf or cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        hf["head_dim"] = cfg.head_dim
     hf.setdefault("hidden_act", "silu")
     hf.setdefault("max_position_embeddings", cfg.max_position_embeddings)
     if cfg.model_type != "qwen2":
