@@ -565,7 +565,8 @@ def beta_dpo_loss(
       state: :class:`BetaDPOState`; key: PRNG key for the pair sampling.
 
     Returns:
-      ``(loss, new_state, metrics)`` with metrics ``beta`` and ``kept_frac``.
+      ``(loss, new_state, metrics)`` with metrics ``beta`` (the batch β), ``kept`` (``[B]`` bool) and
+      ``kept_frac``.
     """
     check_range("beta", beta, low=0.0, low_inclusive=False)
     check_range("alpha", alpha)
@@ -593,7 +594,7 @@ def beta_dpo_loss(
     per_pair = -jax.nn.log_sigmoid(beta_b * h)
     loss = jnp.sum(jnp.where(keep, per_pair, 0.0)) / k
     new_state = BetaDPOState(mean.astype(state.mean.dtype), std.astype(state.std.dtype))
-    return loss, new_state, {"beta": beta_b, "kept_frac": jnp.asarray(k / B, jnp.float32)}
+    return loss, new_state, {"beta": beta_b, "kept": keep, "kept_frac": jnp.asarray(k / B, jnp.float32)}
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -926,7 +927,8 @@ def preference_loss(
         required by ``tdpo1`` / ``tdpo2``.
       offsets: ``[B]`` ODPO offsets (:func:`odpo_offset`), subtracted from the Bradley–Terry logit.
       num_pairs: global pair count (micro-batching; default ``B``); num_chosen_tokens: global chosen
-        token count for the ``sft`` term.
+        token count for the ``sft`` term. With both, micro-batch losses sum to the full-batch loss
+        (except ``sft`` combined with WPO: a product of two batch means).
 
     Returns:
       ``(loss, metrics)``: metrics ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
@@ -991,7 +993,13 @@ def preference_loss(
     loss = jnp.zeros((), S_w.dtype)
     for lt, weight in config.weighted_losses:
         if lt == "sft":
-            per_pair = jnp.broadcast_to(preference_sft_loss(cl, cm, num_chosen_tokens), (B,))
+            # a batch-level token mean, the same for every pair (TRL broadcasts it, then averages
+            # over pairs); added directly so that micro-batch losses sum to the full-batch loss
+            sft = preference_sft_loss(cl, cm, num_chosen_tokens)
+            if pair_w is not None:
+                sft = sft * jnp.sum(pair_w) / denom
+            loss = loss + weight * sft
+            continue
         else:
             per_pair = dpo_loss(
                 S_w, S_l, R_w, R_l, lt, beta=config.beta, label_smoothing=config.label_smoothing,
