@@ -144,6 +144,15 @@ def kto_kl_baseline(kl_logps, ref_kl_logps, kl_mask=None, *, axis_name: Optional
     return _sg(jnp.maximum(kl, 0.0))
 
 
+def kto_kl_pairs(completions):
+    """Mismatched (prompt, completion) pairs for the KTO reference point (TRL ``KTOTrainer``):
+    completion ``i`` is paired with prompt ``i + 1`` — ``(x_1, y_n), (x_2, y_1), …`` — by rolling the
+    completion arrays one row down the batch (``jnp.roll(…, 1, axis=0)``). Works on arrays or pytrees
+    of arrays with leading dimension ``B``; tokenise / score the new pairs, then :func:`kto_kl_baseline`.
+    """
+    return jax.tree_util.tree_map(lambda x: jnp.roll(jnp.asarray(x), 1, axis=0), completions)
+
+
 def kto_loss(
     policy_logps,
     ref_logps,
@@ -751,6 +760,7 @@ def process_reward_loss(
     labels,
     mask,
     *,
+    last_step_only: bool = False,
     num_items: Optional[Any] = None,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
     """Process reward model loss (Uesato et al., arXiv 2211.14275, sec. 3; TRL ``PRMTrainer``):
@@ -761,6 +771,7 @@ def process_reward_loss(
       logits: ``[B, T, C]`` per-token class logits (C = 2 for correct / incorrect).
       labels: ``[B, T]`` integer class labels (ignored where ``mask`` is False, e.g. -100).
       mask: ``[B, T]`` True at step-label positions.
+      last_step_only: keep only each row's last labelled position (TRL ``train_on_last_step_only``).
       num_items: global labelled-token count (micro-batching).
 
     Returns:
@@ -776,6 +787,10 @@ def process_reward_loss(
     if lab.shape != check_shape_bt or m.shape != check_shape_bt:
         raise ValueError(f"`labels` and `mask` must have shape {tuple(check_shape_bt)}, got "
                          f"{tuple(lab.shape)} and {tuple(m.shape)}")
+    if last_step_only:
+        pos = jnp.arange(m.shape[1])
+        last = jnp.max(jnp.where(m, pos, -1), axis=-1, keepdims=True)
+        m = m & (pos == last)
     safe = jnp.where(m, lab, 0)
     logp = jax.nn.log_softmax(z, axis=-1)
     tok = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
@@ -892,6 +907,7 @@ __all__ = [
     "bco_update_moments",
     "cpo_loss",
     "kto_kl_baseline",
+    "kto_kl_pairs",
     "kto_loss",
     "nash_md_loss",
     "nash_md_mixture_logits",

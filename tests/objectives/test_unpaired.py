@@ -725,3 +725,38 @@ def test_bad_inputs_name_the_argument():
         O.nash_md_loss(lp, lp, m, np.ones(B + 1))
     with pytest.raises(TypeError, match="`labels` must be an integer array"):
         O.process_reward_loss(np.zeros((2, 3, 2)), np.zeros((2, 3)), np.ones((2, 3), bool))
+
+
+def test_kto_kl_pairs_and_prm_last_step_only():
+    ids = np.arange(12).reshape(4, 3)
+    out = O.kto_kl_pairs({"ids": ids, "mask": ids > 4})
+    _close(out["ids"], ids[[3, 0, 1, 2]])  # (x_1, y_4), (x_2, y_1), ...
+    _close(out["mask"], (ids > 4)[[3, 0, 1, 2]])
+    r = np.random.default_rng(40)
+    z = r.normal(size=(3, 6, 2))
+    labels = r.integers(0, 2, (3, 6))
+    m = np.array([[1, 0, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
+    last = np.zeros_like(m)
+    last[0, 4] = last[1, 1] = True
+    lp = log_softmax(z)
+    tok = np.take_along_axis(lp, labels[..., None], -1)[..., 0]
+    _close(O.process_reward_loss(z, labels, m, last_step_only=True)[0], -tok[last].sum() / last.sum())
+
+
+def test_jit_matches_eager():
+    r, lp, m = _data(41)
+    ref = lp * 0.9
+    labels = np.array([True, False, True, False])
+    fns = [
+        lambda x: O.kto_loss(x, ref, labels, mask=m, kl_logps=x[::-1], ref_kl_logps=ref, kl_mask=m)[0],
+        lambda x: O.bco_loss(x, ref, labels, O.bco_init(jnp.float64), mask=m)[0],
+        lambda x: O.orpo_loss(x, ref, m, m)[0],
+        lambda x: O.cpo_loss(x, ref, m, m, loss_type="alphapo", alpha=0.3)[0],
+        lambda x: O.tpo_loss(x, ref, x, m, m, m, loss_type="tpo-l")[0],
+        lambda x: O.xpo_loss(x, ref, ref, x, x, chosen_mask=m, rejected_mask=m, ref_sample_mask=m)[0],
+        lambda x: O.nash_md_loss(x, ref, m, np.full(B, 0.7))[0],
+        lambda x: O.astar_po_loss(x, ref, np.ones(B), np.zeros(B), mask=m)[0],
+        lambda x: O.reward_model_loss(x[:, 0], x[:, 1], margin=x[:, 2] * 0, center_rewards_coefficient=0.01)[0],
+    ]
+    for fn in fns:
+        _close(jax.jit(fn)(lp), fn(lp), rtol=1e-12)
