@@ -179,6 +179,7 @@ def group_top_k_mask(
 ) -> jnp.ndarray:
     """``[N]`` bool: the ``k`` highest-scoring completions of each group (ties -> lower index first).
     Works on arbitrary ``group_ids`` (no reshape); groups smaller than ``k`` keep every member."""
+    check_range("k", k, low=1)
     s = as_float(scores, "scores")
     check_rank(s, 1, "scores")
     gid, _ = _groups(s.shape[0], num_generations, group_ids, None)

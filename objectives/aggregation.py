@@ -40,29 +40,47 @@ from trlax.objectives._checks import as_float, as_mask, check_choice, check_same
 AGGREGATION_MODES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "token_mean", "luspo")
 
 
-def masked_sum(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
-    """``Σ x`` over positions where ``mask`` is true; masked NaN/inf never leak (select, then sum)."""
+def _broadcast_mask(x: jnp.ndarray, mask: Any) -> jnp.ndarray:
+    """``mask`` as bool, broadcast to the common shape of ``x`` and ``mask`` (a ``[B, 1]`` row mask
+    selects whole rows); a mask that does not broadcast is an error naming ``mask``."""
     mask = as_mask(mask)
+    try:
+        shape = jnp.broadcast_shapes(jnp.shape(x), mask.shape)
+    except ValueError:
+        raise ValueError(f"`mask` with shape {tuple(mask.shape)} does not broadcast against the values "
+                         f"{tuple(jnp.shape(x))}") from None
+    return jnp.broadcast_to(mask, shape)
+
+
+def masked_sum(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+    """``Σ x`` over positions where ``mask`` is true; masked NaN/inf never leak (select, then sum).
+    ``x`` and ``mask`` broadcast against each other (e.g. ``[B, T]`` values, ``[B, 1]`` row mask)."""
+    x = jnp.asarray(x)
+    mask = _broadcast_mask(x, mask)
     return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=axis)
 
 
 def masked_mean(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
-    """Mean over masked positions; 0 (not NaN) where nothing is selected."""
-    mask = as_mask(mask)
+    """Mean over masked positions (the count is taken over the broadcast mask); 0 (not NaN) where
+    nothing is selected."""
+    x = jnp.asarray(x)
+    mask = _broadcast_mask(x, mask)
     count = jnp.sum(mask, axis=axis).astype(x.dtype)
     return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1)
 
 
 def masked_min(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """Min over masked positions; 0 where nothing is selected."""
-    mask = as_mask(mask)
+    x = jnp.asarray(x)
+    mask = _broadcast_mask(x, mask)
     out = jnp.min(jnp.where(mask, x, jnp.inf))
     return jnp.where(jnp.any(mask), out, jnp.zeros((), x.dtype))
 
 
 def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """Max over masked positions; 0 where nothing is selected."""
-    mask = as_mask(mask)
+    x = jnp.asarray(x)
+    mask = _broadcast_mask(x, mask)
     out = jnp.max(jnp.where(mask, x, -jnp.inf))
     return jnp.where(jnp.any(mask), out, jnp.zeros((), x.dtype))
 

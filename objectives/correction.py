@@ -61,6 +61,8 @@ def sampler_importance_weights(
     check_choice("mode", mode, SAMPLER_CORRECTION_MODES)
     if clip_min is None and clip_max is None:
         raise ValueError("clip_min and clip_max are both None; at least one bound is required")
+    if clip_min is not None and clip_max is not None and clip_min > clip_max:
+        raise ValueError(f"clip_min={clip_min} must be <= clip_max={clip_max}")
     d = sampler_log_ratio(old_logps, sampler_logps, mask)
     if mode.startswith("sequence"):
         d = jnp.sum(d, axis=-1, keepdims=True)
@@ -102,7 +104,12 @@ def off_policy_sequence_mask(
     logps = _sg(as_float(logps, "logps"))
     beh = _sg(as_float(behaviour_logps, "behaviour_logps"))
     mask = as_mask(mask)
+    check_rank(logps, 2, "logps")
     check_same_shape(logps, "logps", behaviour_logps=beh, mask=mask)
+    B, T = logps.shape
+    if jnp.shape(advantages) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"`advantages` must have shape ({B},), ({B}, 1) or ({B}, {T}), "
+                         f"got {tuple(jnp.shape(advantages))}")
     ok = mask & ~jnp.isnan(beh) & ~jnp.isnan(logps)
     zero = jnp.zeros((), logps.dtype)
     kl = jnp.where(ok, jnp.where(ok, beh, zero) - jnp.where(ok, logps, zero), zero)

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_range, check_same_shape
+from trlax.objectives._checks import as_float, as_mask, check_range, check_rank, check_same_shape
 from trlax.objectives.aggregation import masked_mean
 
 
@@ -38,6 +38,9 @@ def high_entropy_mask(
     """
     ent = as_float(entropies, "entropies")
     mask = as_mask(mask)
+    check_same_shape(ent, "entropies", mask=mask)
+    if threshold is not None and jnp.ndim(threshold) != 0:
+        raise ValueError(f"`threshold` must be a scalar, got shape {tuple(jnp.shape(threshold))}")
     thr = entropy_threshold(ent, mask, top_quantile) if threshold is None else jnp.asarray(threshold)
     keep = jnp.where(mask, ent, 0.0) >= thr  # NaN threshold (empty mask) -> all False
     return keep & mask
@@ -49,6 +52,7 @@ def entropy_bonus(entropies: jnp.ndarray, mask: jnp.ndarray, num_items=None) -> 
     local count by a global one (micro-batching)."""
     ent = as_float(entropies, "entropies")
     mask = as_mask(mask)
+    check_same_shape(ent, "entropies", mask=mask)
     if num_items is None:
         return masked_mean(ent, mask)
     return jnp.sum(jnp.where(mask, ent, 0.0)) / jnp.maximum(jnp.asarray(num_items, ent.dtype), 1)
@@ -79,6 +83,9 @@ def mask_truncated_completions(mask: jnp.ndarray, truncated: jnp.ndarray) -> jnp
     """Zero whole rows of ``mask`` whose completion was truncated (DAPO overlong filtering,
     arXiv 2503.14476 sec. 3.4; TRL ``mask_truncated_completions``)."""
     mask = as_mask(mask)
+    check_rank(mask, 2, "mask")
+    if jnp.shape(truncated) not in ((mask.shape[0],), (mask.shape[0], 1)):
+        raise ValueError(f"`truncated` must have shape ({mask.shape[0]},), got {tuple(jnp.shape(truncated))}")
     truncated = jnp.asarray(truncated).astype(bool).reshape(mask.shape[0], 1)
     return mask & ~truncated
 

@@ -28,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from trlax.objectives import advantages as _adv  # noqa: F401  (re-exported names live there)
 from trlax.objectives._checks import (
@@ -139,6 +140,12 @@ class PolicyLossConfig:
         for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             check_range(f, getattr(self, f), low=0.0)
         check_range("max_completion_length", self.max_completion_length, low=1, allow_none=True)
+        mcl = self.max_completion_length
+        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, (int, np.integer))):
+            raise ValueError(f"max_completion_length={mcl!r} must be an integer (or None)")
+        for f in ("use_bias_correction_kl", "mask_truncated_completions"):
+            if not isinstance(getattr(self, f), (bool, np.bool_)):
+                raise ValueError(f"{f}={getattr(self, f)!r} is not allowed; allowed values: True, False")
         check_range("entropy_coef", self.entropy_coef)
         check_range("log_ratio_clamp", self.log_ratio_clamp, low=0.0, low_inclusive=False, allow_none=True)
         if self.loss_type == "vespo" and self.sampler_correction not in (None, "token_truncate", "token_mask"):
@@ -437,6 +444,8 @@ def policy_loss(
     if config.top_entropy_quantile < 1.0:
         if entropies is None:
             raise ValueError("`entropies` is required when top_entropy_quantile < 1")
+        if entropy_threshold is not None and jnp.ndim(entropy_threshold) != 0:
+            raise ValueError(f"`entropy_threshold` must be a scalar, got shape {tuple(jnp.shape(entropy_threshold))}")
         keep = high_entropy_mask(entropies, mask, config.top_entropy_quantile, entropy_threshold)
         per_token = jnp.where(keep, per_token, jnp.zeros((), per_token.dtype))
         effective_mask = keep

@@ -12,9 +12,25 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float
+from trlax.objectives._checks import as_float, as_mask, check_rank, check_same_shape
 
 _sg = jax.lax.stop_gradient
+
+
+def _check_broadcast(ref: jnp.ndarray, ref_name: str, **others: jnp.ndarray) -> None:
+    """Per-token / per-sequence operands must have the rank of ``ref`` and broadcast against it
+    (``[B, 1]`` against ``[B, T]``); a ``[B]`` advantage against a ``[B, T]`` ratio would broadcast
+    along the wrong axis, so it is rejected with the argument's name."""
+    for name, arr in others.items():
+        ok = arr.ndim == ref.ndim
+        if ok:
+            try:
+                jnp.broadcast_shapes(ref.shape, arr.shape)
+            except ValueError:
+                ok = False
+        if not ok:
+            raise ValueError(f"`{name}` with shape {tuple(arr.shape)} does not broadcast against `{ref_name}` "
+                             f"{tuple(ref.shape)}; expected [B, 1] or [B, T]")
 
 
 def ppo_clip_loss(
@@ -40,6 +56,7 @@ def ppo_clip_loss(
     """
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(ratio, "ratio", advantages=adv)
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_h)
     unclipped = ratio if delta is None else jnp.minimum(ratio, delta)
@@ -57,6 +74,7 @@ def clip_indicators(
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     ratio = _sg(jnp.asarray(ratio))
     adv = jnp.asarray(advantages)
+    _check_broadcast(ratio, "ratio", advantages=adv)
     low = (ratio < 1.0 - epsilon_low) & (adv < 0)
     high = (ratio > 1.0 + eps_h) & (adv > 0)
     return low, high, low | high
@@ -79,6 +97,7 @@ def cispo_loss(
     ratio = as_float(ratio, "ratio")
     logps = as_float(logps, "logps")
     adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", ratio=ratio, advantages=adv)
     w = jnp.minimum(ratio, epsilon_high)
     if epsilon_low is not None:
         w = jnp.maximum(w, epsilon_low)
@@ -99,6 +118,7 @@ def sapo_loss(
     """
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(ratio, "ratio", advantages=adv)
     tau = jnp.where(adv > 0, temperature_pos, temperature_neg).astype(ratio.dtype)
     return -(4.0 / tau) * jax.nn.sigmoid(tau * (ratio - 1.0)) * adv
 
@@ -126,12 +146,18 @@ def vespo_weights(
 
     Args:
       log_ratio: ``[B, T]`` per-token log ratio (already 0 under the mask).
-      advantages: ``[B, 1]`` (or ``[B, T]``; the first column is used for the sign).
+      advantages: ``[B]``, ``[B, 1]`` (or ``[B, T]``; the first column is used for the sign).
       mask: ``[B, T]``.
       sampler_log_is: optional ``[B, T]`` log of the sampler importance weights ``log ρ_t``.
     """
     log_ratio = _sg(as_float(log_ratio, "log_ratio"))
-    mask = jnp.asarray(mask).astype(bool)
+    check_rank(log_ratio, 2, "log_ratio")
+    mask = as_mask(mask)
+    check_same_shape(log_ratio, "log_ratio", mask=mask, sampler_log_is=sampler_log_is)
+    B, T = log_ratio.shape
+    if jnp.shape(advantages) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"`advantages` must have shape ({B},), ({B}, 1) or ({B}, {T}), "
+                         f"got {tuple(jnp.shape(advantages))}")
     seq = jnp.sum(jnp.where(mask, jnp.clip(log_ratio, -20.0, 20.0), 0.0), axis=-1, keepdims=True)
     if sampler_log_is is not None:
         lis = _sg(as_float(sampler_log_is, "sampler_log_is"))
@@ -149,7 +175,10 @@ def vespo_weights(
 def vespo_loss(phi: jnp.ndarray, advantages: jnp.ndarray, logps: jnp.ndarray) -> jnp.ndarray:
     """VESPO per-token loss ``−φ_i · A · log π_θ(y_t)`` (``φ`` from :func:`vespo_weights`, constant)."""
     logps = as_float(logps, "logps")
-    return -_sg(phi) * _sg(as_float(advantages, "advantages")) * logps
+    phi = as_float(phi, "phi")
+    adv = as_float(advantages, "advantages")
+    _check_broadcast(logps, "logps", phi=phi, advantages=adv)
+    return -_sg(phi) * _sg(adv) * logps
 
 
 def luspo_loss(

@@ -54,15 +54,16 @@ def fd_grad(f: Callable[[np.ndarray], float], x: np.ndarray, where: Optional[np.
 
 
 def masked_sum(x, mask, axis=None):
-    """``Σ_{mask} x`` (masked entries are never read, even if NaN)."""
+    """``Σ_{mask} x`` (masked entries are never read, even if NaN); ``x`` and ``mask`` broadcast."""
     x = np.asarray(x, np.float64)
     mask = np.asarray(mask, bool)
     return np.sum(np.where(mask, x, 0.0), axis=axis)
 
 
 def masked_mean(x, mask, axis=None):
-    """Mean over selected entries; 0 where nothing is selected."""
-    mask = np.asarray(mask, bool)
+    """Mean over selected entries of the broadcast mask; 0 where nothing is selected."""
+    x = np.asarray(x, np.float64)
+    mask = np.broadcast_to(np.asarray(mask, bool), np.broadcast_shapes(x.shape, np.shape(mask)))
     s = masked_sum(x, mask, axis)
     c = np.sum(mask, axis=axis)
     return np.where(c > 0, s / np.maximum(c, 1), 0.0)

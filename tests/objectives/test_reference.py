@@ -78,6 +78,13 @@ def test_masked_reductions():
         close(tx.masked_mean(x, m, axis=axis), ref.masked_mean(x, m, axis))
     close(tx.masked_min(x, m), ref.masked_min(x, m))
     close(tx.masked_max(x, m), ref.masked_max(x, m))
+    # a [B, 1] row mask selects whole rows; the mean counts every selected element
+    rows = np.array([[True], [False], [True], [False], [False], [True]])
+    x0 = np.nan_to_num(x)
+    for axis in (None, -1, 0):
+        close(tx.masked_mean(x0, rows, axis=axis), ref.masked_mean(x0, rows, axis))
+        close(tx.masked_sum(x0, rows, axis=axis), ref.masked_sum(x0, rows, axis))
+    close(tx.masked_min(x0, rows), ref.masked_min(x0, np.broadcast_to(rows, x0.shape)))
     empty = np.zeros_like(m)
     for fn in (tx.masked_sum, tx.masked_mean, tx.masked_min, tx.masked_max):
         assert float(fn(x, empty)) == 0.0
