@@ -143,8 +143,11 @@ def test_completion_logps_match_transformers(ckpt):
     assert np.all(np.asarray(lp)[~c_mask] == 0) and np.all(np.asarray(ent)[~c_mask] == 0)
 
 
-def test_completion_logps_grad_equals_plain_path(ckpt):
-    """Float64 model: the fused path's parameter gradients equal the plain logits -> log-softmax path."""
+def test_completion_logps_grad_equals_plain_path(ckpts):
+    """Float64 model: the fused path's parameter gradients equal the plain logits -> log-softmax path.
+    Qwen2 (tied embeddings: the table gets gradient through both the input and the LM head); the
+    kernel's own gradients are tested per shape in tests/objectives/test_logprobs.py."""
+    ckpt = ckpts["qwen2"]
     model = load_pretrained(ckpt["path"], dtype=jnp.float64)
     graphdef, state = nnx.split(model)
     p_ids, p_mask, c_ids, c_mask = _split(model)
@@ -170,21 +173,23 @@ def test_completion_logps_grad_equals_plain_path(ckpt):
 
 
 def test_bf16_compute_f32_params_and_remat(ckpts):
+    """bf16 compute over float32 master weights: f32 params and grads, finite, close to the f32 forward;
+    rematerialising a layer changes nothing in the gradients."""
     ckpt = ckpts["qwen3"]  # dtype / remat mechanics are family-independent
-    m32 = ckpt["model"]
     mbf = load_pretrained(ckpt["path"], dtype=jnp.float32, compute_dtype=jnp.bfloat16, remat=[True, False])
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(mbf)))
-    out = np.asarray(mbf(jnp.asarray(IDS), attention_mask=jnp.asarray(MASK)))
+    out = np.asarray(jax.jit(lambda m, i, k: m(i, attention_mask=k))(mbf, IDS, MASK))  # eager bf16 is slow
     assert out.dtype == np.float32 and np.all(np.isfinite(out))
     assert np.abs(out - ckpt["ref"])[MASK].max() < 5e-2  # bf16 activations, same function
-    p_ids, p_mask, c_ids, c_mask = _split(m32)
+    p_ids, p_mask, c_ids, c_mask = _split(mbf)
     loss = lambda g, s: jnp.sum(completion_logps((g, s), p_ids, p_mask, c_ids, c_mask)[0])
-    g_remat = jax.grad(loss, 1)(*nnx.split(load_pretrained(ckpt["path"], remat=True)))
-    g_plain = jax.grad(loss, 1)(*nnx.split(m32))
+    grad = jax.jit(jax.grad(loss, 1), static_argnums=0)
+    g_remat = grad(*nnx.split(mbf))
+    g_plain = grad(*nnx.split(load_pretrained(ckpt["path"], compute_dtype=jnp.bfloat16)))
+    assert all(x.dtype == jnp.float32 and np.all(np.isfinite(x)) for x in jax.tree.leaves(g_remat))
     for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    g_bf = jax.grad(loss, 1)(*nnx.split(mbf))
-    assert all(x.dtype == jnp.float32 and np.all(np.isfinite(x)) for x in jax.tree.leaves(g_bf))
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert any(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(g_remat))
 
 
 def test_tokenizer_files_loaded_when_present(ckpts, tmp_path):
