@@ -87,17 +87,20 @@ def _map_vars(fn, state):
 
 
 def param_specs(model_or_state, rules, mesh: Optional[Mesh] = None):
-    """A state-shaped tree of ``PartitionSpec`` for every parameter (from its logical names)."""
+    """A state-shaped tree of ``PartitionSpec`` for every parameter (from its logical names); accepts a
+    module, its ``nnx.state`` or an abstract ``nnx.eval_shape`` state. ``mesh`` enables the fallbacks of
+    :func:`logical_to_spec`."""
     def spec(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * v[...].ndim
-        return logical_to_spec(names, rules, v[...].shape, mesh)
+        shape = v.get_value().shape  # works for concrete and abstract (eval_shape) states
+        names = v.get_metadata().get("out_sharding") or (None,) * len(shape)
+        return logical_to_spec(names, rules, shape, mesh)
 
     return _map_vars(spec, _state(model_or_state))
 
 
 def param_shardings(model_or_state, mesh: Mesh, rules):
     """A state-shaped tree of ``NamedSharding`` on ``mesh`` (use with ``jax.device_put`` / ``jit``)."""
-    return _map_vars(lambda v: NamedSharding(mesh, v[...]), param_specs(model_or_state, rules, mesh))
+    return _map_vars(lambda v: NamedSharding(mesh, v.get_value()), param_specs(model_or_state, rules, mesh))
 
 
 def batch_spec(rules, ndim: int = 2) -> PartitionSpec:
