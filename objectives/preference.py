@@ -603,7 +603,28 @@ def beta_dpo_loss(
 def _as_tuple(x):
     if isinstance(x, (list, tuple)):
         return tuple(x)
+    if isinstance(x, str) and "," in x:  # command-line form "sigmoid,sft"
+        return tuple(p.strip() for p in x.split(","))
     return x
+
+
+def _as_weights(x):
+    """``loss_weights`` from a tuple / list / number / comma-separated string (command line)."""
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = tuple(p.strip() for p in x.split(","))
+    elif not isinstance(x, (list, tuple)):
+        x = (x,)
+    out = []
+    for w in x:
+        if isinstance(w, str):
+            try:
+                w = float(w)
+            except ValueError:
+                raise ValueError(f"loss_weights={x!r} must be numbers") from None
+        out.append(w)
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -615,7 +636,8 @@ class PreferenceLossConfig:
     Attributes:
       loss_type: one name of :data:`PREFERENCE_LOSS_TYPES` or a tuple of names (combined with
         ``loss_weights``, as MPO). ``aot_pair`` is accepted as the older name of ``aot_unpaired``.
-      loss_weights: one weight per loss type (``None``: all 1).
+      loss_weights: one weight per loss type (``None``: all 1). Command-line forms are accepted:
+        ``loss_type="sigmoid,sft"``, ``loss_weights="1.0,0.005"``.
       beta: β > 0 (IPO's τ).
       label_smoothing: ε, used by ``robust`` (``[0, 0.5)``), ``exo_pair`` (``(0, 1)``), ``aot`` /
         ``aot_unpaired`` and, with ``sigmoid_label_smoothing``, ``sigmoid``.
@@ -661,9 +683,9 @@ class PreferenceLossConfig:
         for n in names:
             check_choice("loss_type", n, PREFERENCE_LOSS_TYPES)
         object.__setattr__(self, "loss_type", names[0] if isinstance(lt, str) else names)
-        weights = _as_tuple(self.loss_weights)
+        weights = _as_weights(self.loss_weights)
         if weights is not None:
-            if not isinstance(weights, tuple) or len(weights) != len(names):
+            if len(weights) != len(names):
                 raise ValueError(f"loss_weights={self.loss_weights!r} must have one weight per loss type "
                                  f"({len(names)} for loss_type={names!r})")
             for w in weights:
@@ -907,7 +929,8 @@ def preference_loss(
     num_pairs: Optional[Any] = None,
     num_chosen_tokens: Optional[Any] = None,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
-    """DPO-family loss on per-token log-probs (TRL 1.16 ``DPOTrainer`` semantics).
+    """DPO-family loss on per-token log-probs (DPO, arXiv 2305.18290, eq. 7, and its variants; MPO's
+    weighted sum of losses, arXiv 2411.10442, eq. 6; TRL 1.16 ``DPOTrainer`` semantics).
 
     1. sequence log-probs ``S`` by masked sums, or the LD-DPO split (:func:`ld_dpo_logps`) when
        ``ld_alpha`` is set (policy and reference alike);

@@ -307,6 +307,12 @@ def test_presets_are_valid_and_match_numpy():
     assert PreferenceLossConfig.rpo().weighted_losses == (("sigmoid", 1.0), ("sft", 0.005))
     assert PreferenceLossConfig(loss_type="aot_pair").loss_type == "aot_unpaired"
     assert PreferenceLossConfig(loss_type=["sigmoid", "sft"]).loss_type == ("sigmoid", "sft")
+    # command-line forms (the train CLI passes comma-separated strings)
+    cli = PreferenceLossConfig(loss_type="sigmoid, bco_pair,sft", loss_weights="0.8,0.2, 1")
+    assert cli == PreferenceLossConfig.mpo()
+    assert PreferenceLossConfig(loss_type="ipo", loss_weights=2).loss_weights == (2.0,)
+    with pytest.raises(ValueError, match="loss_weights=.*must be numbers"):
+        PreferenceLossConfig(loss_type=("sigmoid", "sft"), loss_weights="1,x")
 
 
 def test_scores_and_primitives_match_numpy():
