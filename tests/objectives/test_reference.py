@@ -103,7 +103,8 @@ AGG_MODES = tx.AGGREGATION_MODES
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate(mode):
     L, m = D["adv_tok"], MASK  # NaN under the padding
-    Ls = D["adv"]  # [B, 1] per-sequence loss
+    Ls = D["adv"].copy()  # [B, 1] per-sequence loss
+    Ls[0, 0] = np.nan  # row 0 is empty: its per-sequence loss must never be read
     for loss in (L, Ls):
         kw_list = [{}, {"num_items": 57, "num_sequences": 11}, {"max_completion_length": 13},
                    {"num_items": 0}]
