@@ -105,11 +105,7 @@ def token_entropy(logits: jnp.ndarray, temperature: Any = 1.0) -> jnp.ndarray:
       contributes 0).
     """
     z = _as_logits(logits) / _check_temperature(temperature)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jax.nn.softmax(z, axis=-1)
-    # select-then-compute: p == 0 entries (incl. -inf logits) contribute exactly 0 to Σ p z.
-    pz = jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, z, 0.0), 0.0), axis=-1)
-    return lse - pz
+    return _stats(z)[1]
 
 
 def logps_and_entropy(logits: jnp.ndarray, targets: jnp.ndarray, temperature: Any = 1.0):
@@ -133,16 +129,24 @@ def logps_and_entropy(logits: jnp.ndarray, targets: jnp.ndarray, temperature: An
 # ------------------------------------------------------------------------------------ fused path
 
 
-def _chunk_stats(h, w, y, inv_t):
-    """Logits of one chunk in float32 and their statistics. h [C,H], w [V,H], y [C]."""
+def _chunk_logits(h, w, inv_t):
+    """Logits ``z = h wᵀ / τ`` of one chunk, accumulated in float32 (or wider). h [C,H], w [V,H]."""
     acc = jnp.promote_types(jnp.result_type(h.dtype, w.dtype), jnp.float32)
-    z = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=acc) * inv_t.astype(acc)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    logp_all = z - lse[:, None]
-    p = jnp.exp(logp_all)
-    ent = -jnp.sum(p * logp_all, axis=-1)
-    z_y = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-    return z, lse, logp_all, p, ent, z_y
+    return jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=acc) * inv_t.astype(acc)
+
+
+def _stats(z):
+    """``(logsumexp, entropy)`` over the last axis with one ``exp``: with ``d = z − max z``,
+    ``lse = max z + log Σ e^d`` and ``H = log Σ e^d − Σ e^d d / Σ e^d`` (no cancellation for large logits).
+    Entries with ``e^d = 0`` (incl. ``−inf`` logits) contribute exactly 0."""
+    m = jnp.max(z, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    d = z - m
+    e = jnp.exp(d)
+    s = jnp.sum(e, axis=-1)
+    ed = jnp.sum(jnp.where(e > 0, e * jnp.where(e > 0, d, 0.0), 0.0), axis=-1)
+    log_s = jnp.log(s)
+    return m[..., 0] + log_s, log_s - ed / s
 
 
 def _fused_forward(h, w, y, inv_t, chunk):
@@ -150,34 +154,39 @@ def _fused_forward(h, w, y, inv_t, chunk):
 
     def one(args):
         hc, yc = args
-        _, lse, _, _, ent, z_y = _chunk_stats(hc, w, yc, inv_t)
-        return z_y - lse, ent
+        z = _chunk_logits(hc, w, inv_t)
+        lse, ent = _stats(z)
+        z_y = jnp.take_along_axis(z, yc[:, None], axis=-1)[:, 0]
+        return z_y - lse, ent, lse
 
-    logp, ent = jax.lax.map(one, (h.reshape(n, chunk, -1), y.reshape(n, chunk)))
-    return logp.reshape(-1), ent.reshape(-1)
+    logp, ent, lse = jax.lax.map(one, (h.reshape(n, chunk, -1), y.reshape(n, chunk)))
+    return logp.reshape(-1), ent.reshape(-1), lse.reshape(-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(h, w, y, inv_t, chunk):
-    return _fused_forward(h, w, y, inv_t, chunk)
+    return _fused_forward(h, w, y, inv_t, chunk)[:2]
 
 
 def _fused_fwd(h, w, y, inv_t, chunk):
-    logp, ent = _fused_forward(h, w, y, inv_t, chunk)
-    return (logp, ent), (h, w, y, inv_t, ent)
+    logp, ent, lse = _fused_forward(h, w, y, inv_t, chunk)
+    return (logp, ent), (h, w, y, inv_t, ent, lse)
 
 
 def _fused_bwd(chunk, res, cts):
-    h, w, y, inv_t, ent = res
+    h, w, y, inv_t, ent, lse = res
     g_logp, g_ent = cts
     n = h.shape[0] // chunk
 
     def step(dw, args):
-        hc, yc, glc, gec, entc = args
-        _, _, logp_all, p, _, _ = _chunk_stats(hc, w, yc, inv_t)
-        onehot = jax.nn.one_hot(yc, w.shape[0], dtype=p.dtype)
-        # ∂/∂z of g_logp·log p_y + g_ent·H  (see module docstring), then the chain rule through z = hWᵀ/τ.
-        gz = glc[:, None] * (onehot - p) - gec[:, None] * p * (logp_all + entc[:, None])
+        hc, yc, glc, gec, entc, lsec = args
+        z = _chunk_logits(hc, w, inv_t)
+        logp_all = z - lsec[:, None]
+        p = jnp.exp(logp_all)
+        # ∂/∂z of g_logp·log p_y + g_ent·H (module docstring): g_logp (onehot − p) − g_ent p (log p + H);
+        # the one-hot term is added at the target column only. Then the chain rule through z = h wᵀ / τ.
+        gz = p * (-glc[:, None] - gec[:, None] * (logp_all + entc[:, None]))
+        gz = gz.at[jnp.arange(yc.shape[0]), yc].add(glc)
         gz = gz * inv_t.astype(gz.dtype)
         dh = jax.lax.dot_general(gz, w, (((1,), (0,)), ((), ())), preferred_element_type=gz.dtype)
         dw = dw + jax.lax.dot_general(gz, hc, (((0,), (0,)), ((), ())), preferred_element_type=gz.dtype)
@@ -185,7 +194,7 @@ def _fused_bwd(chunk, res, cts):
 
     acc = ent.dtype
     xs = (h.reshape(n, chunk, -1), y.reshape(n, chunk), g_logp.reshape(n, chunk).astype(acc),
-          g_ent.reshape(n, chunk).astype(acc), ent.reshape(n, chunk))
+          g_ent.reshape(n, chunk).astype(acc), ent.reshape(n, chunk), lse.reshape(n, chunk))
     dw, dh = jax.lax.scan(step, jnp.zeros(w.shape, acc), xs)
     d_y = np.zeros(y.shape, dtype=jax.dtypes.float0)
     return dh.reshape(h.shape), dw.astype(w.dtype), d_y, jnp.zeros_like(inv_t)
