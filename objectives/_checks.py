@@ -13,6 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _asarray(x: Any, name: str) -> jnp.ndarray:
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError):  # strings, ragged lists, objects
+        what = getattr(x, "dtype", type(x).__name__)
+        raise TypeError(f"`{name}` must be a numeric array, got {what}") from None
+
+
 def as_float(x: Any, name: str) -> jnp.ndarray:
     """Return ``x`` as a floating array computed in at least float32.
 
@@ -20,7 +28,7 @@ def as_float(x: Any, name: str) -> jnp.ndarray:
     float64 stays float64 (under ``jax_enable_x64``). Integer or bool inputs are rejected because a
     log-probability that arrives as an integer is always a bug upstream.
     """
-    arr = jnp.asarray(x)
+    arr = _asarray(x, name)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise TypeError(f"`{name}` must be a floating array, got dtype {arr.dtype}")
     if jnp.finfo(arr.dtype).bits < 32:
@@ -30,7 +38,7 @@ def as_float(x: Any, name: str) -> jnp.ndarray:
 
 def as_mask(mask: Any, name: str = "mask") -> jnp.ndarray:
     """Return a boolean mask from a bool or 0/1 numeric array."""
-    arr = jnp.asarray(mask)
+    arr = _asarray(mask, name)
     if arr.dtype == jnp.bool_:
         return arr
     if not (jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)):

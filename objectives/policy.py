@@ -358,7 +358,7 @@ def policy_loss(
         weights the entropy bonus by this micro-batch's token share (step 8).
       num_sequences: global row count for ``grpo / sapo / dr_grpo / luspo``.
       entropy_threshold: precomputed (e.g. global) threshold for the entropy mask.
-      truncated: ``[B]`` bool truncation flags, used when ``config.mask_truncated_completions``.
+      truncated: ``[B]`` bool truncation flags; required when ``config.mask_truncated_completions``.
 
     Returns:
       ``(loss, metrics)``: scalar loss and a dict of ``Mean`` pairs / min / max scalars.
@@ -371,7 +371,9 @@ def policy_loss(
     mask = as_mask(mask)
     check_same_shape(logps, "logps", mask=mask, old_logps=old_logps, ref_logps=ref_logps,
                      sampler_logps=sampler_logps, entropies=entropies)
-    if config.mask_truncated_completions and truncated is not None:
+    if config.mask_truncated_completions:
+        if truncated is None:
+            raise ValueError("`truncated` ([B] bool flags) is required when mask_truncated_completions=True")
         if jnp.shape(truncated) != (B,):
             raise ValueError(f"`truncated` must have shape ({B},), got {tuple(jnp.shape(truncated))}")
         mask = mask_truncated_completions(mask, truncated)
