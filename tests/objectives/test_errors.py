@@ -86,7 +86,6 @@ SHAPE_CASES = [
                                                 entropies=np.ones((B, 2))), "entropies"),
     ("policy truncated", lambda: tx.policy_loss(LP, None, ADV, M, PolicyLossConfig(mask_truncated_completions=True),
                                                 truncated=np.ones(B + 1, bool)), "truncated"),
-    ("string mask", lambda: tx.masked_sum(LP, np.full(LP.shape, "a")), "mask"),
     ("policy truncated missing", lambda: tx.policy_loss(LP, None, ADV, M, PolicyLossConfig(mask_truncated_completions=True)),
      "truncated"),
     ("policy entropy_threshold", lambda: tx.policy_loss(LP, None, ADV, M, PolicyLossConfig(top_entropy_quantile=0.5),
@@ -281,3 +280,8 @@ def test_import_pulls_no_heavy_frameworks():
     assert out.returncode == 0, out.stderr
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("LOADED:")][-1]
     assert line == "LOADED:", f"trlax.objectives imported heavy modules: {line[7:]}"
+
+
+def test_non_numeric_mask_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="`mask`"):
+        tx.masked_sum(LP, np.full(LP.shape, "a"))
