@@ -61,7 +61,11 @@ def init_train_state(params, optimizer: optax.GradientTransformation, extra=None
 
 def batch_totals(batch: Dict[str, Any]) -> Dict[str, jnp.ndarray]:
     """Global counts of a full batch, before micro-batching: ``num_items`` (tokens under
-    ``batch["mask"]``) and ``num_sequences`` (rows)."""
+    ``batch["mask"]``) and ``num_sequences`` (rows).
+
+    ``batch["mask"]`` must be the mask the loss normalises by: apply row filters that remove tokens
+    from the loss (``mask_truncated_completions``, GFPO's dropped completions) to it *before* the step,
+    or the token-mean denominators would still count the removed tokens (TRL #6439)."""
     out = {}
     if "mask" in batch:
         out["num_items"] = jnp.sum(jnp.asarray(batch["mask"]).astype(jnp.float32))
