@@ -953,6 +953,10 @@ def preference_loss(
         token count for the ``sft`` term. With both, micro-batch losses sum to the full-batch loss
         (except ``sft`` combined with WPO: a product of two batch means).
 
+    Edge cases: an empty row has ``S = 0`` (so ``ρ = 0``; lengths are clamped to 1 where they divide)
+    and gets zero gradient; NaN / inf under the masks never reach value or gradient; bf16 / fp16
+    inputs are computed in float32.
+
     Returns:
       ``(loss, metrics)``: metrics ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
       ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` as :class:`Mean` pairs over pairs
@@ -1052,6 +1056,8 @@ def preference_loss(
 
 __all__ = [
     "ALPHA_DIVERGENCE_CLAMP",
+    "LOSS_TYPE_ALIASES",
+    "TDPO_VARIANTS",
     "BetaDPOState",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",

@@ -531,6 +531,16 @@ def test_sequence_level_properties(w, l_):
 
 
 @settings(max_examples=10)
+@given(hnp.arrays(np.float64, (2, 3, 5), elements=st.floats(-30, 30)),
+       hnp.arrays(np.float64, (2, 3, 5), elements=st.floats(-30, 30)))
+def test_tdpo_token_kl_nonnegative_zero_iff_equal(z, zr):
+    kl = np.asarray(tdpo_token_kl(z, zr))
+    assert np.all(kl >= -1e-12) and np.all(np.isfinite(kl))
+    np.testing.assert_allclose(tdpo_token_kl(z, z), 0.0, atol=1e-12)
+    np.testing.assert_allclose(tdpo_token_kl(z + 7.0, z), 0.0, atol=1e-12)  # logits shift-invariant
+
+
+@settings(max_examples=10)
 @given(_vals, _vals, _masks)
 def test_ld_alpha_one_is_plain_and_equal_lengths_unaffected(lc, lr, m):
     a = ld_dpo_logps(lc, lr, m, m, 0.3)  # equal lengths: nothing is tail
