@@ -377,3 +377,33 @@ def test_bad_inputs():
         O.iw_opd_loss(np.zeros((B, T)), np.zeros((B, T + 1)), m)
     with pytest.raises(ValueError, match="gamma=-1.0 is out of range"):
         O.iw_opd_weights(np.zeros((B, T)), m, gamma=-1.0)
+
+
+_TOKEN_RECIPES = {
+    "gkd": lambda s, t, m, tok, lp: O.gkd_loss(s, t, m, beta=0.3)[0],
+    "gkd_seq": lambda s, t, m, tok, lp: O.gkd_loss(s, t, m, beta=1.0, level="sequence")[0],
+    "topk": lambda s, t, m, tok, lp: O.self_distillation_loss(s, t, m, topk=3, add_tail=True, aggregation="token_mean")[0],
+    "sampled": lambda s, t, m, tok, lp: O.self_distillation_loss(s, t, m, mode="sampled_token", alpha=1.0, tokens=tok,
+                                                                 aggregation="token_mean")[0],
+    "minillm": lambda s, t, m, tok, lp: O.minillm_loss(s, t, tok, m, gamma=0.9)[0],
+    "opd": lambda s, t, m, tok, lp: O.on_policy_distillation_loss(token_logps(s, tok), token_logps(t, tok), m)[0],
+    "iw_opd": lambda s, t, m, tok, lp: O.iw_opd_loss(token_logps(s, tok), token_logps(t, tok), m, rollout_logps=lp)[0],
+}
+
+
+@given(_seeds, st.sampled_from(sorted(_TOKEN_RECIPES)))
+def test_distillation_padding_permutation_finite(seed, name):
+    fn = _TOKEN_RECIPES[name]
+    r, s, t, m = _logits(seed)
+    tok = r.integers(0, V, (B, T))
+    lp = -r.uniform(0.1, 3, (B, T))
+    base, g = jax.value_and_grad(lambda x: fn(x, t, m, tok, lp))(jnp.asarray(s))
+    assert np.isfinite(float(base)) and np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(g)[~m] == 0.0)
+    pad = lambda x, v: np.concatenate([x, np.full((B, 2) + x.shape[2:], v, dtype=x.dtype)], 1)
+    pv, pg = jax.value_and_grad(lambda x: fn(x, pad(t, 7.0), pad(m, False), pad(tok, 0), pad(lp, np.nan)))(
+        jnp.asarray(pad(s, -3.0)))
+    _close(pv, base, rtol=1e-9)
+    assert np.all(np.asarray(pg)[:, -2:] == 0.0)
+    perm = r.permutation(B)
+    _close(fn(s[perm], t[perm], m[perm], tok[perm], lp[perm]), base, rtol=1e-9)
