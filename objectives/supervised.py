@@ -24,7 +24,8 @@ _sg = jax.lax.stop_gradient
 
 
 def sft_mask(attention_mask, *, completion_mask=None, assistant_mask=None) -> jnp.ndarray:
-    """Loss mask for SFT (TRL ``completion_only_loss`` / ``assistant_only_loss``).
+    """Loss mask for SFT: completion-only / assistant-only training (InstructGPT, arXiv 2203.02155,
+    sec. 3.5 trains on the response tokens; TRL ``completion_only_loss`` / ``assistant_only_loss``).
 
     ``mask = attention_mask ∧ completion_mask ∧ assistant_mask`` (each optional factor is all-True
     when None). All arrays are ``[B, T]`` aligned with the per-token log-probs (i.e. already
@@ -91,8 +92,9 @@ def sft_loss(
 
 
 class BEMAState(NamedTuple):
-    """State of :func:`bema`: the optimiser-step counter, the snapshot θ₀, the EMA and the current
-    BEMA weights (the "running model" TRL writes to)."""
+    """State of :func:`bema` (BEMA, arXiv 2508.00180): the optimiser-step counter (int32 scalar),
+    the snapshot θ₀, the EMA and the current BEMA weights (pytrees like the parameters; the BEMA
+    weights are TRL's "running model")."""
 
     step: jnp.ndarray
     theta0: Any
@@ -101,7 +103,8 @@ class BEMAState(NamedTuple):
 
 
 class BEMATransformation(NamedTuple):
-    """``(init, update)`` pair shaped like ``optax.GradientTransformation`` (but on *parameters*):
+    """BEMA (arXiv 2508.00180) as an ``(init, update)`` pair shaped like
+    ``optax.GradientTransformation``, but acting on *parameters* (objectives/ does not import optax):
 
     - ``init(params) -> BEMAState``
     - ``update(params, state) -> (bema_params, new_state)``

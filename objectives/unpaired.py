@@ -145,7 +145,8 @@ def kto_kl_baseline(kl_logps, ref_kl_logps, kl_mask=None, *, axis_name: Optional
 
 
 def kto_kl_pairs(completions):
-    """Mismatched (prompt, completion) pairs for the KTO reference point (TRL ``KTOTrainer``):
+    """Mismatched (prompt, completion) pairs for the KTO reference point (arXiv 2402.01306, eq. 8 /
+    sec. 4.1; TRL ``KTOTrainer``):
     completion ``i`` is paired with prompt ``i + 1`` — ``(x_1, y_n), (x_2, y_1), …`` — by rolling the
     completion arrays one row down the batch (``jnp.roll(…, 1, axis=0)``). Works on arrays or pytrees
     of arrays with leading dimension ``B``; tokenise / score the new pairs, then :func:`kto_kl_baseline`.
@@ -244,13 +245,15 @@ class BCOState(NamedTuple):
 
 
 def bco_init(dtype=jnp.float32) -> BCOState:
-    """Initial BCO running moments: mean 0, var 1, count 1e-24 (so the first update gives the batch
-    mean almost exactly, as TRL)."""
+    """Initial BCO running moments (BCO, arXiv 2404.04656, sec. 4.2: δ is the running mean of the
+    rewards): mean 0, var 1, count 1e-24 (so the first update gives the batch mean almost exactly,
+    as TRL). Returns a :class:`BCOState` of scalars."""
     return BCOState(jnp.zeros((), dtype), jnp.ones((), dtype), jnp.asarray(1e-24, dtype))
 
 
 def bco_update_moments(state: BCOState, rewards, mask=None) -> BCOState:
-    """Merge a batch of rewards into the running moments (Chan et al. parallel mean / variance).
+    """Merge a batch of rewards into BCO's running moments (arXiv 2404.04656, sec. 4.2; Chan et al.'s
+    parallel mean / variance update).
 
     Args:
       state: :class:`BCOState`.
@@ -280,6 +283,23 @@ def bco_update_moments(state: BCOState, rewards, mask=None) -> BCOState:
     return BCOState(jnp.where(keep, new_mean, mean), jnp.where(keep, new_var, var), jnp.where(keep, tot, count))
 
 
+def bco_udm_weights(desirable_probs, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0):
+    """BCO underlying-distribution matching weights (arXiv 2404.04656, sec. 4.3 / eq. 11): with
+    ``p = P(desirable | prompt)`` from a prompt classifier, the density ratio ``p / (1 − p)``
+    (``+1e-8`` in the denominator, as TRL) clipped to ``[min_density_ratio, max_density_ratio]``.
+
+    Args:
+      desirable_probs: ``[B]`` classifier probabilities in [0, 1] (constants).
+
+    Returns:
+      ``[B]`` weights for the undesirable rows of :func:`bco_loss`.
+    """
+    check_range("min_density_ratio", min_density_ratio, low=0.0)
+    check_range("max_density_ratio", max_density_ratio, low=min_density_ratio)
+    p = _sg(as_float(desirable_probs, "desirable_probs"))
+    return jnp.clip(p / (1.0 - p + 1e-8), min_density_ratio, max_density_ratio)
+
+
 def bco_loss(
     policy_logps,
     ref_logps,
@@ -304,7 +324,8 @@ def bco_loss(
       labels: ``[B]`` bool, True for desirable.
       state: :class:`BCOState` (from :func:`bco_init`).
       beta: β > 0.
-      weights: optional ``[B]`` per-row weights (UDM density ratios; 1 where None).
+      weights: optional ``[B]`` per-row weights (UDM density ratios from :func:`bco_udm_weights`;
+        TRL applies them to undesirable rows only, so pass 1 for desirable rows; 1 where None).
       update_state: merge this batch's rewards into ``state`` before computing δ (TRL, training).
       num_sequences: global row count for micro-batching.
 
@@ -904,6 +925,7 @@ __all__ = [
     "astar_po_values",
     "bco_init",
     "bco_loss",
+    "bco_udm_weights",
     "bco_update_moments",
     "cpo_loss",
     "kto_kl_baseline",

@@ -814,3 +814,20 @@ def test_process_reward_and_values_properties(seed):
     v = np.asarray(O.astar_po_values(rew, 0.5))
     assert np.all(v >= rew.mean(-1) - 1e-12) and np.all(v <= rew.max(-1) + 1e-12)
     _close(O.astar_po_values(rew + 3.0, 0.5), v + 3.0, rtol=1e-9)
+
+
+def test_bco_udm_weights():
+    p = np.array([0.0, 0.2, 0.5, 0.9, 0.999])
+    want = np.clip(p / (1 - p + 1e-8), 0.5, 10.0)
+    _close(O.bco_udm_weights(p), want)
+    # weighted undesirable rows: L = mean(w_i · −log σ(−(r − δ))) on those rows
+    _, lp, m = _data(42)
+    ref = lp * 0.8
+    labels = np.array([True, False, False, True])
+    w = np.where(labels, 1.0, np.asarray(O.bco_udm_weights(np.array([0.1, 0.3, 0.7, 0.2]))))
+    loss, st1, _ = O.bco_loss(lp, ref, labels, O.bco_init(jnp.float64), mask=m, weights=w)
+    rew = 0.01 * (_seq(lp, m) - _seq(ref, m))
+    z = rew - float(st1.mean)
+    _close(loss, np.mean(w * np.where(labels, -log_sigmoid(z), -log_sigmoid(-z))))
+    with pytest.raises(ValueError, match="max_density_ratio=0.1 is out of range"):
+        O.bco_udm_weights(p, max_density_ratio=0.1)
