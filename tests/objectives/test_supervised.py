@@ -8,6 +8,8 @@ properties, bad-input errors.
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 
 import jax
@@ -17,7 +19,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import trlax.objectives as O
-from tests.objectives._trl_oracles import fd_grad, stub
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _trl_oracles import fd_grad, stub  # noqa: E402
 
 RTOL = 1e-6
 
