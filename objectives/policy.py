@@ -39,7 +39,15 @@ from trlax.objectives._checks import (
     check_rank,
     check_same_shape,
 )
-from trlax.objectives.aggregation import Mean, aggregate, masked_max, masked_min, masked_sum, mean_metric
+from trlax.objectives.aggregation import (
+    AGGREGATION_MODES,
+    Mean,
+    aggregate,
+    masked_max,
+    masked_min,
+    masked_sum,
+    mean_metric,
+)
 from trlax.objectives.correction import (
     SAMPLER_CORRECTION_MODES,
     off_policy_sequence_mask,
@@ -47,19 +55,43 @@ from trlax.objectives.correction import (
     sampler_log_ratio,
 )
 from trlax.objectives.entropy import high_entropy_mask, mask_truncated_completions
-from trlax.objectives.kl import KL_ESTIMATORS, kl_penalty
+from trlax.objectives.kl import ALL_KL_ESTIMATORS, kl_penalty
 from trlax.objectives.ratios import IMPORTANCE_SAMPLING_LEVELS, importance_log_ratio
 from trlax.objectives.surrogates import (
+    DPPO_DIVERGENCES,
+    aspo_loss,
     cispo_loss,
+    clip_cov_loss,
+    clip_cov_mask,
     clip_indicators,
+    covariance_scores,
+    dppo_loss,
+    dppo_mask,
+    dual_clip_indicator,
+    entropy_dependent_epsilon,
+    gmpo_clip_indicators,
+    gmpo_loss,
+    kl_cov_loss,
+    kl_cov_mask,
+    m2po_loss,
+    m2po_mask,
     ppo_clip_loss,
+    reinforce_loss,
     sapo_loss,
+    squared_log_ratio_penalty,
+    topr_loss,
     vespo_loss,
     vespo_weights,
 )
 
 POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# objectives beyond TRL (issue 3): token-level only (GMPO / TOPR build their own sequence ratio)
+BEYOND_TRL_LOSS_TYPES = ("gmpo", "gpg", "clip_cov", "kl_cov", "aspo", "topr", "dppo", "m2po")
+ALL_POLICY_LOSS_TYPES = POLICY_LOSS_TYPES + BEYOND_TRL_LOSS_TYPES
 _CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# default aggregation of the beyond-TRL losses (the papers' / verl's defaults)
+_DEFAULT_AGGREGATION = {"gmpo": "grpo", "gpg": "token_mean", "clip_cov": "token_mean", "kl_cov": "token_mean",
+                        "aspo": "token_mean", "topr": "token_mean", "dppo": "token_mean", "m2po": "token_mean"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +120,26 @@ class PolicyLossConfig:
       entropy_coef: entropy-bonus coefficient (Skywork-OR1).
       mask_truncated_completions: zero rows flagged ``truncated`` (DAPO overlong filtering).
       log_ratio_clamp: clamp on log-ratios before ``exp`` (None disables).
+
+    Beyond TRL (issue 3; defaults leave every TRL loss unchanged):
+
+      loss_type also accepts ``gmpo | gpg | clip_cov | kl_cov | aspo | topr | dppo | m2po``
+        (token level only; see :mod:`trlax.objectives.surrogates`). ``gmpo`` reads ``epsilon`` /
+        ``epsilon_high`` as *log-space* clip bounds, ``dppo`` as the divergence thresholds δ_low / δ_high.
+      loss_agg_mode: override of the aggregation (an ``aggregate`` mode); None -> by loss type.
+      clip_ratio_c: dual-clip bound c > 1 for A < 0 (PPO-clip loss types; verl ``clip_ratio_c``).
+      clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov selection (needs ``rng`` in ``policy_loss``).
+      kl_cov_ratio, ppo_kl_coef: KL-Cov selection fraction and ``|δ|`` coefficient.
+      aspo_negative_clip_ratio_c, aspo_positive_clip_ratio_c: ASPO soft dual-clip bounds.
+      topr_positive_weight, topr_negative_weight: TOPR weights; topr_sequence_ratio: use the
+        trajectory ratio ``Π_t r_t`` (the paper) instead of the token ratio (ROLL).
+      dppo_divergence: ``binary_tv | binary_kl``; dppo_ratio_cap: truncation of the DPPO IS weight.
+      m2po_threshold: M2PO second-moment bound τ_M2.
+      squared_log_ratio_coef: adds ``coef·(log π_θ − log π_old)²`` per token (Kimi k1.5 τ/2, K2.5 kl_tau).
+      high_entropy_epsilon, high_entropy_epsilon_high, entropy_clip_quantile: entropy-dependent clip
+        (Archer): tokens above the row's entropy quantile use these ε instead of ``epsilon`` /
+        ``epsilon_high`` (PPO-clip loss types and ``aspo``; needs ``entropies``).
+      force_on_policy_ratio: ratio ``exp(log π_θ − sg(log π_θ))`` whatever ``old_logps`` (NeMo-RL).
     """
 
     loss_type: str = "dapo"
@@ -113,15 +165,36 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     mask_truncated_completions: bool = False
     log_ratio_clamp: Optional[float] = 20.0
+    # ---- beyond TRL (issue 3) ----
+    loss_agg_mode: Optional[str] = None
+    clip_ratio_c: Optional[float] = None
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    ppo_kl_coef: float = 1.0
+    aspo_negative_clip_ratio_c: float = 3.0
+    aspo_positive_clip_ratio_c: float = 3.0
+    topr_positive_weight: float = 1.0
+    topr_negative_weight: float = 1.0
+    topr_sequence_ratio: bool = False
+    dppo_divergence: str = "binary_tv"
+    dppo_ratio_cap: Optional[float] = 20.0
+    m2po_threshold: float = 0.04
+    squared_log_ratio_coef: float = 0.0
+    high_entropy_epsilon: Optional[float] = None
+    high_entropy_epsilon_high: Optional[float] = None
+    entropy_clip_quantile: float = 0.8
+    force_on_policy_ratio: bool = False
 
     def __post_init__(self):
-        check_choice("loss_type", self.loss_type, POLICY_LOSS_TYPES)
+        check_choice("loss_type", self.loss_type, ALL_POLICY_LOSS_TYPES)
         check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         check_range("epsilon", self.epsilon, low=0.0)
         check_range("epsilon_high", self.epsilon_high, low=0.0, allow_none=True)
         check_range("delta", self.delta, low=1.0, low_inclusive=False, allow_none=True)
         check_range("beta", self.beta, low=0.0)
-        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("kl_estimator", self.kl_estimator, ALL_KL_ESTIMATORS)
         check_range("top_entropy_quantile", self.top_entropy_quantile, low=0.0, high=1.0, low_inclusive=False)
         check_range("off_policy_mask_threshold", self.off_policy_mask_threshold, low=0.0, allow_none=True)
         if self.sampler_correction is not None:
@@ -153,6 +226,53 @@ class PolicyLossConfig:
                 f"sampler_correction={self.sampler_correction!r} is not allowed with loss_type='vespo'; "
                 "allowed values: None, 'token_truncate', 'token_mask'"
             )
+        self._check_beyond_trl()
+
+    def _check_beyond_trl(self):
+        if self.loss_agg_mode is not None:
+            check_choice("loss_agg_mode", self.loss_agg_mode, AGGREGATION_MODES)
+        if self.loss_type in BEYOND_TRL_LOSS_TYPES and self.importance_sampling_level != "token":
+            raise ValueError(
+                f"importance_sampling_level={self.importance_sampling_level!r} is not allowed with "
+                f"loss_type={self.loss_type!r}; allowed values: 'token'"
+            )
+        check_range("clip_ratio_c", self.clip_ratio_c, low=1.0, low_inclusive=False, allow_none=True)
+        if self.clip_ratio_c is not None and self.loss_type not in _CLIP_LOSSES:
+            raise ValueError(f"clip_ratio_c={self.clip_ratio_c!r} is not allowed with loss_type={self.loss_type!r}; "
+                             f"allowed loss types: {', '.join(map(repr, _CLIP_LOSSES))}")
+        check_range("clip_cov_ratio", self.clip_cov_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_range("clip_cov_lb", self.clip_cov_lb)
+        check_range("clip_cov_ub", self.clip_cov_ub)
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb={self.clip_cov_lb} must be < clip_cov_ub={self.clip_cov_ub}")
+        check_range("kl_cov_ratio", self.kl_cov_ratio, low=0.0, high=1.0, low_inclusive=False)
+        check_range("ppo_kl_coef", self.ppo_kl_coef, low=0.0)
+        for f in ("aspo_negative_clip_ratio_c", "aspo_positive_clip_ratio_c"):
+            check_range(f, getattr(self, f), low=1.0, low_inclusive=False)
+        for f in ("topr_positive_weight", "topr_negative_weight"):
+            check_range(f, getattr(self, f), low=0.0)
+        check_choice("dppo_divergence", self.dppo_divergence, DPPO_DIVERGENCES)
+        check_range("dppo_ratio_cap", self.dppo_ratio_cap, low=0.0, low_inclusive=False, allow_none=True)
+        check_range("m2po_threshold", self.m2po_threshold, low=0.0, low_inclusive=False)
+        check_range("squared_log_ratio_coef", self.squared_log_ratio_coef, low=0.0)
+        check_range("high_entropy_epsilon", self.high_entropy_epsilon, low=0.0, allow_none=True)
+        check_range("high_entropy_epsilon_high", self.high_entropy_epsilon_high, low=0.0, allow_none=True)
+        if self.high_entropy_epsilon is None and self.high_entropy_epsilon_high is not None:
+            raise ValueError("high_entropy_epsilon_high is set but high_entropy_epsilon is None; set both")
+        if self.high_entropy_epsilon is not None and self.loss_type not in _CLIP_LOSSES + ("aspo",):
+            raise ValueError(f"high_entropy_epsilon is not allowed with loss_type={self.loss_type!r}; allowed loss "
+                             f"types: {', '.join(map(repr, _CLIP_LOSSES + ('aspo',)))}")
+        check_range("entropy_clip_quantile", self.entropy_clip_quantile, low=0.0, high=1.0)
+        for f in ("topr_sequence_ratio", "force_on_policy_ratio"):
+            if not isinstance(getattr(self, f), (bool, np.bool_)):
+                raise ValueError(f"{f}={getattr(self, f)!r} is not allowed; allowed values: True, False")
+
+    @property
+    def aggregation_mode(self) -> str:
+        """The ``aggregate`` mode this config uses (``loss_agg_mode`` or the loss type's default)."""
+        if self.loss_agg_mode is not None:
+            return self.loss_agg_mode
+        return _DEFAULT_AGGREGATION.get(self.loss_type, self.loss_type)
 
     # ------------------------------------------------------------------------------------ presets
     @property
@@ -263,8 +383,87 @@ class PolicyLossConfig:
         """Masked importance sampling / IcePop (arXiv 2510.18855): ρ outside ``[0.5, 2]`` masked."""
         return cls(**{"sampler_correction": mode, "sampler_clip_min": 0.5, "sampler_clip_max": 2.0, **overrides})
 
+    # ------------------------------------------------------------------------ beyond-TRL presets
+    @classmethod
+    def dual_clip_ppo(cls, **overrides) -> "PolicyLossConfig":
+        """Dual-clip PPO (Ye et al. 2019, arXiv 1912.09729, eq. 5; verl ``vanilla``): ``epsilon=0.2``,
+        ``clip_ratio_c=3.0``, token-mean loss."""
+        return cls(**{"loss_type": "dapo", "epsilon": 0.2, "clip_ratio_c": 3.0, "beta": 0.0, **overrides})
+
+    @classmethod
+    def gmpo(cls, **overrides) -> "PolicyLossConfig":
+        """GMPO (arXiv 2507.20673): geometric-mean sequence ratio with log-space token clip
+        ``ε_low = ε_high = 0.4`` (ratio range ``(e^−0.4, e^0.4)``), mean over sequences, no KL."""
+        return cls(**{"loss_type": "gmpo", "epsilon": 0.4, "epsilon_high": 0.4, "beta": 0.0, **overrides})
+
+    @classmethod
+    def gpg(cls, **overrides) -> "PolicyLossConfig":
+        """GPG (arXiv 2504.02546): plain ``−A·log π`` with token-mean aggregation, no ratio, no clip, no
+        KL; pair with GPG's group-mean advantages (no std) scaled by ``B/(B−M)``."""
+        return cls(**{"loss_type": "gpg", "beta": 0.0, **overrides})
+
+    @classmethod
+    def clip_cov(cls, **overrides) -> "PolicyLossConfig":
+        """Clip-Cov (arXiv 2505.22617, sec. 4.2): PPO clip ``ε=0.2`` plus gradient detachment of a
+        random ``r=2e-4`` fraction of tokens with covariance in ``(1, 5)``; token mean, no KL."""
+        return cls(**{"loss_type": "clip_cov", "epsilon": 0.2, "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0,
+                      "clip_cov_ub": 5.0, "beta": 0.0, **overrides})
+
+    @classmethod
+    def kl_cov(cls, **overrides) -> "PolicyLossConfig":
+        """KL-Cov (arXiv 2505.22617, sec. 4.2): unclipped ``−A·r`` plus ``1.0·|δ|`` on the top
+        ``k=2e-3`` covariance tokens (the paper's 7B setting; 2e-4 for 32B); token mean, no KL."""
+        return cls(**{"loss_type": "kl_cov", "kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0, "beta": 0.0, **overrides})
+
+    @classmethod
+    def aspo(cls, **overrides) -> "PolicyLossConfig":
+        """ASPO (arXiv 2510.06062): flipped IS weight for ``A > 0``, soft dual clip ``c=3`` on both
+        sides, ``ε=0.2``, token mean (the knob defaults of the reference code)."""
+        return cls(**{"loss_type": "aspo", "epsilon": 0.2, "epsilon_high": 0.2, "aspo_negative_clip_ratio_c": 3.0,
+                      "aspo_positive_clip_ratio_c": 3.0, "beta": 0.0, **overrides})
+
+    @classmethod
+    def archer(cls, **overrides) -> "PolicyLossConfig":
+        """Archer (arXiv 2507.15778): entropy-dependent clip — ``ε=0.2`` for low-entropy tokens, ``0.4``
+        for tokens above the row's 80% entropy quantile; token mean."""
+        return cls(**{"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.2, "high_entropy_epsilon": 0.4,
+                      "entropy_clip_quantile": 0.8, **overrides})
+
+    @classmethod
+    def topr(cls, **overrides) -> "PolicyLossConfig":
+        """TOPR (arXiv 2503.14286): positive trajectories SFT-like, negative ones weighted by the
+        truncated trajectory ratio ``[π(τ)/μ(τ)]_0^1``; weights 1, token mean, no KL."""
+        return cls(**{"loss_type": "topr", "topr_sequence_ratio": True, "beta": 0.0, **overrides})
+
+    @classmethod
+    def dppo(cls, **overrides) -> "PolicyLossConfig":
+        """DPPO-Binary-TV (arXiv 2602.04879): probability-difference trust region ``δ_low = δ_high = 0.2``
+        (prime-rl's defaults), IS weight truncated at 20 (sec. 5.4), token mean, no KL."""
+        return cls(**{"loss_type": "dppo", "dppo_divergence": "binary_tv", "epsilon": 0.2, "epsilon_high": 0.2,
+                      "dppo_ratio_cap": 20.0, "beta": 0.0, **overrides})
+
+    @classmethod
+    def prime_rl(cls, **overrides) -> "PolicyLossConfig":
+        """prime-rl's default loss: DPPO-Binary-TV mask (0.2 / 0.2) plus the Kimi K2.5 squared
+        log-ratio term ``kl_tau=1e-3`` (arXiv 2602.04879, 2602.02276)."""
+        return cls.dppo(**{"squared_log_ratio_coef": 1e-3, **overrides})
+
+    @classmethod
+    def kimi15(cls, tau: float = 0.1, **overrides) -> "PolicyLossConfig":
+        """Kimi k1.5 (arXiv 2501.12599, eq. 3): ``−A·log π + τ/2·(log π − log π_old)²``; the paper does
+        not publish τ, ``0.1`` is ROLL's ``kimi15_tau`` default."""
+        return cls(**{"loss_type": "gpg", "squared_log_ratio_coef": 0.5 * tau, "beta": 0.0, **overrides})
+
+    @classmethod
+    def m2po(cls, **overrides) -> "PolicyLossConfig":
+        """M2PO (arXiv 2510.01161): unclipped ``−M·r·A`` with the second-moment mask ``τ_M2 = 0.04``,
+        token mean, no KL."""
+        return cls(**{"loss_type": "m2po", "m2po_threshold": 0.04, "beta": 0.0, **overrides})
+
     PRESETS = ("grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "lite_ppo", "cispo", "sapo", "luspo", "vespo",
-               "intellect2", "deepseek_v32", "high_entropy", "skywork_or1", "tis", "icepop")
+               "intellect2", "deepseek_v32", "high_entropy", "skywork_or1", "tis", "icepop",
+               "dual_clip_ppo", "gmpo", "gpg", "clip_cov", "kl_cov", "aspo", "archer", "topr", "dppo", "prime_rl",
+               "kimi15", "m2po")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "PolicyLossConfig":
@@ -339,6 +538,7 @@ def policy_loss(
     num_sequences: Optional[Any] = None,
     entropy_threshold: Optional[jnp.ndarray] = None,
     truncated: Optional[jnp.ndarray] = None,
+    rng: Optional[jax.Array] = None,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
     """GRPO-family policy loss (pipeline in the module docstring).
 
@@ -359,6 +559,7 @@ def policy_loss(
       num_sequences: global row count for ``grpo / sapo / dr_grpo / luspo``.
       entropy_threshold: precomputed (e.g. global) threshold for the entropy mask.
       truncated: ``[B]`` bool truncation flags; required when ``config.mask_truncated_completions``.
+      rng: a ``jax.random`` key; required for ``loss_type="clip_cov"`` (random token selection).
 
     Returns:
       ``(loss, metrics)``: scalar loss and a dict of ``Mean`` pairs / min / max scalars.
@@ -386,7 +587,9 @@ def policy_loss(
     metrics: Dict[str, Any] = {}
 
     # 1. importance ratio
-    log_ratio = importance_log_ratio(logps_safe, old, mask, config.importance_sampling_level)
+    ratio_old = jax.lax.stop_gradient(logps_safe) if config.force_on_policy_ratio else old
+    log_ratio = importance_log_ratio(logps_safe, ratio_old, mask, config.importance_sampling_level)
+    raw_log_ratio = log_ratio
     clamp = config.log_ratio_clamp
     if clamp is not None:
         clamped = jnp.abs(log_ratio) > clamp
@@ -413,13 +616,28 @@ def policy_loss(
     # 2. surrogate
     lt = config.loss_type
     eps_l, eps_h = config.epsilon, config.effective_epsilon_high
+    if config.high_entropy_epsilon is not None:
+        if entropies is None:
+            raise ValueError("`entropies` is required when high_entropy_epsilon is set")
+        _, high_ent = entropy_dependent_epsilon(entropies, mask, quantile=config.entropy_clip_quantile)
+        he_l = config.high_entropy_epsilon
+        he_h = he_l if config.high_entropy_epsilon_high is None else config.high_entropy_epsilon_high
+        eps_l = jnp.where(high_ent, he_l, eps_l).astype(logps.dtype)
+        eps_h = jnp.where(high_ent, he_h, eps_h).astype(logps.dtype)
+        metrics["entropy_clip/high_entropy_frac"] = mean_metric(high_ent.astype(jnp.float32), mask)
     if lt in _CLIP_LOSSES:
-        per_token = ppo_clip_loss(ratio, adv, eps_l, eps_h, config.delta)
+        per_token = ppo_clip_loss(ratio, adv, eps_l, eps_h, config.delta, clip_ratio_c=config.clip_ratio_c)
         low, high, region = clip_indicators(ratio, adv, eps_l, eps_h)
         # token level: a fraction of tokens; sequence level ([B, 1] ratio and advantage): of rows
         cm = mask if low.shape == mask.shape else jnp.ones(low.shape, bool)
         for name, ind in (("low", low), ("high", high), ("region", region)):
             metrics[f"clip_ratio/{name}_mean"] = mean_metric(ind.astype(jnp.float32), cm)
+        if config.clip_ratio_c is not None:
+            dual = dual_clip_indicator(ratio, adv, eps_l, eps_h, config.clip_ratio_c)
+            metrics["clip_ratio/dual_mean"] = mean_metric(dual.astype(jnp.float32), cm)
+    elif lt in BEYOND_TRL_LOSS_TYPES:
+        per_token = _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask,
+                                          eps_l, eps_h, sampler_logps, rng, metrics)
     elif lt == "cispo":
         per_token = cispo_loss(ratio, adv, logps_safe, eps_h)
         clipped = jnp.broadcast_to((jax.lax.stop_gradient(ratio) > eps_h) & (adv > 0), mask.shape)
@@ -457,7 +675,10 @@ def policy_loss(
     if rho is not None and lt != "vespo":
         per_token = per_token * rho
 
-    # 6. KL to the reference
+    # 6. KL to the reference (and Kimi's squared log-ratio term, also unmasked by 3-5)
+    if config.squared_log_ratio_coef != 0.0:
+        tok_lr = importance_log_ratio(logps_safe, ratio_old, mask, "token")
+        per_token = per_token + squared_log_ratio_penalty(tok_lr, config.squared_log_ratio_coef)
     if config.beta != 0.0:
         if ref_logps is None:
             raise ValueError(f"`ref_logps` is required when beta={config.beta} != 0")
@@ -469,7 +690,7 @@ def policy_loss(
         per_token = per_token + config.beta * kl
 
     # 7. aggregation
-    loss = aggregate(per_token, mask, lt, num_items=num_items, num_sequences=num_sequences,
+    loss = aggregate(per_token, mask, config.aggregation_mode, num_items=num_items, num_sequences=num_sequences,
                      max_completion_length=config.max_completion_length)
     metrics["policy_loss"] = jax.lax.stop_gradient(loss)
 
@@ -491,6 +712,62 @@ def policy_loss(
     return loss, metrics
 
 
+def _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask, eps_l, eps_h,
+                          sampler_logps, rng, metrics):
+    """Step 2 for ``BEYOND_TRL_LOSS_TYPES`` (token level). ``raw_log_ratio`` is the unclamped token
+    log-ratio, ``log_ratio`` / ``ratio`` the clamped ones."""
+    lt = config.loss_type
+    f32 = jnp.float32
+    if lt == "gmpo":
+        per_token = gmpo_loss(raw_log_ratio, adv, mask, eps_l, eps_h, config.log_ratio_clamp)
+        hi, lo = gmpo_clip_indicators(raw_log_ratio, adv, mask, eps_l, eps_h)
+        metrics["clip_ratio/high_mean"] = mean_metric(hi.astype(f32), mask)
+        metrics["clip_ratio/low_mean"] = mean_metric(lo.astype(f32), mask)
+        return per_token
+    if lt == "gpg":
+        return reinforce_loss(logps_safe, adv)
+    if lt == "clip_cov":
+        if rng is None:
+            raise ValueError("`rng` (a jax.random key) is required when loss_type='clip_cov'")
+        cov = covariance_scores(adv, logps_safe, mask)
+        _, _, region = clip_indicators(ratio, adv, eps_l, eps_h)
+        sel = clip_cov_mask(cov, mask, jnp.broadcast_to(region, mask.shape), rng, config.clip_cov_ratio,
+                            config.clip_cov_lb, config.clip_cov_ub)
+        metrics["clip_cov/selected_frac"] = mean_metric(sel.astype(f32), mask)
+        return clip_cov_loss(ratio, adv, sel, eps_l, eps_h)
+    if lt == "kl_cov":
+        cov = covariance_scores(adv, logps_safe, mask)
+        sel = kl_cov_mask(cov, mask, config.kl_cov_ratio)
+        metrics["kl_cov/selected_frac"] = mean_metric(sel.astype(f32), mask)
+        return kl_cov_loss(ratio, log_ratio, adv, sel, config.ppo_kl_coef)
+    if lt == "aspo":
+        return aspo_loss(ratio, adv, logps_safe, eps_l, eps_h, config.aspo_negative_clip_ratio_c,
+                         config.aspo_positive_clip_ratio_c)
+    if lt == "topr":
+        r = ratio
+        if config.topr_sequence_ratio:
+            seq = jnp.sum(jnp.where(mask, raw_log_ratio, 0.0), axis=-1, keepdims=True)
+            if config.log_ratio_clamp is not None:
+                seq = jnp.clip(seq, -config.log_ratio_clamp, config.log_ratio_clamp)
+            r = jnp.exp(seq)
+        return topr_loss(r, adv, logps_safe, config.topr_positive_weight, config.topr_negative_weight)
+    if lt == "dppo":
+        keep = dppo_mask(logps_safe, ratio_old, adv, mask, eps_l, eps_h, config.dppo_divergence)
+        metrics["dppo/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
+        return dppo_loss(ratio, adv, logps_safe, keep, config.dppo_ratio_cap)
+    # m2po: second moment of log π_θ − log π_behaviour (sampler log-probs when given, else old)
+    if sampler_logps is not None:
+        samp = as_float(sampler_logps, "sampler_logps")
+        ok = mask & ~jnp.isnan(samp)
+        behav = jnp.where(ok, samp, jax.lax.stop_gradient(logps_safe))
+        m2_lr = jax.lax.stop_gradient(jnp.where(ok, logps_safe - behav, 0.0))
+    else:
+        m2_lr = jax.lax.stop_gradient(raw_log_ratio)
+    keep = m2po_mask(m2_lr, mask, config.m2po_threshold)
+    metrics["m2po/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
+    return m2po_loss(ratio, adv, keep)
+
+
 def adaptive_entropy_coef(
     coef: jnp.ndarray,
     window_entropy: jnp.ndarray,
@@ -508,4 +785,5 @@ def adaptive_entropy_coef(
     return jnp.where(window_entropy <= target, jnp.minimum(coef + delta, coef_max), jnp.maximum(coef - delta, coef_min))
 
 
-__all__ = ["POLICY_LOSS_TYPES", "PolicyLossConfig", "adaptive_entropy_coef", "policy_loss"]
+__all__ = ["ALL_POLICY_LOSS_TYPES", "BEYOND_TRL_LOSS_TYPES", "POLICY_LOSS_TYPES", "PolicyLossConfig",
+           "adaptive_entropy_coef", "policy_loss"]

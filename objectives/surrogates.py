@@ -12,7 +12,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_rank, check_same_shape
+from trlax.objectives._checks import as_float, as_mask, check_choice, check_rank, check_same_shape
 
 _sg = jax.lax.stop_gradient
 
@@ -39,6 +39,7 @@ def ppo_clip_loss(
     epsilon_low: float = 0.2,
     epsilon_high: Optional[float] = None,
     delta: Optional[float] = None,
+    clip_ratio_c: Optional[float] = None,
 ) -> jnp.ndarray:
     """Clipped surrogate ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)``.
 
@@ -53,6 +54,12 @@ def ppo_clip_loss(
       epsilon_low: lower clip ε_low (ratio floor ``1 − ε_low``).
       epsilon_high: upper clip ε_high (``None`` -> ``epsilon_low``).
       delta: optional two-sided cap on the unclipped ratio (> 1).
+      clip_ratio_c: optional dual-clip bound ``c > 1`` (Ye et al. 2019, "Mastering Complex Control in
+        MOBA Games", arXiv 1912.09729, eq. 5; verl ``clip_ratio_c``, default there 3.0): for ``A < 0``
+        the loss is ``min(L, −A·c)``, so a token whose ratio already exceeds ``c`` gets no gradient.
+
+    ``epsilon_low`` / ``epsilon_high`` may also be ``[B, T]`` arrays (per-token clip ranges, e.g.
+    :func:`entropy_dependent_epsilon`).
     """
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
@@ -60,7 +67,10 @@ def ppo_clip_loss(
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_h)
     unclipped = ratio if delta is None else jnp.minimum(ratio, delta)
-    return -jnp.minimum(unclipped * adv, clipped * adv)
+    loss = -jnp.minimum(unclipped * adv, clipped * adv)
+    if clip_ratio_c is not None:
+        loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * clip_ratio_c), loss)
+    return loss
 
 
 def clip_indicators(
@@ -195,12 +205,463 @@ def luspo_loss(
     return ppo_clip_loss(ratio, advantages, epsilon_low, epsilon_high, delta)
 
 
+# ------------------------------------------------------------------------------- beyond TRL (issue 3)
+
+
+def _row_values(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """``[B, 1]`` or ``[B, T]`` -> ``[B, T]`` with masked entries zeroed (select-then-compute)."""
+    x = jnp.broadcast_to(x, mask.shape)
+    return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def dual_clip_indicator(
+    ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    epsilon_low,
+    epsilon_high=None,
+    clip_ratio_c: float = 3.0,
+) -> jnp.ndarray:
+    """Where the dual clip (arXiv 1912.09729, eq. 5) is the active branch: ``A < 0`` and
+    ``max(r, clip(r, 1−ε_low, 1+ε_high)) > c`` (verl's ``pg_clipfrac_lower``). Boolean, broadcast shape."""
+    eps_h = epsilon_low if epsilon_high is None else epsilon_high
+    ratio = _sg(jnp.asarray(ratio))
+    adv = jnp.asarray(advantages)
+    _check_broadcast(ratio, "ratio", advantages=adv)
+    worst = jnp.maximum(ratio, jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + eps_h))
+    return (adv < 0) & (worst > clip_ratio_c)
+
+
+def reinforce_loss(
+    logps: jnp.ndarray,
+    advantages: jnp.ndarray,
+    weights: Optional[jnp.ndarray] = None,
+) -> jnp.ndarray:
+    """Plain REINFORCE / GPG per-token loss ``−sg(w)·A·log π_θ(y_t)`` ``[B, T]``.
+
+    Williams 1992 (REINFORCE); Group Policy Gradient (GPG, Chu et al. 2025, arXiv 2504.02546, eq. 5):
+    no ratio, no clipping, old log-probs are not used. ``weights`` (e.g. truncated IS weights, verl's
+    bypass ``reinforce``) are stop-gradient constants; omit them for on-policy data.
+
+    Args:
+      logps: ``[B, T]`` current log-probs (differentiable).
+      advantages: ``[B, 1]`` or ``[B, T]`` (stop-gradient).
+      weights: optional ``[B, 1]`` or ``[B, T]`` importance weights (stop-gradient).
+    """
+    logps = as_float(logps, "logps")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", advantages=adv)
+    loss = -adv * logps
+    if weights is not None:
+        w = _sg(as_float(weights, "weights"))
+        _check_broadcast(logps, "logps", weights=w)
+        loss = loss * w
+    return loss
+
+
+def gmpo_loss(
+    log_ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    mask: jnp.ndarray,
+    epsilon_low: float = 0.4,
+    epsilon_high: Optional[float] = None,
+    log_ratio_clamp: Optional[float] = 20.0,
+) -> jnp.ndarray:
+    """GMPO (Geometric-Mean Policy Optimization, Zhao et al. 2025, arXiv 2507.20673, eq. 4) per-sequence
+    loss ``[B, 1]``: ``−Ā_i · exp((1/|y_i|) Σ_t δ̃_t)``.
+
+    Token clipping is in *log* space and sign-aware: with ``σ = sign(A)``,
+    ``δ̃_t = σ·min(σ·δ_t, σ·clip(δ_t, −ε_low, ε_high))`` (the geometric mean of the PPO-style
+    clipped token ratios, ``|ρ_t A|`` clipped to ``(e^{−ε_low}, e^{ε_high})``); ``Ā_i`` is the
+    mean advantage over the valid tokens (outcome advantages). Empty rows give 0. The paper uses
+    ``ε = 0.4`` (ratio range ``(e^{−0.4}, e^{0.4})``). Reduce with ``aggregate(mode="grpo")``
+    (a plain mean over sequences, as the paper and verl's ``geo_mean``).
+
+    The mean log-ratio is clamped to ``±log_ratio_clamp`` before ``exp`` (verl does not clamp; the
+    values differ only where verl's would overflow).
+
+    Args:
+      log_ratio: ``[B, T]`` token log-ratios ``log π_θ − sg(log π_old)`` (differentiable).
+      advantages: ``[B, 1]`` or ``[B, T]`` (stop-gradient).
+      mask: ``[B, T]``.
+      epsilon_low, epsilon_high: log-space clip (``None`` -> ``epsilon_low``).
+    """
+    log_ratio = as_float(log_ratio, "log_ratio")
+    check_rank(log_ratio, 2, "log_ratio")
+    mask = as_mask(mask)
+    check_same_shape(log_ratio, "log_ratio", mask=mask)
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(log_ratio, "log_ratio", advantages=adv)
+    eps_h = epsilon_low if epsilon_high is None else epsilon_high
+    zero = jnp.zeros((), log_ratio.dtype)
+    d = jnp.where(mask, log_ratio, zero)
+    a_tok = _row_values(adv, mask)
+    sgn = jnp.sign(a_tok)
+    d_clip = sgn * jnp.minimum(sgn * d, sgn * jnp.clip(d, -epsilon_low, eps_h))
+    length = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(d.dtype)
+    seq = jnp.sum(jnp.where(mask, d_clip, zero), axis=-1, keepdims=True) / length
+    if log_ratio_clamp is not None:
+        seq = jnp.clip(seq, -log_ratio_clamp, log_ratio_clamp)
+    adv_seq = jnp.sum(a_tok, axis=-1, keepdims=True) / length
+    return -adv_seq * jnp.exp(seq)
+
+
+def gmpo_clip_indicators(log_ratio, advantages, mask, epsilon_low=0.4, epsilon_high=None):
+    """GMPO clip activity ``(high, low)`` ``[B, T]`` booleans: the log-ratio left ``[−ε_low, ε_high]``
+    at a token with ``A > 0`` (high) / ``A < 0`` (low), verl's ``pg_clipfrac`` / ``pg_clipfrac_lower``."""
+    eps_h = epsilon_low if epsilon_high is None else epsilon_high
+    mask = as_mask(mask)
+    d = _sg(jnp.where(mask, jnp.asarray(log_ratio), 0.0))
+    a = _row_values(jnp.asarray(advantages), mask)
+    out = (d < -epsilon_low) | (d > eps_h)
+    return mask & out & (a > 0), mask & out & (a < 0)
+
+
+def covariance_scores(advantages: jnp.ndarray, logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """Per-token centred cross term ``cov_t = (A_t − Ā)(log π_t − mean log π)`` ``[B, T]`` (means over
+    the valid tokens of the batch), the covariance proxy of Cui et al. 2025 ("The Entropy Mechanism of
+    RL for Reasoning LMs", arXiv 2505.22617, eq. 11). Stop-gradient; 0 at masked positions."""
+    logps = _sg(as_float(logps, "logps"))
+    check_rank(logps, 2, "logps")
+    mask = as_mask(mask)
+    check_same_shape(logps, "logps", mask=mask)
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", advantages=adv)
+    zero = jnp.zeros((), logps.dtype)
+    a = _row_values(adv, mask).astype(logps.dtype)
+    lp = jnp.where(mask, logps, zero)
+    n = jnp.maximum(jnp.sum(mask), 1).astype(logps.dtype)
+    cov = (a - jnp.sum(a) / n) * (lp - jnp.sum(lp) / n)
+    return jnp.where(mask, cov, zero)
+
+
+def _num_selected(mask: jnp.ndarray, fraction: float, dtype) -> jnp.ndarray:
+    """``max(⌊fraction · N_valid⌋, 1)`` (in ``dtype``; verl's ``max(int(ratio * N), 1)``)."""
+    n = jnp.sum(mask).astype(dtype)
+    return jnp.maximum(jnp.floor(n * fraction), 1.0)
+
+
+def _ranks(score: jnp.ndarray) -> jnp.ndarray:
+    """Rank of every element of ``score`` in ascending order (stable: ties by flat index)."""
+    flat = score.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32)).reshape(score.shape)
+
+
+def clip_cov_mask(
+    cov: jnp.ndarray,
+    mask: jnp.ndarray,
+    ppo_clipped: jnp.ndarray,
+    key: jax.Array,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+) -> jnp.ndarray:
+    """Clip-Cov token selection (arXiv 2505.22617, sec. 4.2, Alg. 1): among valid tokens not already
+    clipped by PPO with ``lb < cov_t < ub``, pick ``min(max(⌊r·N⌋, 1), #candidates)`` uniformly at
+    random (``N`` = valid tokens of the batch); their gradient is then detached. Returns ``[B, T]`` bool.
+
+    The random subset is drawn with ``key`` (a ``jax.random`` key): uniform draws per token, the
+    candidates with the smallest draws are kept — every subset of that size is equally likely.
+    The selection runs over *this call's* batch (a micro-batch selects from its own tokens, as verl).
+    """
+    cov = _sg(jnp.asarray(cov))
+    mask = as_mask(mask)
+    check_same_shape(cov, "cov", mask=mask, ppo_clipped=ppo_clipped)
+    cand = mask & ~jnp.asarray(ppo_clipped, bool) & (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    u = jax.random.uniform(key, cov.shape, dtype=jnp.float32)
+    rank = _ranks(jnp.where(cand, u, 2.0))
+    k = _num_selected(mask, clip_cov_ratio, jnp.float32 if cov.dtype != jnp.float64 else cov.dtype)
+    return cand & (rank.astype(k.dtype) < k)
+
+
+def kl_cov_mask(cov: jnp.ndarray, mask: jnp.ndarray, kl_cov_ratio: float = 2e-4) -> jnp.ndarray:
+    """KL-Cov token selection (arXiv 2505.22617, sec. 4.2): the ``max(⌊r·N⌋, 1)`` valid tokens with
+    the largest ``cov_t`` (ties: lower flat index first). Deterministic. ``[B, T]`` bool."""
+    cov = _sg(jnp.asarray(cov))
+    mask = as_mask(mask)
+    check_same_shape(cov, "cov", mask=mask)
+    rank = _ranks(jnp.where(mask, -cov, jnp.inf))
+    k = _num_selected(mask, kl_cov_ratio, cov.dtype if jnp.issubdtype(cov.dtype, jnp.floating) else jnp.float32)
+    return mask & (rank.astype(k.dtype) < k)
+
+
+def clip_cov_loss(
+    ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    selected: jnp.ndarray,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+) -> jnp.ndarray:
+    """Clip-Cov per-token loss (arXiv 2505.22617, eq. 12): the PPO clipped surrogate, set to 0 (value
+    and gradient) at the tokens of :func:`clip_cov_mask`. ``[B, T]``."""
+    loss = ppo_clip_loss(ratio, advantages, epsilon_low, epsilon_high)
+    sel = jnp.asarray(selected, bool)
+    return jnp.where(sel, jnp.zeros((), loss.dtype), loss)
+
+
+def kl_cov_loss(
+    ratio: jnp.ndarray,
+    log_ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    selected: jnp.ndarray,
+    kl_coef: float = 1.0,
+) -> jnp.ndarray:
+    """KL-Cov per-token loss (arXiv 2505.22617, eq. 13): unclipped ``−A·r``, plus
+    ``kl_coef·|log π_θ − log π_old|`` at the tokens of :func:`kl_cov_mask`. ``[B, T]``."""
+    ratio = as_float(ratio, "ratio")
+    log_ratio = as_float(log_ratio, "log_ratio")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(ratio, "ratio", advantages=adv, log_ratio=log_ratio)
+    sel = jnp.asarray(selected, bool)
+    pen = jnp.where(sel, kl_coef * jnp.abs(jnp.where(sel, log_ratio, 0.0)), 0.0)
+    return -adv * ratio + pen
+
+
+def aspo_loss(
+    ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    logps: jnp.ndarray,
+    epsilon_low=0.2,
+    epsilon_high=None,
+    negative_clip_ratio_c: float = 3.0,
+    positive_clip_ratio_c: float = 3.0,
+) -> jnp.ndarray:
+    """ASPO (Asymmetric Importance Sampling Policy Optimization, arXiv 2510.06062, eq. 6-8) ``[B, T]``.
+
+    ``A < 0``: ``r_c = max(r, 1−ε_low)``; loss ``−A·r_c``, but where ``r_c > c_neg`` the soft dual clip
+    ``−A·c_neg·log π_θ`` (gradient ``−A·c_neg·∇log π``, not zero as in hard dual clip).
+    ``A ≥ 0``: ``r_c = min(r, 1+ε_high)`` with the *flipped* IS weight: loss
+    ``−A·(r_c/sg(r_c))/sg(r_c)`` (value ``−A/r_c``, gradient ``−(A/r)·∇log π`` inside the clip, i.e.
+    weight ``π_old/π_θ``); where ``1/r_c > c_pos`` it becomes ``−A·c_pos·log π_θ``.
+    Clipped branches carry no gradient. ``epsilon_*`` may be ``[B, T]`` arrays (entropy-dependent clip).
+    """
+    ratio = as_float(ratio, "ratio")
+    logps = as_float(logps, "logps")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", ratio=ratio, advantages=adv)
+    eps_h = epsilon_low if epsilon_high is None else epsilon_high
+    neg_rc = jnp.maximum(ratio, 1.0 - epsilon_low)
+    neg_dual = neg_rc > negative_clip_ratio_c
+    neg_loss = jnp.where(neg_dual, -adv * negative_clip_ratio_c * logps, -adv * neg_rc)
+    pos_rc = jnp.minimum(ratio, 1.0 + eps_h)
+    pos_rc_c = _sg(pos_rc)
+    pos_dual = 1.0 / pos_rc_c > positive_clip_ratio_c
+    safe = jnp.where(pos_dual, jnp.ones((), pos_rc.dtype), pos_rc)
+    safe_c = _sg(safe)
+    pos_loss = jnp.where(pos_dual, -adv * positive_clip_ratio_c * logps, -adv * (safe / safe_c) / safe_c)
+    return jnp.where(adv < 0, neg_loss, pos_loss)
+
+
+def topr_loss(
+    ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    logps: jnp.ndarray,
+    positive_weight: float = 1.0,
+    negative_weight: float = 1.0,
+) -> jnp.ndarray:
+    """TOPR (Tapered Off-Policy REINFORCE, Le Roux et al. 2025, arXiv 2503.14286, eq. 9) ``[B, T]``:
+    ``A ≥ 0``: ``−w₊·A·log π_θ`` (SFT-like, no IS); ``A < 0``: ``−w₋·sg(clip(r, 0, 1))·A·log π_θ``.
+
+    ``ratio`` may be the paper's trajectory ratio ``π(τ)/μ(τ)`` (``[B, 1]``; product of token ratios)
+    or ROLL's per-token ratio (``[B, T]``). ``w₊, w₋`` are ROLL's ``topr_positive/negative_weight``.
+    """
+    ratio = as_float(ratio, "ratio")
+    logps = as_float(logps, "logps")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", ratio=ratio, advantages=adv)
+    trunc = _sg(jnp.clip(ratio, 0.0, 1.0))
+    return jnp.where(adv >= 0, -positive_weight * adv * logps, -negative_weight * trunc * adv * logps)
+
+
+DPPO_DIVERGENCES = ("binary_tv", "binary_kl")
+
+
+def dppo_mask(
+    logps: jnp.ndarray,
+    behaviour_logps: jnp.ndarray,
+    advantages: jnp.ndarray,
+    mask: jnp.ndarray,
+    delta_low: float = 0.2,
+    delta_high: float = 0.2,
+    divergence: str = "binary_tv",
+) -> jnp.ndarray:
+    """DPPO trust-region mask (Divergence PPO, arXiv 2602.04879, sec. 4) ``[B, T]`` bool, stop-gradient.
+
+    With ``π = exp(log π_θ)``, ``μ = exp(log μ)`` the behaviour (old / sampler) probability of the token:
+
+    - ``binary_tv``: drop if ``A > 0 ∧ π − μ > δ_high`` or ``A ≤ 0 ∧ μ − π > δ_low``;
+    - ``binary_kl``: ``D = μ log(μ/π) + (1−μ) log((1−μ+1e-8)/(1−π+1e-8))`` (Bernoulli KL of the token
+      event, verl's ``dppo_kl``); drop if ``A > 0 ∧ π > μ ∧ D > δ_high`` or
+      ``A ≤ 0 ∧ π < μ ∧ D > δ_low``.
+
+    Masked positions are False.
+    """
+    check_choice("divergence", divergence, DPPO_DIVERGENCES)
+    logps = _sg(as_float(logps, "logps"))
+    check_rank(logps, 2, "logps")
+    beh = _sg(as_float(behaviour_logps, "behaviour_logps"))
+    mask = as_mask(mask)
+    check_same_shape(logps, "logps", behaviour_logps=beh, mask=mask)
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", advantages=adv)
+    zero = jnp.zeros((), logps.dtype)
+    lp = jnp.where(mask, logps, zero)
+    lb = jnp.where(mask, beh, zero)
+    p, mu = jnp.exp(lp), jnp.exp(lb)
+    pos = jnp.broadcast_to(adv > 0, mask.shape)
+    if divergence == "binary_tv":
+        ok = jnp.where(pos, p - mu <= delta_high, p - mu >= -delta_low)
+    else:
+        d = mu * (lb - lp) + (1.0 - mu) * (jnp.log(1.0 - mu + 1e-8) - jnp.log(1.0 - p + 1e-8))
+        ok = jnp.where(pos, (d <= delta_high) | (p <= mu), (d <= delta_low) | (p >= mu))
+    return mask & ok
+
+
+def dppo_loss(
+    ratio: jnp.ndarray,
+    advantages: jnp.ndarray,
+    logps: jnp.ndarray,
+    keep: jnp.ndarray,
+    ratio_cap: Optional[float] = 20.0,
+) -> jnp.ndarray:
+    """DPPO per-token loss (arXiv 2602.04879, eq. 10; sec. 5.4 for the cap) ``[B, T]``:
+    ``−sg(min(r, cap))·A·log π_θ`` at tokens kept by :func:`dppo_mask`, 0 elsewhere. Its gradient
+    equals that of ``−r·A`` (prime-rl / SkyRL form) wherever ``r < cap``."""
+    ratio = as_float(ratio, "ratio")
+    logps = as_float(logps, "logps")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(logps, "logps", ratio=ratio, advantages=adv)
+    w = ratio if ratio_cap is None else jnp.minimum(ratio, ratio_cap)
+    loss = -_sg(w) * adv * logps
+    return jnp.where(jnp.asarray(keep, bool), loss, jnp.zeros((), loss.dtype))
+
+
+def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04) -> jnp.ndarray:
+    """M2PO second-moment trust mask (Zheng et al. 2025, "Prosperity before Collapse", arXiv 2510.01161,
+    eq. 7; AReaL ``m2_threshold``) ``[B, T]`` bool keep-mask, stop-gradient.
+
+    ``m2_t = (log π_a − log π_b)²`` over the valid tokens; the tokens with the largest ``m2`` are
+    masked, largest first, until the mean of the remaining ``m2`` is below ``threshold`` (ties: lower
+    flat index masked first). An empty mask keeps nothing.
+    """
+    lr = _sg(as_float(log_ratio, "log_ratio"))
+    check_rank(lr, 2, "log_ratio")
+    mask = as_mask(mask)
+    check_same_shape(lr, "log_ratio", mask=mask)
+    zero = jnp.zeros((), lr.dtype)
+    m2 = jnp.where(mask, jnp.square(jnp.where(mask, lr, zero)), zero)
+    n = jnp.sum(mask)
+    rank = _ranks(jnp.where(mask, -m2, jnp.inf))  # rank 0 = largest m2
+    flat = m2.reshape(-1)
+    order = jnp.argsort(jnp.where(mask, -m2, jnp.inf).reshape(-1), stable=True)
+    sorted_m2 = flat[order]
+    total = jnp.sum(flat)
+    removed = jnp.concatenate([jnp.zeros((1,), lr.dtype), jnp.cumsum(sorted_m2)])  # removed[j]: j largest gone
+    j = jnp.arange(flat.size + 1)
+    remaining = (n - j).astype(lr.dtype)
+    mean_rest = (total - removed) / jnp.maximum(remaining, 1)
+    ok = (mean_rest < threshold) | (j >= n)
+    n_drop = jnp.argmax(ok)  # first j where the rest satisfies the bound
+    return mask & (rank < n_drop)
+
+
+def m2po_loss(ratio: jnp.ndarray, advantages: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
+    """M2PO per-token loss (arXiv 2510.01161, eq. 8): unclipped ``−M_t·r·A`` with ``M`` from
+    :func:`m2po_mask` (the second-moment mask replaces PPO clipping). Reduce with a token mean."""
+    ratio = as_float(ratio, "ratio")
+    adv = _sg(as_float(advantages, "advantages"))
+    _check_broadcast(ratio, "ratio", advantages=adv)
+    loss = -adv * ratio
+    return jnp.where(jnp.asarray(keep, bool), loss, jnp.zeros((), loss.dtype))
+
+
+def squared_log_ratio_penalty(log_ratio: jnp.ndarray, coef: float) -> jnp.ndarray:
+    """Kimi's squared log-ratio regulariser ``coef·(log π_θ − log π_old)²`` ``[B, T]``.
+
+    Kimi k1.5 (arXiv 2501.12599, eq. 3) uses ``τ/2·(log π_θ/π_old)²`` next to ``−A·log π_θ``
+    (ROLL ``kimi15_tau``, so ``coef = τ/2``); Kimi K2.5 (arXiv 2602.02276) / prime-rl use
+    ``kl_tau·(log π_θ − log π_inf)²`` next to ``−A·r``. Gradient ``2·coef·δ·∇log π``.
+    """
+    lr = as_float(log_ratio, "log_ratio")
+    return coef * lr * lr
+
+
+def kimi_loss(logps: jnp.ndarray, log_ratio: jnp.ndarray, advantages: jnp.ndarray, tau: float = 0.1) -> jnp.ndarray:
+    """Kimi k1.5 per-token loss (arXiv 2501.12599, eq. 3): ``−A·log π_θ + τ/2·(log π_θ − log π_old)²``."""
+    return reinforce_loss(logps, advantages) + squared_log_ratio_penalty(log_ratio, 0.5 * tau)
+
+
+def force_on_policy_log_ratio(logps: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """``log π_θ − sg(log π_θ)``: value 0 (ratio 1), gradient ``∇log π_θ`` — the ratio of an exactly
+    on-policy step whatever the old log-probs (NeMo-RL ``force_on_policy_ratio``; PPO at ``r = 1``,
+    arXiv 1707.06347). ``[B, T]``, 0 at masked positions."""
+    logps = as_float(logps, "logps")
+    if mask is not None:
+        mask = as_mask(mask)
+        check_same_shape(logps, "logps", mask=mask)
+        logps = jnp.where(mask, logps, jnp.zeros((), logps.dtype))
+    return logps - _sg(logps)
+
+
+def entropy_dependent_epsilon(
+    entropies: jnp.ndarray,
+    mask: jnp.ndarray,
+    low_entropy_epsilon: float = 0.2,
+    high_entropy_epsilon: float = 0.4,
+    quantile: float = 0.8,
+):
+    """Per-token clip range by entropy (Archer, "Stabilizing Knowledge, Promoting Reasoning",
+    arXiv 2507.15778, sec. 3.2): tokens whose entropy is above the row's ``quantile`` (linear
+    interpolation over the row's valid tokens, as ``torch.nanquantile``) are high-entropy "forking"
+    tokens and get the wider ``high_entropy_epsilon``; the others ``low_entropy_epsilon``.
+
+    Returns ``(epsilon [B, T], high_entropy [B, T] bool)``. Stop-gradient. Empty rows: all low.
+    """
+    ent = _sg(as_float(entropies, "entropies"))
+    check_rank(ent, 2, "entropies")
+    mask = as_mask(mask)
+    check_same_shape(ent, "entropies", mask=mask)
+    n = jnp.sum(mask, axis=-1, keepdims=True)
+    srt = jnp.sort(jnp.where(mask, ent, jnp.inf), axis=-1)
+    pos = quantile * jnp.maximum(n - 1, 0).astype(ent.dtype)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0)).astype(jnp.int32)
+    v_lo = jnp.take_along_axis(srt, lo, axis=-1)
+    v_hi = jnp.take_along_axis(srt, hi, axis=-1)
+    v_lo = jnp.where(n > 0, v_lo, 0.0)
+    v_hi = jnp.where(n > 0, v_hi, 0.0)
+    thr = v_lo + (pos - lo.astype(ent.dtype)) * (v_hi - v_lo)
+    high = mask & (jnp.where(mask, ent, -jnp.inf) > thr)
+    eps = jnp.where(high, high_entropy_epsilon, low_entropy_epsilon).astype(ent.dtype)
+    return eps, high
+
+
 __all__ = [
+    "DPPO_DIVERGENCES",
+    "aspo_loss",
     "cispo_loss",
+    "clip_cov_loss",
+    "clip_cov_mask",
     "clip_indicators",
+    "covariance_scores",
+    "dppo_loss",
+    "dppo_mask",
+    "dual_clip_indicator",
+    "entropy_dependent_epsilon",
+    "force_on_policy_log_ratio",
+    "gmpo_clip_indicators",
+    "gmpo_loss",
+    "kimi_loss",
+    "kl_cov_loss",
+    "kl_cov_mask",
     "luspo_loss",
+    "m2po_loss",
+    "m2po_mask",
     "ppo_clip_loss",
+    "reinforce_loss",
     "sapo_loss",
+    "squared_log_ratio_penalty",
+    "topr_loss",
     "vespo_loss",
     "vespo_weights",
 ]
