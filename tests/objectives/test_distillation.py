@@ -77,6 +77,7 @@ def test_forward_reverse_kl():
     _close(O.reverse_kl(s, t, temperature=0.5), np_gjsd(s, t, 1.0, 0.5))
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("num_items", [None, 11])
@@ -153,6 +154,7 @@ def test_iw_opd_reference():
     _close(np.where(m, O.iw_opd_weights(np.where(m, tl - roll, 0), m, gamma=0.5), 0), np.where(m, w, 0))
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("rollout", [False, True])
 @pytest.mark.parametrize("num_items", [None, 9])
 def test_iw_opd_trl_parity(rollout, num_items):
@@ -218,6 +220,7 @@ def test_topk_divergence_reference(alpha, add_tail):
     _close(O.topk_distillation_divergence(s, t, topk=V, alpha=alpha), np_gjsd(s, t, alpha))
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("mode,alpha,add_tail,is_clip", [
     ("topk_logits", 0.5, False, None), ("topk_logits", 0.5, True, 2.0), ("topk_logits", 1.0, False, 1.5),
     ("topk_logits", 0.0, True, None), ("full_logit", 0.5, False, 2.0), ("full_logit", 1.0, False, None),

@@ -106,6 +106,7 @@ def test_sft_edge_cases():
 # ------------------------------------------------------------------------------------ TRL SFT parity
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 @pytest.mark.parametrize("num_items", [None, 29])
 def test_sft_trl_parity(loss_type, num_items):
@@ -198,6 +199,7 @@ def test_bema_reference(cfg):
     assert int(state.step) == len(traj) - 1
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("cfg", BEMA_CASES)
 def test_bema_trl_parity(cfg):
     torch = pytest.importorskip("torch")

@@ -371,6 +371,7 @@ def _t(x, grad=False):
     return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=grad)
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("loss_type,wd,wu,beta", [("kto", 1.0, 1.0, 0.1), ("kto", 1.5, 0.6, 0.8),
                                                   ("apo_zero_unpaired", 1.0, 1.0, 0.5),
                                                   ("apo_zero_unpaired", 0.7, 1.2, 0.2)])
@@ -440,6 +441,7 @@ CPO_TRL_CASES = [("sigmoid", 0.1, 0.0, 0.5, 0.0, 1.0), ("sigmoid", 0.5, 0.2, 0.5
                  ("simpo", 2.5, 0.0, 0.1, 0.25, 0.0)]
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("case", CPO_TRL_CASES)
 def test_cpo_trl_parity(case):
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
@@ -468,6 +470,7 @@ def test_cpo_trl_parity(case):
     _close(met["rewards/accuracies"].value, metrics_t["rewards/accuracies"])
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_orpo_trl_parity(beta):
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
@@ -498,6 +501,7 @@ def test_orpo_trl_parity(beta):
     _close(met["nll_loss"], metrics_t["nll_loss"])
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("margin,center", [(False, None), (True, None), (False, 0.01), (True, 0.3)])
 def test_reward_trl_parity(margin, center):
     from trl.trainer.reward_trainer import RewardTrainer
@@ -521,6 +525,7 @@ def test_reward_trl_parity(margin, center):
     _close(met["margin"].value, s._metrics["train"]["margin"][-1])
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("loss_type,tpo_alpha,eps", [("sigmoid", 1.0, 0.0), ("sigmoid", 0.5, 0.1), ("hinge", 1.0, 0.0),
                                                      ("ipo", 1.0, 0.0), ("tpo-l", 1.0, 0.0), ("sigmoid", 0.0, 0.0)])
 def test_tpo_trl_parity(loss_type, tpo_alpha, eps):
@@ -554,6 +559,7 @@ def test_tpo_trl_parity(loss_type, tpo_alpha, eps):
     _close(g, lt.grad.numpy())
 
 
+@pytest.mark.trl
 def test_a2po_trl_parity():
     from trl.experimental.a2po.a2po_trainer import A2POTrainer
 
