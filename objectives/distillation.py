@@ -83,8 +83,8 @@ def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temper
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:
-    """Per-token forward KL(p_T‖p_S) (mode-covering; word-level KD, Hinton et al. 1503.02531,
-    Kim & Rush 1606.07947): ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=0``."""
+    """Per-token forward KL(p_T‖p_S) (mode-covering; word-level KD, Hinton et al. arXiv 1503.02531,
+    Kim & Rush arXiv 1606.07947): ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=0``."""
     return generalized_jsd(student_logits, teacher_logits, beta=0.0, temperature=temperature)
 
 
@@ -172,8 +172,8 @@ def on_policy_distillation_loss(
     kl_coef: float = 1.0,
     num_items: Optional[Any] = None,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
-    """On-policy distillation as importance-sampled policy gradient with the per-token reverse-KL
-    advantage (:func:`on_policy_distillation_advantages` of the *sampler* log-probs):
+    """On-policy distillation (GKD arXiv 2306.13649 sec. 3 with β = 1; Thinking Machines 2025) as an
+    importance-sampled policy gradient with the per-token reverse-KL advantage (:func:`on_policy_distillation_advantages` of the *sampler* log-probs):
     ``loss = −Σ_{b,t} m·(π_θ/π_sampler)(y_t)·A_t / max(N, 1)``. On-policy (``sampler_logps=None``)
     the ratio is 1 and the gradient is ``−Σ A_t ∇log π_θ(y_t) / N`` — the reverse-KL gradient
     (per-token, no future terms).

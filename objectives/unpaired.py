@@ -236,8 +236,9 @@ def kto_loss(
 
 
 class BCOState(NamedTuple):
-    """Running moments of the BCO implicit reward (TRL ``RunningMoments``): mean, (population)
-    variance and count. Start from :func:`bco_init`; thread through :func:`bco_loss`."""
+    """Running moments of the BCO implicit reward (arXiv 2404.04656, sec. 4.2; TRL ``RunningMoments``):
+    scalar mean, (population) variance and count. Start from :func:`bco_init`; thread it through
+    :func:`bco_loss` (the train state carries it; it is never hidden module state)."""
 
     mean: jnp.ndarray
     var: jnp.ndarray
@@ -899,9 +900,9 @@ def trdpo_hard_update(ref_params, policy_params):
 
 
 def trdpo_ref_update(ref_params, policy_params, step, *, alpha: float = 0.6, sync_steps: int = 512):
-    """TR-DPO reference update on a schedule (TRL ``SyncRefModelCallback``): at optimiser steps where
-    ``step % sync_steps == 0`` apply :func:`trdpo_soft_update` with ``alpha`` (1.0 = hard), else
-    return ``ref_params`` unchanged. ``step`` may be a traced integer (jit-friendly selection).
+    """TR-DPO reference update on a schedule (arXiv 2404.09656, sec. 3; TRL ``SyncRefModelCallback``):
+    at optimiser steps where ``step % sync_steps == 0`` apply :func:`trdpo_soft_update` with
+    ``alpha`` (1.0 = hard), else return ``ref_params`` unchanged. ``step`` may be a traced integer (jit-friendly selection).
 
     Paper-index values (TR-DPO): ``alpha = 0.6``, ``sync_steps = 512``.
     """
