@@ -840,3 +840,13 @@ def test_bco_udm_weights():
     _close(loss, np.mean(w * np.where(labels, -log_sigmoid(z), -log_sigmoid(-z))))
     with pytest.raises(ValueError, match="max_density_ratio=0.1 is out of range"):
         O.bco_udm_weights(p, max_density_ratio=0.1)
+
+
+def test_kto_kl_baseline_across_devices():
+    # two equal shards under a named axis: pmean of the shard means = the global mean (before the clamp)
+    r = np.random.default_rng(43)
+    kl, ref = r.normal(size=(2, 3)), r.normal(size=(2, 3))
+    z = jax.vmap(lambda a, b: O.kto_kl_baseline(a, b, axis_name="d"), axis_name="d")(kl, ref)
+    _close(z, np.full(2, max(np.mean(kl - ref), 0.0)))
+    shard0 = float(O.kto_kl_baseline(kl[0], ref[0]))
+    _close(shard0, max(np.mean(kl[0] - ref[0]), 0.0))
