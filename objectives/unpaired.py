@@ -770,9 +770,9 @@ def reward_model_loss(
     metrics = {
         "accuracy": mean_metric((rw > rl).astype(jnp.float32)),
         "margin": mean_metric(_sg(rw - rl)),
-        "min_reward": jnp.min(both),
-        "mean_reward": mean_metric(both),
-        "max_reward": jnp.max(both),
+        "reward/min": jnp.min(both),  # keys ending in min / max merge as min / max (merge_metrics)
+        "reward/mean": mean_metric(both),
+        "reward/max": jnp.max(both),
     }
     return loss, metrics
 

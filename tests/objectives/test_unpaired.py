@@ -523,6 +523,9 @@ def test_reward_trl_parity(margin, center):
     _close(g, rt.grad.numpy())
     _close(met["accuracy"].value, s._metrics["train"]["accuracy"][-1])
     _close(met["margin"].value, s._metrics["train"]["margin"][-1])
+    for k in ("min", "max"):
+        _close(met[f"reward/{k}"], s._metrics["train"][f"{k}_reward"][-1])
+    _close(met["reward/mean"].value, s._metrics["train"]["mean_reward"][-1])
 
 
 @pytest.mark.trl
