@@ -152,6 +152,7 @@ ROLLOUT_RS_OPTIONS = (
 ROLLOUT_IS_LEVELS = ("token", "sequence", "geometric")
 ROLLOUT_CORRECTION_MODES = ("decoupled", "bypass")
 ROLLOUT_LOSS_TYPES = ("ppo_clip", "reinforce")
+_PPL_LOG_CAP = 80.0
 
 
 def _rs_bounds(option: str, upper, lower) -> Tuple[Optional[float], float]:
@@ -365,7 +366,10 @@ def rollout_mismatch_metrics(
       ``ρ_t``), and ``ess = E[w]² / E[w²] ∈ (0, 1]`` (relative effective sample size, Kong 1992; verl's
       ``1 / mean((w / mean w)²)``).
 
-    Sequence means run over rows with at least one valid token (verl also averages empty rows).
+    Sequence means run over rows with at least one valid token (verl also averages empty rows). Every
+    statistic of ``log ρ`` uses the clamped value (``±log_clamp``, verl clamps only for χ²), so
+    ``kl``, ``k3_kl``, ``log_ppl_diff``, ``ppl_ratio`` and ``chi2_*`` stay finite for any finite input;
+    perplexity exponents are capped at 80 (``e^80`` is finite in float32).
     Returns a dict of :class:`Mean` pairs (mergeable across micro-batches; ``chi2_*`` are means of
     ``ρ² − 1``) plus the scalar ``ess`` of this batch (0 when there is no valid token).
     """
@@ -394,7 +398,8 @@ def rollout_mismatch_metrics(
 
     mean_old = jnp.sum(lo, axis=-1) / jnp.maximum(cnt, 1)
     mean_samp = jnp.sum(ls, axis=-1) / jnp.maximum(cnt, 1)
-    diff = mean_samp - mean_old
+    diff = -jnp.sum(dc, axis=-1) / jnp.maximum(cnt, 1)  # mean_t ℓ^samp − mean_t ℓ^old, clamped terms
+    ppl = lambda lp: jnp.exp(jnp.minimum(-lp, _PPL_LOG_CAP))  # noqa: E731
     seq = jnp.sum(d, axis=-1)
     seq = seq if log_clamp is None else jnp.clip(seq, -log_clamp, log_clamp)
     if weights is None:
@@ -410,11 +415,11 @@ def rollout_mismatch_metrics(
     w_sq = tok_mean(w * w)
     ess = jnp.where(w_sq.total > 0, w_mean.total ** 2 / jnp.maximum(n_tok * w_sq.total, 1e-30), zero)
     return {
-        "kl": tok_mean(-d),
+        "kl": tok_mean(-dc),
         "k3_kl": tok_mean(jnp.expm1(dc) - dc),
-        "training_ppl": row_mean(jnp.exp(-mean_old)),
+        "training_ppl": row_mean(ppl(mean_old)),
         "training_log_ppl": row_mean(-mean_old),
-        "rollout_ppl": row_mean(jnp.exp(-mean_samp)),
+        "rollout_ppl": row_mean(ppl(mean_samp)),
         "rollout_log_ppl": row_mean(-mean_samp),
         "log_ppl_diff": row_mean(diff),
         "ppl_ratio": row_mean(jnp.exp(diff)),
