@@ -384,7 +384,9 @@ class Decoder(nnx.Module):
             never attended to; outputs at padding positions are finite but meaningless.
           positions: ``[B, T]`` int RoPE positions (default :func:`positions_from_mask` of the mask,
             offset by the cache's filled length when decoding).
-          cache: a :class:`KVCache`; the T new tokens are written at slots ``[index, index + T)``.
+          cache: a :class:`KVCache`; the T new tokens are written at slots ``[index, index + T)``, which
+            must fit in its ``S`` slots (size it with :meth:`init_cache` for prompt + completion length;
+            writes past the end are clamped by ``dynamic_update_slice`` and would overwrite the last slots).
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.

@@ -141,6 +141,8 @@ def test_completion_logps_match_transformers(ckpt):
     np.testing.assert_allclose(np.asarray(lp)[c_mask], ref[c_mask], atol=1e-4)
     np.testing.assert_allclose(np.asarray(ent)[c_mask], ref_ent[c_mask], atol=1e-4)
     assert np.all(np.asarray(lp)[~c_mask] == 0) and np.all(np.asarray(ent)[~c_mask] == 0)
+    lp0, ent0 = f(ckpt["model"], p_ids, p_mask, c_ids, np.zeros_like(c_mask), 0.8, chunk_size=5)  # empty mask
+    assert np.all(np.asarray(lp0) == 0) and np.all(np.asarray(ent0) == 0)
 
 
 def test_completion_logps_grad_equals_plain_path(ckpts):
