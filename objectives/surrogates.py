@@ -407,13 +407,16 @@ def kl_cov_loss(
     kl_coef: float = 1.0,
 ) -> jnp.ndarray:
     """KL-Cov per-token loss (arXiv 2505.22617, eq. 13): unclipped ``−A·r``, plus
-    ``kl_coef·|log π_θ − log π_old|`` at the tokens of :func:`kl_cov_mask`. ``[B, T]``."""
+    ``kl_coef·|log π_θ − log π_old|`` at the tokens of :func:`kl_cov_mask` (gradient
+    ``kl_coef·sign(δ)``, 0 at ``δ = 0``). ``[B, T]``."""
     ratio = as_float(ratio, "ratio")
     log_ratio = as_float(log_ratio, "log_ratio")
     adv = _sg(as_float(advantages, "advantages"))
     _check_broadcast(ratio, "ratio", advantages=adv, log_ratio=log_ratio)
     sel = jnp.asarray(selected, bool)
-    pen = jnp.where(sel, kl_coef * jnp.abs(jnp.where(sel, log_ratio, 0.0)), 0.0)
+    d = jnp.where(sel, log_ratio, 0.0)
+    # |δ| with the subgradient sign(δ) (0 at δ = 0, as torch's abs), not JAX's 1 at 0
+    pen = jnp.where(sel, kl_coef * _sg(jnp.sign(d)) * d, 0.0)
     return -adv * ratio + pen
 
 
@@ -494,7 +497,7 @@ def dppo_mask(
       event, verl's ``dppo_kl``); drop if ``A > 0 ∧ π > μ ∧ D > δ_high`` or
       ``A ≤ 0 ∧ π < μ ∧ D > δ_low``.
 
-    Masked positions are False.
+    Log-probs are clamped to ``≤ 0`` first (so ``π, μ ≤ 1``). Masked positions are False.
     """
     check_choice("divergence", divergence, DPPO_DIVERGENCES)
     logps = _sg(as_float(logps, "logps"))
@@ -505,8 +508,9 @@ def dppo_mask(
     adv = _sg(as_float(advantages, "advantages"))
     _check_broadcast(logps, "logps", advantages=adv)
     zero = jnp.zeros((), logps.dtype)
-    lp = jnp.where(mask, logps, zero)
-    lb = jnp.where(mask, beh, zero)
+    # positive log-prob artifacts (bf16 / sampler numerics, survey 4.4) are clamped to 0: probabilities <= 1
+    lp = jnp.minimum(jnp.where(mask, logps, zero), 0.0)
+    lb = jnp.minimum(jnp.where(mask, beh, zero), 0.0)
     p, mu = jnp.exp(lp), jnp.exp(lb)
     pos = jnp.broadcast_to(adv > 0, mask.shape)
     if divergence == "binary_tv":
@@ -562,7 +566,7 @@ def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04
     mean_rest = (total - removed) / jnp.maximum(remaining, 1)
     ok = (mean_rest < threshold) | (j >= n)
     n_drop = jnp.argmax(ok)  # first j where the rest satisfies the bound
-    return mask & (rank < n_drop)
+    return mask & (rank >= n_drop)
 
 
 def m2po_loss(ratio: jnp.ndarray, advantages: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
