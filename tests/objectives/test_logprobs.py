@@ -70,6 +70,7 @@ def test_plain_matches_numpy_value_and_grad(data, temp):
     np.testing.assert_allclose(g, np_grad_logits(logits, y, temp, c1, c2), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.trl
 def test_plain_matches_trl(data):
     torch = pytest.importorskip("torch")
     trl_utils = pytest.importorskip("trl.trainer.utils")
