@@ -423,7 +423,8 @@ def _token_inputs(token_rewards, mask, name="token_rewards"):
 
 
 def discounted_returns(token_rewards: jnp.ndarray, mask: jnp.ndarray, gamma: float = 1.0) -> jnp.ndarray:
-    """Masked discounted reward-to-go ``G_t = r_t + γ G_{t'}`` (``t'`` the next *valid* position;
+    """Masked discounted reward-to-go (Sutton & Barto 2018, eq. 3.8; REINFORCE++ arXiv 2501.03262, eq. 6)
+    ``G_t = r_t + γ G_{t'}`` (``t'`` the next *valid* position;
     masked positions — padding or interleaved observation tokens — are skipped: they neither add reward
     nor discount). ``[B, T]``, 0 under the mask. Reverse ``lax.scan`` over ``T``."""
     check_range("gamma", gamma, low=0.0, high=1.0)
@@ -607,8 +608,9 @@ def remax_advantages(token_rewards: jnp.ndarray, baseline_rewards: jnp.ndarray, 
 
 
 def sum_pi_squared(logits: jnp.ndarray) -> jnp.ndarray:
-    """``Σ_v π_v²`` per position from logits ``[..., V]``: ``exp(LSE(2z) − 2·LSE(z))`` (float32 or
-    wider), the collision probability used by :func:`optimal_token_baseline_advantages`. ``[...]``."""
+    """``Σ_v π_v²`` per position from logits ``[..., V]`` (the collision probability, also the "aligned"
+    normaliser of WPO, arXiv 2406.11827, eq. 2): ``exp(LSE(2z) − 2·LSE(z))`` (float32 or
+    wider), used by :func:`optimal_token_baseline_advantages`. ``[...]``, stop-gradient."""
     z = as_float(logits, "logits")
     return jax.lax.stop_gradient(jnp.exp(jax.nn.logsumexp(2.0 * z, axis=-1) - 2.0 * jax.nn.logsumexp(z, axis=-1)))
 
@@ -725,7 +727,8 @@ def group_token_counts(
     group_ids: Optional[jnp.ndarray] = None,
     num_groups: Optional[int] = None,
 ) -> jnp.ndarray:
-    """Valid-token count of each prompt group, ``[num_groups]`` (``N`` segments when ``group_ids`` is
+    """Valid-token count of each prompt group (the prompt-level denominator of DAPO-style token means,
+    arXiv 2503.14476, eq. 8), ``[num_groups]`` (``N`` segments when ``group_ids`` is
     given without ``num_groups``). All-reduce it across micro-batches / devices for
     :func:`prompt_mean_weights`."""
     m = as_mask(mask)
@@ -743,7 +746,8 @@ def prompt_mean_weights(
     token_counts: Optional[jnp.ndarray] = None,
     num_prompts: Optional[Any] = None,
 ) -> jnp.ndarray:
-    """Per-row weights for prompt-level token-mean aggregation (SkyRL ``prompt_mean``; the
+    """Per-row weights for prompt-level token-mean aggregation (DAPO arXiv 2503.14476, eq. 8 applied per
+    prompt; SkyRL ``prompt_mean``; the
     "prompt-level" token mean of DAPO's eq. 8 discussion, TRL issue #5375):
     ``w_i = 1 / (P · N_tok(g(i)))`` so that ``Σ_i w_i Σ_t m_{i,t} L_{i,t} = (1/P) Σ_g (token mean of g)``.
 

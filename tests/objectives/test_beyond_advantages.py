@@ -519,6 +519,52 @@ def test_prop_prompt_weights_split(L, lens, cut):
     close(parts, full, rtol=1e-5, atol=1e-6)
 
 
+_JIT: dict = {}
+
+
+def cached(name, fn):
+    if name not in _JIT:
+        _JIT[name] = jax.jit(fn)
+    return _JIT[name]
+
+
+_dyadic = st.integers(-12, 12).map(lambda k: k / 4.0)  # shifts of dyadic rewards are exact in float64
+
+
+@given(_tok, hnp.arrays(np.float64, (N,), elements=_dyadic), _lens, hnp.arrays(np.float64, (NG,), elements=_dyadic))
+def test_prop_reinforce_remax_dynamic(rew, r, lens, shift):
+    mask = _mask(lens)
+    # REINFORCE++ with γ = 1: returns are the masked reverse cumulative sums; advantages are whitened returns
+    adv, ret = cached("rfpp", lambda x, m: tx.reinforce_plus_plus_advantages(x, m, 1.0))(rew, mask)
+    close(ret, np.where(mask, np.cumsum(np.where(mask, rew, 0)[:, ::-1], axis=1)[:, ::-1], 0), rtol=1e-9, atol=1e-9)
+    close(adv, ref.whiten(np.asarray(ret), mask), rtol=1e-8, atol=1e-8)
+    # ReMax: advantage + baseline = return on valid tokens
+    a, g = cached("remax", tx.remax_advantages)(rew, r, mask)
+    close(np.where(mask, np.asarray(a) + r[:, None], 0), g, rtol=1e-9, atol=1e-9)
+    # REINFORCE++-baseline and the dynamic-sampling filter are invariant to a per-group reward shift
+    kw = dict(group_ids=GID, num_groups=NG)
+    f = cached("rfppb", lambda x, m: tx.reinforce_plus_plus_baseline_advantages(x, m, **kw))
+    close(f(r + shift[GID], mask), f(r, mask), rtol=1e-7, atol=1e-7)
+    np.testing.assert_array_equal(tx.dynamic_sampling_mask(r + shift[GID], **kw), tx.dynamic_sampling_mask(r, **kw))
+
+
+@given(_tok, _lens, st.permutations(range(N)))
+def test_prop_otb(rew, lens, perm):
+    mask = _mask(lens)
+    lp = -np.abs(rew) - 0.1
+    sp = np.full((B, T), 0.4)
+    kw = dict(group_ids=GID, num_groups=NG)
+    f = cached("otb", lambda x, l, s, m, g, w: tx.optimal_token_baseline_advantages(
+        x, l, s, m, group_ids=g, num_groups=NG, is_weights=w))
+    a, G = f(rew, lp, sp, mask, GID, np.ones((B, T)))
+    a0, _ = tx.optimal_token_baseline_advantages(rew, lp, sp, mask, **kw)
+    close(a, a0, rtol=1e-9, atol=1e-12)  # unit IS weights change nothing
+    close(np.asarray(a)[3], np.asarray(G)[3])  # row 3 is a singleton group: baseline 0
+    p = np.asarray(perm)
+    ap, _ = f(rew[p], lp[p], sp[p], mask[p], GID[p], np.ones((B, T)))
+    close(ap, np.asarray(a)[p], rtol=1e-9, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
