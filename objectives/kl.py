@@ -135,7 +135,7 @@ def kl_in_reward(
     kind: str = "k1",
     clamp: Optional[float] = 20.0,
 ):
-    """KL penalty folded into the per-token reward (Ziegler et al. 2019, arXiv 1909.08593, eq. 2;
+    """KL penalty folded into the per-token reward (Ziegler et al. 2019, arXiv 1909.08593, the KL-penalised reward;
     Ouyang et al. 2022, arXiv 2203.02155, eq. 2; verl ``use_kl_in_reward``):
     ``r_t = score_t − β·KL_t`` with ``KL_t`` the ``kind`` estimate of the *sampling* policy's
     log-probs (``logps``, usually the old log-probs) against the reference. Everything here is a
@@ -166,7 +166,8 @@ def kl_in_reward(
 
 
 def fixed_kl_controller(beta, current_kl=None, n_steps=None):
-    """Fixed KL coefficient (verl ``FixedKLController``): returns ``beta`` unchanged. Same signature as
+    """Fixed KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, constant β; verl ``FixedKLController``):
+    returns ``beta`` (a scalar) unchanged. Same signature as
     :func:`adaptive_kl_controller`, so a train loop can swap them."""
     return jnp.asarray(beta)
 
@@ -179,7 +180,7 @@ def adaptive_kl_controller(
     horizon: float = 10000.0,
     max_error: float = 0.2,
 ):
-    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, sec. 2.2, eq. 2; verl
+    """Adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, adaptive β schedule; verl
     ``AdaptiveKLController``): ``e = clip(KL/KL_target − 1, −0.2, 0.2)``,
     ``β ← β·(1 + e·n_steps/horizon)``. Pure: the caller keeps ``beta`` (the state) and passes it
     back in. ``n_steps`` is the number of samples since the last update (verl: the batch size)."""

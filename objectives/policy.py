@@ -386,7 +386,7 @@ class PolicyLossConfig:
     # ------------------------------------------------------------------------ beyond-TRL presets
     @classmethod
     def dual_clip_ppo(cls, **overrides) -> "PolicyLossConfig":
-        """Dual-clip PPO (Ye et al. 2019, arXiv 1912.09729, eq. 5; verl ``vanilla``): ``epsilon=0.2``,
+        """Dual-clip PPO (Ye et al. 2019, arXiv 1912.09729; verl ``vanilla``): ``epsilon=0.2``,
         ``clip_ratio_c=3.0``, token-mean loss."""
         return cls(**{"loss_type": "dapo", "epsilon": 0.2, "clip_ratio_c": 3.0, "beta": 0.0, **overrides})
 
@@ -404,14 +404,14 @@ class PolicyLossConfig:
 
     @classmethod
     def clip_cov(cls, **overrides) -> "PolicyLossConfig":
-        """Clip-Cov (arXiv 2505.22617, sec. 4.2): PPO clip ``ε=0.2`` plus gradient detachment of a
+        """Clip-Cov (arXiv 2505.22617): PPO clip ``ε=0.2`` plus gradient detachment of a
         random ``r=2e-4`` fraction of tokens with covariance in ``(1, 5)``; token mean, no KL."""
         return cls(**{"loss_type": "clip_cov", "epsilon": 0.2, "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0,
                       "clip_cov_ub": 5.0, "beta": 0.0, **overrides})
 
     @classmethod
     def kl_cov(cls, **overrides) -> "PolicyLossConfig":
-        """KL-Cov (arXiv 2505.22617, sec. 4.2): unclipped ``−A·r`` plus ``1.0·|δ|`` on the top
+        """KL-Cov (arXiv 2505.22617): unclipped ``−A·r`` plus ``1.0·|δ|`` on the top
         ``k=2e-3`` covariance tokens (the paper's 7B setting; 2e-4 for 32B); token mean, no KL."""
         return cls(**{"loss_type": "kl_cov", "kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0, "beta": 0.0, **overrides})
 
@@ -637,7 +637,7 @@ def policy_loss(
             metrics["clip_ratio/dual_mean"] = mean_metric(dual.astype(jnp.float32), cm)
     elif lt in BEYOND_TRL_LOSS_TYPES:
         per_token = _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask,
-                                          eps_l, eps_h, sampler_logps, rng, metrics)
+                                          eps_l, eps_h, sampler_logps, rng, metrics, old)
     elif lt == "cispo":
         per_token = cispo_loss(ratio, adv, logps_safe, eps_h)
         clipped = jnp.broadcast_to((jax.lax.stop_gradient(ratio) > eps_h) & (adv > 0), mask.shape)
@@ -713,9 +713,11 @@ def policy_loss(
 
 
 def _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask, eps_l, eps_h,
-                          sampler_logps, rng, metrics):
+                          sampler_logps, rng, metrics, old):
     """Step 2 for ``BEYOND_TRL_LOSS_TYPES`` (token level). ``raw_log_ratio`` is the unclamped token
-    log-ratio, ``log_ratio`` / ``ratio`` the clamped ones."""
+    log-ratio, ``log_ratio`` / ``ratio`` the clamped ones (against ``ratio_old``); DPPO and M2PO measure
+    the divergence from the behaviour policy ``old`` (sampler log-probs for M2PO when given), also under
+    ``force_on_policy_ratio``."""
     lt = config.loss_type
     f32 = jnp.float32
     if lt == "gmpo":
@@ -752,7 +754,7 @@ def _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_rati
             r = jnp.exp(seq)
         return topr_loss(r, adv, logps_safe, config.topr_positive_weight, config.topr_negative_weight)
     if lt == "dppo":
-        keep = dppo_mask(logps_safe, ratio_old, adv, mask, eps_l, eps_h, config.dppo_divergence)
+        keep = dppo_mask(logps_safe, old, adv, mask, eps_l, eps_h, config.dppo_divergence)
         metrics["dppo/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
         return dppo_loss(ratio, adv, logps_safe, keep, config.dppo_ratio_cap)
     # m2po: second moment of log π_θ − log π_behaviour (sampler log-probs when given, else old)
@@ -762,7 +764,7 @@ def _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_rati
         behav = jnp.where(ok, samp, jax.lax.stop_gradient(logps_safe))
         m2_lr = jax.lax.stop_gradient(jnp.where(ok, logps_safe - behav, 0.0))
     else:
-        m2_lr = jax.lax.stop_gradient(raw_log_ratio)
+        m2_lr = jax.lax.stop_gradient(jnp.where(mask, logps_safe - old, 0.0))
     keep = m2po_mask(m2_lr, mask, config.m2po_threshold)
     metrics["m2po/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
     return m2po_loss(ratio, adv, keep)

@@ -1,5 +1,7 @@
 """Per-token policy-gradient surrogates (losses to *minimise*, no reduction).
 
+Equation numbers are cited where they were checked; otherwise the paper's objective is named.
+
 Inputs broadcast: ``ratio`` is ``[B, T]`` (token level) or ``[B, 1]`` (sequence level),
 ``advantages`` is ``[B, 1]`` or ``[B, T]``. Advantages are constants: every function wraps them in
 ``stop_gradient``. Reduce the result with :func:`trlax.objectives.aggregate`.
@@ -55,7 +57,7 @@ def ppo_clip_loss(
       epsilon_high: upper clip ε_high (``None`` -> ``epsilon_low``).
       delta: optional two-sided cap on the unclipped ratio (> 1).
       clip_ratio_c: optional dual-clip bound ``c > 1`` (Ye et al. 2019, "Mastering Complex Control in
-        MOBA Games", arXiv 1912.09729, eq. 5; verl ``clip_ratio_c``, default there 3.0): for ``A < 0``
+        MOBA Games", arXiv 1912.09729, dual-clip objective; verl ``clip_ratio_c``, default there 3.0): for ``A < 0``
         the loss is ``min(L, −A·c)``, so a token whose ratio already exceeds ``c`` gets no gradient.
 
     ``epsilon_low`` / ``epsilon_high`` may also be ``[B, T]`` arrays (per-token clip ranges, e.g.
@@ -221,7 +223,7 @@ def dual_clip_indicator(
     epsilon_high=None,
     clip_ratio_c: float = 3.0,
 ) -> jnp.ndarray:
-    """Where the dual clip (arXiv 1912.09729, eq. 5) is the active branch: ``A < 0`` and
+    """Where the dual clip (arXiv 1912.09729) is the active branch: ``A < 0`` and
     ``max(r, clip(r, 1−ε_low, 1+ε_high)) > c`` (verl's ``pg_clipfrac_lower``). Boolean, broadcast shape."""
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     ratio = _sg(jnp.asarray(ratio))
@@ -238,7 +240,7 @@ def reinforce_loss(
 ) -> jnp.ndarray:
     """Plain REINFORCE / GPG per-token loss ``−sg(w)·A·log π_θ(y_t)`` ``[B, T]``.
 
-    Williams 1992 (REINFORCE); Group Policy Gradient (GPG, Chu et al. 2025, arXiv 2504.02546, eq. 5):
+    Williams 1992 (REINFORCE); Group Policy Gradient (GPG, Chu et al. 2025, arXiv 2504.02546, the GPG objective):
     no ratio, no clipping, old log-probs are not used. ``weights`` (e.g. truncated IS weights, verl's
     bypass ``reinforce``) are stop-gradient constants; omit them for on-policy data.
 
@@ -266,7 +268,7 @@ def gmpo_loss(
     epsilon_high: Optional[float] = None,
     log_ratio_clamp: Optional[float] = 20.0,
 ) -> jnp.ndarray:
-    """GMPO (Geometric-Mean Policy Optimization, Zhao et al. 2025, arXiv 2507.20673, eq. 4) per-sequence
+    """GMPO (Geometric-Mean Policy Optimization, Zhao et al. 2025, arXiv 2507.20673, the GMPO objective) per-sequence
     loss ``[B, 1]``: ``−Ā_i · exp((1/|y_i|) Σ_t δ̃_t)``.
 
     Token clipping is in *log* space and sign-aware: with ``σ = sign(A)``,
@@ -306,20 +308,21 @@ def gmpo_loss(
 
 
 def gmpo_clip_indicators(log_ratio, advantages, mask, epsilon_low=0.4, epsilon_high=None):
-    """GMPO clip activity ``(high, low)`` ``[B, T]`` booleans: the log-ratio left ``[−ε_low, ε_high]``
-    at a token with ``A > 0`` (high) / ``A < 0`` (low), verl's ``pg_clipfrac`` / ``pg_clipfrac_lower``."""
+    """Where GMPO's log-space clip (arXiv 2507.20673) is active, ``(high, low)`` ``[B, T]`` booleans:
+    high = ``δ > ε_high ∧ A > 0``, low = ``δ < −ε_low ∧ A < 0`` (TRL ``GMPOTrainer``'s
+    ``clip_ratio/high_mean`` / ``low_mean``; verl's ``pg_clipfrac`` also counts out-of-range tokens
+    whose clip is inactive). Masked positions are False."""
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     mask = as_mask(mask)
     d = _sg(jnp.where(mask, jnp.asarray(log_ratio), 0.0))
     a = _row_values(jnp.asarray(advantages), mask)
-    out = (d < -epsilon_low) | (d > eps_h)
-    return mask & out & (a > 0), mask & out & (a < 0)
+    return mask & (d > eps_h) & (a > 0), mask & (d < -epsilon_low) & (a < 0)
 
 
 def covariance_scores(advantages: jnp.ndarray, logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """Per-token centred cross term ``cov_t = (A_t − Ā)(log π_t − mean log π)`` ``[B, T]`` (means over
     the valid tokens of the batch), the covariance proxy of Cui et al. 2025 ("The Entropy Mechanism of
-    RL for Reasoning LMs", arXiv 2505.22617, eq. 11). Stop-gradient; 0 at masked positions."""
+    RL for Reasoning LMs", arXiv 2505.22617, the token-level covariance). Stop-gradient; 0 at masked positions."""
     logps = _sg(as_float(logps, "logps"))
     check_rank(logps, 2, "logps")
     mask = as_mask(mask)
@@ -356,7 +359,7 @@ def clip_cov_mask(
     clip_cov_lb: float = 1.0,
     clip_cov_ub: float = 5.0,
 ) -> jnp.ndarray:
-    """Clip-Cov token selection (arXiv 2505.22617, sec. 4.2, Alg. 1): among valid tokens not already
+    """Clip-Cov token selection (arXiv 2505.22617, Clip-Cov): among valid tokens not already
     clipped by PPO with ``lb < cov_t < ub``, pick ``min(max(⌊r·N⌋, 1), #candidates)`` uniformly at
     random (``N`` = valid tokens of the batch); their gradient is then detached. Returns ``[B, T]`` bool.
 
@@ -375,7 +378,7 @@ def clip_cov_mask(
 
 
 def kl_cov_mask(cov: jnp.ndarray, mask: jnp.ndarray, kl_cov_ratio: float = 2e-4) -> jnp.ndarray:
-    """KL-Cov token selection (arXiv 2505.22617, sec. 4.2): the ``max(⌊r·N⌋, 1)`` valid tokens with
+    """KL-Cov token selection (arXiv 2505.22617, KL-Cov): the ``max(⌊r·N⌋, 1)`` valid tokens with
     the largest ``cov_t`` (ties: lower flat index first). Deterministic. ``[B, T]`` bool."""
     cov = _sg(jnp.asarray(cov))
     mask = as_mask(mask)
@@ -392,7 +395,7 @@ def clip_cov_loss(
     epsilon_low: float = 0.2,
     epsilon_high: Optional[float] = None,
 ) -> jnp.ndarray:
-    """Clip-Cov per-token loss (arXiv 2505.22617, eq. 12): the PPO clipped surrogate, set to 0 (value
+    """Clip-Cov per-token loss (arXiv 2505.22617, Clip-Cov objective): the PPO clipped surrogate, set to 0 (value
     and gradient) at the tokens of :func:`clip_cov_mask`. ``[B, T]``."""
     loss = ppo_clip_loss(ratio, advantages, epsilon_low, epsilon_high)
     sel = jnp.asarray(selected, bool)
@@ -406,7 +409,7 @@ def kl_cov_loss(
     selected: jnp.ndarray,
     kl_coef: float = 1.0,
 ) -> jnp.ndarray:
-    """KL-Cov per-token loss (arXiv 2505.22617, eq. 13): unclipped ``−A·r``, plus
+    """KL-Cov per-token loss (arXiv 2505.22617, KL-Cov objective): unclipped ``−A·r``, plus
     ``kl_coef·|log π_θ − log π_old|`` at the tokens of :func:`kl_cov_mask` (gradient
     ``kl_coef·sign(δ)``, 0 at ``δ = 0``). ``[B, T]``."""
     ratio = as_float(ratio, "ratio")
@@ -429,7 +432,7 @@ def aspo_loss(
     negative_clip_ratio_c: float = 3.0,
     positive_clip_ratio_c: float = 3.0,
 ) -> jnp.ndarray:
-    """ASPO (Asymmetric Importance Sampling Policy Optimization, arXiv 2510.06062, eq. 6-8) ``[B, T]``.
+    """ASPO (Asymmetric Importance Sampling Policy Optimization, arXiv 2510.06062, the ASPO objective) ``[B, T]``.
 
     ``A < 0``: ``r_c = max(r, 1−ε_low)``; loss ``−A·r_c``, but where ``r_c > c_neg`` the soft dual clip
     ``−A·c_neg·log π_θ`` (gradient ``−A·c_neg·∇log π``, not zero as in hard dual clip).
@@ -462,7 +465,7 @@ def topr_loss(
     positive_weight: float = 1.0,
     negative_weight: float = 1.0,
 ) -> jnp.ndarray:
-    """TOPR (Tapered Off-Policy REINFORCE, Le Roux et al. 2025, arXiv 2503.14286, eq. 9) ``[B, T]``:
+    """TOPR (Tapered Off-Policy REINFORCE, Le Roux et al. 2025, arXiv 2503.14286, the TOPR gradient) ``[B, T]``:
     ``A ≥ 0``: ``−w₊·A·log π_θ`` (SFT-like, no IS); ``A < 0``: ``−w₋·sg(clip(r, 0, 1))·A·log π_θ``.
 
     ``ratio`` may be the paper's trajectory ratio ``π(τ)/μ(τ)`` (``[B, 1]``; product of token ratios)
@@ -488,7 +491,7 @@ def dppo_mask(
     delta_high: float = 0.2,
     divergence: str = "binary_tv",
 ) -> jnp.ndarray:
-    """DPPO trust-region mask (Divergence PPO, arXiv 2602.04879, sec. 4) ``[B, T]`` bool, stop-gradient.
+    """DPPO trust-region mask (Divergence PPO, arXiv 2602.04879, binary-TV / binary-KL) ``[B, T]`` bool, stop-gradient.
 
     With ``π = exp(log π_θ)``, ``μ = exp(log μ)`` the behaviour (old / sampler) probability of the token:
 
@@ -528,7 +531,7 @@ def dppo_loss(
     keep: jnp.ndarray,
     ratio_cap: Optional[float] = 20.0,
 ) -> jnp.ndarray:
-    """DPPO per-token loss (arXiv 2602.04879, eq. 10; sec. 5.4 for the cap) ``[B, T]``:
+    """DPPO per-token loss (arXiv 2602.04879; sec. 5.4 for the cap) ``[B, T]``:
     ``−sg(min(r, cap))·A·log π_θ`` at tokens kept by :func:`dppo_mask`, 0 elsewhere. Its gradient
     equals that of ``−r·A`` (prime-rl / SkyRL form) wherever ``r < cap``."""
     ratio = as_float(ratio, "ratio")
@@ -542,7 +545,7 @@ def dppo_loss(
 
 def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04) -> jnp.ndarray:
     """M2PO second-moment trust mask (Zheng et al. 2025, "Prosperity before Collapse", arXiv 2510.01161,
-    eq. 7; AReaL ``m2_threshold``) ``[B, T]`` bool keep-mask, stop-gradient.
+    second-moment mask; AReaL ``m2_threshold``) ``[B, T]`` bool keep-mask, stop-gradient.
 
     ``m2_t = (log π_a − log π_b)²`` over the valid tokens; the tokens with the largest ``m2`` are
     masked, largest first, until the mean of the remaining ``m2`` is below ``threshold`` (ties: lower
@@ -570,7 +573,7 @@ def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04
 
 
 def m2po_loss(ratio: jnp.ndarray, advantages: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
-    """M2PO per-token loss (arXiv 2510.01161, eq. 8): unclipped ``−M_t·r·A`` with ``M`` from
+    """M2PO per-token loss (arXiv 2510.01161, the M2PO objective): unclipped ``−M_t·r·A`` with ``M`` from
     :func:`m2po_mask` (the second-moment mask replaces PPO clipping). Reduce with a token mean."""
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
@@ -615,7 +618,7 @@ def entropy_dependent_epsilon(
     quantile: float = 0.8,
 ):
     """Per-token clip range by entropy (Archer, "Stabilizing Knowledge, Promoting Reasoning",
-    arXiv 2507.15778, sec. 3.2): tokens whose entropy is above the row's ``quantile`` (linear
+    arXiv 2507.15778, dual-token constraints): tokens whose entropy is above the row's ``quantile`` (linear
     interpolation over the row's valid tokens, as ``torch.nanquantile``) are high-entropy "forking"
     tokens and get the wider ``high_entropy_epsilon``; the others ``low_entropy_epsilon``.
 

@@ -492,6 +492,54 @@ def test_verl_fixture_kl_penalty_and_controller():
         close(tx.adaptive_kl_controller(beta, kl, n), want, rtol=1e-12)
 
 
+# =========================================================================== TRL parity (GMPO only)
+
+
+@pytest.mark.parametrize("eps,beta", [((0.4, None), 0.0), ((0.1, 0.3), 0.04)])
+def test_trl_experimental_gmpo_parity(eps, beta):
+    """TRL 1.16 ``experimental.gmpo.GMPOTrainer._compute_loss`` (the only objective of this file that TRL
+    implements) called on a stand-in ``self``; value and gradient vs ``policy_loss`` (float64, rtol 1e-10).
+    trlax: ``gmpo`` + ``beta`` with ``use_bias_correction_kl=False`` (TRL adds the sequence-mean k3)."""
+    torch = pytest.importorskip("torch")
+    gmpo_mod = pytest.importorskip("trl.experimental.gmpo.gmpo_trainer")
+    import _trl_oracles as oracles
+
+    d = make_batch(11, nan_pad=False)
+    d["adv"][2, 0] = 0.0
+    # Deliberate difference: TRL gives an *empty* completion the value −A_i (exp(0)·A_i, no gradient); trlax
+    # (as verl's geo_mean, whose Ā_i is the masked mean) gives 0. Row 0 is empty: its advantage is checked below.
+    a0 = float(d["adv"][0, 0])
+    d["adv"][0, 0] = 0.0
+    lp_t = torch.tensor(d["logps"], dtype=torch.float64, requires_grad=True)
+    mask_t = torch.tensor(d["mask"], dtype=torch.float64)
+    s_ = oracles.stub(top_entropy_quantile=1.0, epsilon_low=eps[0], epsilon_high=eps[1] or eps[0], beta=beta,
+                      current_gradient_accumulation_steps=1)
+    s_._get_per_token_logps_and_entropies = lambda *a, **k: (lp_t, torch.zeros_like(lp_t), None)
+    inputs = {
+        "prompt_ids": torch.zeros((B, 2), dtype=torch.long), "prompt_mask": torch.ones((B, 2), dtype=torch.long),
+        "completion_ids": torch.zeros((B, T), dtype=torch.long), "completion_mask": mask_t,
+        "advantages": torch.tensor(d["adv"][:, 0], dtype=torch.float64),
+        "old_per_token_logps": torch.tensor(d["old"], dtype=torch.float64),
+        "ref_per_token_logps": torch.tensor(d["ref"], dtype=torch.float64),
+    }
+    with np.errstate(all="ignore"):
+        loss_t = gmpo_mod.GMPOTrainer._compute_loss(s_, None, inputs)
+    loss_t.backward()
+    cfg = PolicyLossConfig.gmpo(epsilon=eps[0], epsilon_high=eps[1], beta=beta, use_bias_correction_kl=False)
+    f = lambda lp: tx.policy_loss(lp, d["old"], d["adv"], d["mask"], cfg, ref_logps=d["ref"] if beta else None)[0]
+    v, g = jax.value_and_grad(f)(jnp.asarray(d["logps"]))
+    close(v, loss_t.item(), rtol=1e-10, atol=1e-12)
+    met = tx.finalize_metrics(tx.policy_loss(d["logps"], d["old"], d["adv"], d["mask"], cfg,
+                                             ref_logps=d["ref"] if beta else None)[1])
+    for k in ("clip_ratio/low_mean", "clip_ratio/high_mean"):
+        close(met[k], s_._metrics["train"][k][0], rtol=1e-6, err=k)  # metrics are float32 (sum, count)
+    assert s_._metrics["train"]["clip_ratio/low_mean"][0] + s_._metrics["train"]["clip_ratio/high_mean"][0] > 0
+    close(g, lp_t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.any(np.asarray(g) != 0.0)
+    d["adv"][0, 0] = a0  # the empty row's advantage changes trlax's loss by nothing
+    close(f(jnp.asarray(d["logps"])), v, rtol=1e-14, atol=0)
+
+
 # ============================================================================= 3. hypothesis properties
 
 _CACHE: dict = {}
