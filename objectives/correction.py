@@ -607,8 +607,10 @@ def rollout_correction(
       ``ρ_t = sg(π_θ)/π_sampler``; the anchor is π_sampler (``old_logps := sampler_logps``).
 
     Rejection stages (``rs`` options, then the veto) are AND-ed into the mask, so rejected tokens also
-    leave the loss denominator; IS weights are computed after rejection (0 on rejected tokens) and
-    optionally self-normalised over the kept tokens.
+    leave the loss denominator. IS weights are computed from the full mask (a sequence weight is the
+    product over all its valid tokens, as verl), then set to 0 on rejected tokens; with
+    ``is_batch_normalize`` they are self-normalised over the *kept* tokens (verl normalises over all
+    valid tokens, rejected ones included, so its kept weights do not average to 1).
 
     Returns:
       ``(anchor_logps [B, T], weights [B, T], mask [B, T] bool, metrics)``: use ``anchor_logps`` as the
@@ -643,8 +645,9 @@ def rollout_correction(
     if config.is_level is None:
         weights = jnp.where(keep, jnp.ones((), samp.dtype), jnp.zeros((), samp.dtype))
     else:
-        weights = rollout_is_weights(anchor_src, samp, keep, config.is_level, config.is_threshold,
+        weights = rollout_is_weights(anchor_src, samp, m, config.is_level, config.is_threshold,
                                      config.is_threshold_lower, config.log_clamp)
+        weights = jnp.where(keep, weights, jnp.zeros((), weights.dtype))
         if config.is_batch_normalize:
             weights = self_normalized_weights(weights, keep, config.is_level)
     metrics = rollout_mismatch_metrics(anchor_src, samp, m, log_clamp=config.log_clamp)

@@ -140,6 +140,8 @@ CONFIGS = {
                                                            rs=("seq_mean_k3",), rs_thresholds=((None, 0.002),)),
     "bypass_ppo_clip_k3_rs": RolloutCorrectionConfig.bypass_ppo_clip_k3_rs(0.002),
     "bypass_pg_geo_rs_seq_tis": RolloutCorrectionConfig.bypass_pg_geo_rs_seq_tis(1.5, 0.97, 1.03),
+    "token_rs_seq_is": RolloutCorrectionConfig(is_level="sequence", is_threshold=1.5, rs=("token_k3",),
+                                               rs_thresholds=((None, 0.001),)),
     "veto_geometric": RolloutCorrectionConfig(is_level="geometric", veto_threshold=0.9, rs=("seq_max_k2",),
                                               rs_thresholds=((None, 0.01),)),
 }
@@ -163,7 +165,7 @@ def test_rollout_correction_composes_reference_stages(name):
     if cfg.is_level is None:
         want_w = want_keep.astype(float)
     else:
-        want_w = ref.is_weights(anchor_src, samp, want_keep, cfg.is_level, cfg.is_threshold)
+        want_w = np.where(want_keep, ref.is_weights(anchor_src, samp, mask, cfg.is_level, cfg.is_threshold), 0.0)
         if cfg.is_batch_normalize:
             want_w = ref.self_normalize(want_w, want_keep, cfg.is_level)
     close(w, want_w)
