@@ -320,21 +320,21 @@ def test_pitfall_singleton_groups():
 
 def test_pitfall_fp32_leave_one_out_residue():
     """4.5: identical non-dyadic rewards in float32 give exactly 0 (no (x − mean) residue)."""
-    r = np.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.7], np.float32)
-    gid = np.array([0, 0, 0, 1, 1, 1, 1])
-    # the naive float32 forms do leave a residue on these inputs (so the test can fail):
-    naive = r[:3] - (np.float32(r[:3].sum()) - r[:3]) / np.float32(2)
-    naive2 = r[3:] - np.float32(r[3:].mean())
-    assert np.any(naive != 0) or np.any(naive2 != 0)
+    r = np.array([0.9] * 3 + [0.1] * 7, np.float32)
+    gid = np.array([0] * 3 + [1] * 7)
+    # a float32 segment mean of these identical values is not the value itself (3·0.9/3 and 7·0.1/7 are
+    # off by one ulp), so any unguarded (r − mean) form leaves a residue and this test can fail
+    seg_mean = jax.ops.segment_sum(jnp.asarray(r), jnp.asarray(gid), num_segments=2) / jnp.array([3.0, 7.0], jnp.float32)
+    assert np.all(np.asarray(seg_mean) != np.array([0.9, 0.1], np.float32))
     for out in (tx.rloo_advantages(r, group_ids=gid, num_groups=2),
                 tx.maxrl_advantages(r, group_ids=gid, num_groups=2),
-                tx.opo_advantages(r, np.array([3, 5, 7, 1, 2, 3, 4]), group_ids=gid, num_groups=2),
+                tx.opo_advantages(r, np.array([3, 5, 7, 1, 2, 3, 4, 5, 6, 7]), group_ids=gid, num_groups=2),
                 tx.grpo_passk_advantages(r, group_ids=gid, num_groups=2)):
         assert np.asarray(out).dtype == np.float32
         assert np.all(np.asarray(out) == 0.0)
-    rb = tx.reinforce_plus_plus_baseline_advantages(r, np.ones((7, 3), bool), group_ids=gid, num_groups=2)
+    rb = tx.reinforce_plus_plus_baseline_advantages(r, np.ones((10, 3), bool), group_ids=gid, num_groups=2)
     assert np.all(np.asarray(rb) == 0.0)
-    w = tx.masked_whiten(np.full((2, 3), 0.1, np.float32), np.ones((2, 3), bool))
+    w = tx.masked_whiten(np.full((1, 7), 0.1, np.float32), np.ones((1, 7), bool))
     assert np.all(np.asarray(w) == 0.0)  # constant input: no residue / sqrt(1e-8) blow-up
     assert not np.asarray(tx.dynamic_sampling_mask(r, group_ids=gid, num_groups=2)).any()
 
