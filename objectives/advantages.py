@@ -340,7 +340,9 @@ def grpo_passk_advantages(
     scale_by_std: bool = True,
     eps: float = 1e-6,
 ) -> jnp.ndarray:
-    """GRPO pass@k advantage (Chen et al. arXiv 2503.19595, "Pass@k training"; verl ``grpo_passk``):
+    """GRPO pass@k advantage (Tang, Zheng, Synnaeve & Munos, "Optimizing language models for inference
+    time objectives using RL", arXiv 2503.19595, sec. 3, pass@k with k = group size and a leave-one-out
+    control variate; verl ``grpo_passk``):
     only the best member of each group is credited, ``A_best = (r_max − r_2nd) / (σ_g + eps)``
     (``σ_g`` the unbiased group std; without it when ``scale_by_std=False``); every other member gets 0.
 
