@@ -9,7 +9,8 @@ DeepSeek-V3.2, Beyond-80/20, Skywork-OR1, truncated / masked IS). Per-token pipe
 2. per-token surrogate of ``loss_type`` (PPO clip with ε_low / ε_high / δ, CISPO, SAPO, VESPO);
 3. × off-policy sequence mask (OPSM) if ``off_policy_mask_threshold`` is set;
 4. × high-entropy token mask if ``top_entropy_quantile < 1``;
-5. × sampler importance weight if ``sampler_correction`` is set (not for VESPO, where it is inside φ);
+5. × sampler importance weight if ``sampler_correction`` is set (not for VESPO, where it is inside φ;
+   for GMPO the token weights enter as their per-sequence geometric mean, as verl's ``geo_mean``);
 6. + β · KL(π_θ‖π_ref) (k3 by default; × ratio if ``use_bias_correction_kl``) — not masked by 3–5;
 7. aggregation of ``loss_type`` (:func:`trlax.objectives.aggregate`);
 8. − ``entropy_coef`` × mean entropy over the effective mask (with ``num_items``: × this
@@ -672,7 +673,12 @@ def policy_loss(
         metrics["entropy_mask/kept_frac"] = mean_metric(keep.astype(jnp.float32), mask)
 
     # 5. sampler IS weight
-    if rho is not None and lt != "vespo":
+    if rho is not None and lt == "gmpo" and rho.shape == mask.shape:
+        # GMPO's per-sequence loss takes the geometric mean of the token weights (as verl's geo_mean)
+        log_rho = jnp.where(mask, jnp.log(jnp.where(mask, rho, 1.0) + 1e-10), 0.0)
+        n_tok = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(log_rho.dtype)
+        per_token = per_token * jnp.exp(jnp.sum(log_rho, axis=-1, keepdims=True) / n_tok)
+    elif rho is not None and lt != "vespo":
         per_token = per_token * rho
 
     # 6. KL to the reference (and Kimi's squared log-ratio term, also unmasked by 3-5)

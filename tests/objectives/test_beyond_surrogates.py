@@ -411,6 +411,24 @@ def test_recipe_reference(name, cfg, opt):
         assert np.all(np.isfinite(np.asarray(tx.finalize_metrics({k: m})[k]))), k
 
 
+def test_gmpo_sampler_weights_enter_as_geometric_mean():
+    """verl's geo_mean multiplies the per-sequence loss by exp(mean_t log(w_t + 1e-10)) of the token IS
+    weights; trlax does the same for ``loss_type="gmpo"`` with a token-level sampler correction."""
+    cfg = PolicyLossConfig.gmpo(sampler_correction="token_truncate", sampler_clip_max=1.5)
+    f = lambda lp: tx.policy_loss(lp, D["old"], D["adv"], M, cfg, sampler_logps=D["sampler"])[0]
+    v, g = jax.value_and_grad(f)(jnp.asarray(D["logps"]))
+    samp = np.where(M & ~np.isnan(D["sampler"]), D["sampler"], OLD)
+    w = np.minimum(np.exp(np.where(M, OLD - samp, 0.0)), 1.5)
+
+    def want(lp):
+        L = ref.gmpo(lp, OLD, D["adv"], M, 0.4, 0.4)
+        gw = np.array([[math.exp(np.log(w[i][M[i]] + 1e-10).mean()) if M[i].any() else 1.0] for i in range(B)])
+        return ref.aggregate(L * gw, M, "grpo")
+
+    close(v, want(LP))
+    close(g, fd(want, LP), FD_RTOL, FD_ATOL)
+
+
 # ========================================================================================= verl fixtures
 # Inputs shared by the fixtures (B=2, T=4; the last token of row 1 is padding).
 V_OLD = np.array([[-1.2, -0.7, -2.3, -0.4], [-0.9, -1.6, -0.25, -3.0]])
@@ -741,6 +759,22 @@ def test_micro_batches_sum_to_full_batch(cfg):
         grads.append(np.asarray(gp))
     close(sum(parts), v, rtol=1e-12, atol=1e-14)
     close(np.concatenate(grads), g, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cfg", [PolicyLossConfig.m2po(m2po_threshold=0.01), PolicyLossConfig.dppo(epsilon=0.05)],
+                         ids=lambda c: c.loss_type)
+def test_rejected_tokens_keep_the_denominator(cfg):
+    """4.1 (AReaL): masking tokens out (M2PO / DPPO) must not shrink the token-mean denominator — that would
+    inflate the per-token gradient of the kept tokens by N_all / N_kept."""
+    f = lambda lp: tx.policy_loss(lp, D["old"], D["adv"], M, cfg)[0]
+    g = np.asarray(jax.grad(f)(jnp.asarray(D["logps"])))
+    r = tok_ratio(LP)
+    A = np.broadcast_to(D["adv"], M.shape)
+    kept = M & (g != 0.0)
+    dropped = M & (A != 0) & (g == 0.0)
+    assert kept.any() and dropped.any()
+    w = r if cfg.loss_type == "m2po" else np.minimum(r, cfg.dppo_ratio_cap)
+    close(g[kept], (-A * w / M.sum())[kept])
 
 
 def test_masked_nan_never_leaks_into_new_primitives():
