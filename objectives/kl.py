@@ -14,6 +14,11 @@ kind     value                             note
 
 ``d`` is clamped to ``±clamp`` *before* ``exp`` (default 20), which bounds the value and zeroes the
 gradient outside the clamp. ``ref_logps`` is a stop-gradient constant.
+
+Straight-through kinds ``k1+ | k2+ | k3+ | abs+ | mse+`` (verl's ``+``) keep the value of the named
+estimator and take the gradient of k2 (:func:`straight_through_kl`). KL can also enter the reward
+instead of the loss (:func:`kl_in_reward`) with a fixed or adaptive coefficient
+(:func:`fixed_kl_controller`, :func:`adaptive_kl_controller`; the coefficient is the caller's state).
 """
 
 from __future__ import annotations

@@ -706,6 +706,69 @@ def test_straight_through_value_and_gradient(x, kind):
     np.testing.assert_allclose(g, np.where(np.abs(d) < 20, d, 0.0), rtol=1e-12, atol=1e-12)
 
 
+@given(beta=st.floats(1e-5, 1.0), kl=st.floats(0.0, 5.0), n=st.integers(1, 4096),
+       target=st.sampled_from([0.01, 0.1, 1.0]))
+def test_adaptive_kl_controller_moves_toward_target(beta, kl, n, target):
+    new = float(tx.adaptive_kl_controller(beta, kl, n, target_kl=target, horizon=10000))
+    if kl > target * (1 + 1e-9):
+        assert new > beta
+    elif kl < target * (1 - 1e-9):
+        assert new < beta
+    assert abs(new / beta - 1.0) <= 0.2 * n / 10000 * (1 + 1e-9)
+
+
+@given(d=batches(), beta=st.sampled_from([0.0, 0.01, 0.5]), kind=st.sampled_from(["k1", "k3"]))
+def test_kl_in_reward_conserves_score_minus_penalty(d, beta, kind):
+    m = d["mask"]
+    scores = np.where(m, np.random.default_rng(1).normal(size=m.shape), 0.0)
+    ref_lp = d["logps"] + 0.3
+    rew, kl = tx.kl_in_reward(scores, d["old"], ref_lp, m, beta, kind)
+    pen = np.asarray(tx.kl_penalty(d["old"], ref_lp, m, kind))
+    np.testing.assert_allclose(np.sum(rew), np.sum(scores) - beta * np.sum(pen), rtol=1e-10, atol=1e-10)
+    assert np.all(np.asarray(rew)[~m] == 0.0)
+    if beta == 0.0:
+        np.testing.assert_allclose(rew, scores, rtol=0, atol=0)
+
+
+@given(d=batches(min_len=1), seed=st.integers(0, 2**31 - 1), frac=st.sampled_from([0.01, 0.1, 0.5]))
+def test_clip_cov_selection_size_and_support(d, seed, frac):
+    A = np.broadcast_to(d["adv"], d["mask"].shape) * 4.0
+    cov = np.asarray(tx.covariance_scores(A, d["logps"], d["mask"]))
+    r = np.exp(np.where(d["mask"], d["logps"] - d["old"], 0.0))
+    region = np.asarray(tx.clip_indicators(r, A, 0.2, 0.2)[2])
+    sel = np.asarray(tx.clip_cov_mask(cov, d["mask"], region, jax.random.PRNGKey(seed), frac, 0.01, 5.0))
+    cand = ref.clip_cov_candidates(cov, d["mask"], r, A, 0.2, 0.2, 0.01, 5.0)
+    assert sel.sum() == min(max(int(frac * d["mask"].sum()), 1), cand.sum())
+    assert not np.any(sel & ~cand)
+
+
+@given(d=batches())
+def test_dppo_wide_trust_region_keeps_every_token(d):
+    """Probability differences are at most 1: with δ ≥ 1 the binary-TV mask keeps every valid token and DPPO
+    is the truncated-IS REINFORCE ``−sg(min(r, cap))·A·log π`` everywhere."""
+    cfg = PolicyLossConfig.dppo(epsilon=1.0, epsilon_high=1.0)
+    keep = np.asarray(tx.dppo_mask(d["logps"], d["old"], d["adv"], d["mask"], 1.0, 1.0))
+    assert np.array_equal(keep, d["mask"])
+    _, g = run(cfg, d)
+    r = np.exp(np.clip(np.where(d["mask"], d["logps"] - d["old"], 0.0), -20, 20))
+    want = np.where(d["mask"], -np.minimum(r, 20.0) * d["adv"] / max(d["mask"].sum(), 1), 0.0)
+    np.testing.assert_allclose(g, want, rtol=1e-9, atol=1e-12)
+
+
+@given(d=batches(min_len=1), eps=st.sampled_from([0.05, 0.4]))
+def test_gmpo_sequence_ratio_bounded_on_the_favoured_side(d, eps):
+    """GMPO's clipped geometric ratio never exceeds e^ε_high for A > 0 and never falls below e^−ε_low for
+    A < 0 (the side where PPO's min would bind)."""
+    lr = np.where(d["mask"], d["logps"] - d["old"], 0.0)
+    L = np.asarray(tx.gmpo_loss(lr, d["adv"], d["mask"], eps))[:, 0]
+    A = d["adv"][:, 0]
+    nz = (A != 0) & d["mask"].any(-1)
+    rho = -L[nz] / A[nz]
+    pos, neg = A[nz] > 0, A[nz] < 0
+    assert np.all(rho[pos] <= math.exp(eps) * (1 + 1e-12))
+    assert np.all(rho[neg] >= math.exp(-eps) * (1 - 1e-12))
+
+
 @settings(max_examples=30)
 @given(d=batches(), cfg=st.sampled_from(PROP_CFGS), big=st.sampled_from([1e4, -1e4, 60.0, -60.0]))
 def test_extreme_log_ratios_finite(d, cfg, big):
