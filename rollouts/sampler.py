@@ -1,0 +1,434 @@
+"""The sampler: prefill + KV-cached decode of a :class:`~trlax.models.Decoder` under ``jit``.
+
+The trainer asks a :class:`Sampler` for generations (``sampler.generate(params, prompts, key)``) and gets a
+:class:`Rollout` back; it never reaches into how they were made, so another backend (an external inference
+server) implements the same one-method interface.
+
+:class:`JaxSampler` runs the whole generation as one jitted function: the left-padded prompt block fills a
+fixed-size :class:`~trlax.models.KVCache` in one prefill pass, then ``lax.while_loop`` decodes one token per
+step (stopping early once every row has emitted a stop token). Sampling follows the processed distribution
+
+    π̃(· | q, o_<t) = softmax( truncate( logits / τ ) ),                                         (1)
+
+where ``truncate`` applies, in this order (the order of Hugging Face ``generate``'s logits warpers), top-k
+(keep the k largest logits; ties at the k-th value are kept), top-p / nucleus sampling (Holtzman et al.
+2019, arXiv 1904.09751, sec. 3.1: keep the smallest set of most likely tokens whose probability mass reaches
+p, computed on the top-k-renormalised distribution) and min-p (Nguyen et al. 2024, arXiv 2407.01082: keep
+tokens whose probability is at least ``min_p`` times the top token's). Removed tokens get probability 0 and
+the kept ones are **renormalised**.
+
+Sampler log-probs. ``Rollout.logps[b, t] = log π̃(o_t | q, o_<t)`` of eq. (1): the log-probability of the
+sampled token under the distribution that was actually sampled from (after temperature *and* truncation,
+renormalised). This is vLLM's ``logprobs_mode="processed_logprobs"``, which TRL 1.16 requires of its vLLM
+server for the truncated-importance-sampling correction (Yao et al. 2025, "Your efficient RL framework
+secretly brings you off-policy RL training"; TIS weight ``min(π_θ / π_sampler, C)``): the sampler-side
+probability must be the one the token was drawn with. Note that the trainer's ``π_θ`` (e.g.
+:func:`trlax.models.completion_logps`) applies the temperature but no truncation, so for tokens inside the
+kept set ``log π̃ ≥ log softmax(logits / τ)``. Greedy decoding (``temperature=0``) takes the arg-max and
+reports the log-softmax of the *unscaled* logits (temperature 1) after truncation.
+
+Shapes: ``B`` rows (prompts × ``num_generations``), ``P`` prompt width, ``N`` ``max_new_tokens``,
+``S`` cache slots (``max_length``), ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trlax.models.decoder import Decoder
+
+__all__ = [
+    "SamplingConfig",
+    "Rollout",
+    "Sampler",
+    "JaxSampler",
+    "process_logits",
+    "left_pad",
+]
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling settings (hashable; a new value recompiles the sampler).
+
+    Attributes:
+      max_new_tokens: ``N``, completion tokens per row (the completion block is always ``[B, N]``).
+      temperature: ``τ`` of eq. (1); ``0`` means greedy (arg-max) decoding.
+      top_k: keep the ``k`` most likely tokens (``0`` = off).
+      top_p: nucleus mass in ``(0, 1]`` (``1`` = off).
+      min_p: min-p ratio in ``[0, 1)`` (``0`` = off).
+      stop_token_ids: tokens that end a completion (the stop token itself is part of the completion and
+        of its mask, as in TRL); e.g. the tokenizer's EOS id(s).
+      pad_token_id: id written at completion positions after the stop token.
+      num_generations: completions per prompt; row ``b`` of the rollout belongs to prompt ``b // G``
+        (consecutive groups, the layout :mod:`trlax.objectives.advantages` expects).
+      max_length: KV-cache slots ``S`` (prompt + completion); ``None`` sizes it to ``P + N`` per call. A
+        prompt whose real tokens plus ``max_new_tokens`` do not fit raises ``ValueError``.
+      prompt_multiple: left-pad the prompt width up to a multiple of this (fewer recompilations for
+        prompts of varying length).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    stop_token_ids: Tuple[int, ...] = ()
+    pad_token_id: int = 0
+    num_generations: int = 1
+    max_length: Optional[int] = None
+    prompt_multiple: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in np.atleast_1d(
+            np.asarray(self.stop_token_ids, dtype=np.int64)).tolist()))
+        ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "prompt_multiple": 1, "pad_token_id": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name}={v!r} is out of range; allowed: integers >= {low}")
+        if self.max_length is not None and (isinstance(self.max_length, bool)
+                                            or not isinstance(self.max_length, (int, np.integer))
+                                            or self.max_length < 2):
+            raise ValueError(f"max_length={self.max_length!r} is out of range; allowed: None or integers >= 2")
+        for name, lo, hi, lo_inc, hi_inc in (("temperature", 0.0, None, True, True), ("top_p", 0.0, 1.0, False, True),
+                                             ("min_p", 0.0, 1.0, True, False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                raise ValueError(f"{name}={v!r} must be a finite number")
+            if (v < lo if lo_inc else v <= lo) or (hi is not None and (v > hi if hi_inc else v >= hi)):
+                rng = f"{'[' if lo_inc else '('}{lo}, {'inf)' if hi is None else str(hi) + (']' if hi_inc else ')')}"
+                raise ValueError(f"{name}={v!r} is out of range; allowed: {rng}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be non-negative token ids")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ------------------------------------------------------------------------------------ processing
+
+
+def process_logits(logits: jnp.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> jnp.ndarray:
+    """Log-probabilities of the processed sampling distribution, eq. (1) of the module docstring.
+
+    ``log softmax(truncate(logits / τ))`` with top-k, then top-p (arXiv 1904.09751, sec. 3.1), then min-p
+    (arXiv 2407.01082) truncation, renormalised over the kept tokens; removed tokens get ``-inf``. The most
+    likely token is always kept. ``temperature=0`` (greedy) uses ``τ = 1``.
+
+    Args:
+      logits: ``[..., V]`` float logits (computed in float32, or float64 for float64 input).
+      temperature, top_k, top_p, min_p: static Python numbers (see :class:`SamplingConfig`).
+
+    Returns:
+      ``[..., V]`` log-probabilities (``-inf`` outside the kept set).
+    """
+    acc = jnp.promote_types(jnp.asarray(logits).dtype, jnp.float32)
+    x = jnp.asarray(logits).astype(acc)
+    if temperature not in (0.0, 1.0):
+        x = x / temperature
+    neg = jnp.asarray(-jnp.inf, acc)
+    v = x.shape[-1]
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, neg)
+    if top_p < 1.0:
+        s = jnp.sort(x, axis=-1)[..., ::-1]  # descending
+        p = jax.nn.softmax(s, axis=-1)
+        before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each sorted token
+        n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+        cutoff = jnp.take_along_axis(s, n_keep - 1, axis=-1)
+        x = jnp.where(x >= cutoff, x, neg)
+    if min_p > 0.0:
+        top = jnp.max(x, axis=-1, keepdims=True)
+        x = jnp.where(x - top >= jnp.log(jnp.asarray(min_p, acc)), x, neg)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int = 0, width: Optional[int] = None):
+    """Left-pad ragged token-id lists into ``(ids [B, P] int32, mask [B, P] bool)`` NumPy arrays."""
+    seqs = [list(map(int, s)) for s in sequences]
+    if not seqs:
+        raise ValueError("`prompts` is empty")
+    p = max(len(s) for s in seqs) if width is None else width
+    ids = np.full((len(seqs), max(p, 1)), pad_token_id, np.int32)
+    mask = np.zeros((len(seqs), max(p, 1)), bool)
+    for i, s in enumerate(seqs):
+        if len(s) > p:
+            raise ValueError(f"prompt {i} has {len(s)} tokens, more than width={p}")
+        if s:
+            ids[i, p - len(s):] = s
+            mask[i, p - len(s):] = True
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------ rollout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollout:
+    """A batch of generations (a pytree of arrays; ``rollout["name"]`` also works).
+
+    Attributes:
+      prompt_ids, prompt_mask: ``[B, P]`` left-padded prompt block (each prompt repeated ``G`` times).
+      completion_ids: ``[B, N]`` int32 sampled tokens, ``pad_token_id`` after the stop token.
+      completion_mask: ``[B, N]`` bool, True up to and including the first stop token.
+      logps: ``[B, N]`` float32 sampler log-probs ``log π̃(o_t|q, o_<t)`` of the sampled tokens under the
+        processed sampling distribution (module docstring, eq. 1); 0 where the mask is False.
+      truncated: ``[B]`` bool, True when the completion hit ``max_new_tokens`` without a stop token.
+      group_ids: ``[B]`` int32 prompt index of each row (``b // num_generations``).
+    """
+
+    prompt_ids: jnp.ndarray
+    prompt_mask: jnp.ndarray
+    completion_ids: jnp.ndarray
+    completion_mask: jnp.ndarray
+    logps: jnp.ndarray
+    truncated: jnp.ndarray
+    group_ids: jnp.ndarray
+
+    @property
+    def sampler_logps(self) -> jnp.ndarray:
+        """Alias of :attr:`logps` (the name the objectives use)."""
+        return self.logps
+
+    @property
+    def lengths(self) -> jnp.ndarray:
+        """``[B]`` completion lengths (tokens in the mask)."""
+        return jnp.sum(self.completion_mask, axis=-1)
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, name: str):
+        if name in ("sampler_logps", "lengths") or name in self.keys():
+            return getattr(self, name)
+        raise KeyError(f"Rollout has no field {name!r}; fields: {self.keys()}")
+
+
+# ---------------------------------------------------------------------------------------- interface
+
+
+class Sampler(abc.ABC):
+    """The interface the trainer uses: ``generate(params, prompts, key) -> Rollout``.
+
+    ``params`` is the policy's parameter pytree (as trained), ``prompts`` a batch of prompts (a
+    ``(prompt_ids, prompt_mask)`` pair of left-padded ``[B, P]`` arrays, a dict with those keys, or a list of
+    token-id lists), ``key`` a ``jax.random`` key; the result is deterministic for a given key. An external
+    inference server plugs in by subclassing this and returning the same :class:`Rollout`.
+    """
+
+    @abc.abstractmethod
+    def generate(self, params: Any, prompts: Any, key: jax.Array, **kwargs) -> Rollout:
+        """Sample completions for ``prompts`` with ``params``; see the class docstring."""
+
+
+def _as_prompt_arrays(prompts, pad_token_id: int):
+    if isinstance(prompts, dict):
+        if "prompt_ids" not in prompts:
+            raise ValueError("`prompts` dict must have 'prompt_ids' (and optionally 'prompt_mask')")
+        ids, mask = prompts["prompt_ids"], prompts.get("prompt_mask")
+    elif isinstance(prompts, tuple) and len(prompts) == 2 and not np.isscalar(prompts[0]) and (
+            np.ndim(prompts[0]) == 2 or hasattr(prompts[0], "shape")):
+        ids, mask = prompts
+    elif isinstance(prompts, (list, tuple)) and prompts and not hasattr(prompts[0], "shape") \
+            and isinstance(prompts[0], (list, tuple)):
+        return left_pad(prompts, pad_token_id)
+    else:
+        ids, mask = prompts, None
+    ids = np.asarray(ids) if not isinstance(ids, jax.core.Tracer) else ids
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"`prompt_ids` must be an integer [B, P] array, got {ids.dtype} {tuple(ids.shape)}")
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"`prompt_mask` must have shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------- jax sampler
+
+
+def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
+    """The jitted body: prefill then ``lax.while_loop`` decode. Shapes in the module docstring."""
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_ids.shape
+    n = cfg.max_new_tokens
+    s = cfg.max_length or p + n
+    proc = functools.partial(process_logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                             min_p=cfg.min_p)
+    w = model.lm_head_weight().astype(model.dtype)
+    out_dt = jnp.promote_types(model.dtype, jnp.float32)
+
+    def head(h):  # [B, H] -> [B, V], as Decoder.__call__ does for one position
+        return jnp.einsum("bh,vh->bv", h, w, preferred_element_type=out_dt)
+
+    stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+
+    def sample(i, logits):
+        logp = proc(logits)
+        if cfg.greedy:
+            tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+        else:
+            tok = jax.random.categorical(jax.random.fold_in(key, i), logp, axis=-1).astype(jnp.int32)
+        return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0].astype(jnp.float32)
+
+    cache = model.init_cache(b, s)
+    h, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    tok, lp = sample(0, head(h[:, -1]))
+    ids = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
+    lps = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
+    mask = jnp.zeros((b, n), bool).at[:, 0].set(True)
+    done = jnp.isin(tok, stop)
+    alive = jnp.ones((b,), bool)  # whether the previous token is a real completion token
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < n) & ~jnp.all(done)
+
+    def body(state):
+        i, prev, alive, done, cache, ids, lps, mask = state
+        hh, cache = model.hidden_states(prev[:, None], attention_mask=alive[:, None], cache=cache)
+        tok, lp = sample(i, head(hh[:, 0]))
+        emit = ~done
+        tok = jnp.where(emit, tok, cfg.pad_token_id)
+        ids = jax.lax.dynamic_update_slice_in_dim(ids, tok[:, None], i, axis=1)
+        lps = jax.lax.dynamic_update_slice_in_dim(lps, jnp.where(emit, lp, 0.0)[:, None], i, axis=1)
+        mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], i, axis=1)
+        done = done | (emit & jnp.isin(tok, stop))
+        return i + 1, tok, emit, done, cache, ids, lps, mask
+
+    state = (jnp.asarray(1, jnp.int32), tok, alive, done, cache, ids, lps, mask)
+    _, _, _, done, _, ids, lps, mask = jax.lax.while_loop(cond, body, state)
+    return ids, mask, lps, ~done
+
+
+class JaxSampler(Sampler):
+    """KV-cached sampler for a :class:`~trlax.models.Decoder` (one jitted prefill + decode loop).
+
+    Args:
+      model: a :class:`~trlax.models.Decoder` (its graph is kept; its weights are only the default
+        ``params``) or the ``graphdef`` from ``nnx.split``.
+      config: :class:`SamplingConfig` (or keyword overrides ``**overrides``).
+      mesh: optional ``jax.sharding.Mesh`` the sampler runs on. Weights handed to :meth:`generate` are
+        moved there with ``jax.device_put`` (a no-op when they already live there with that layout, a
+        reshard when the trainer's mesh differs), prompts are split over the batch axes.
+      rules: sharding rules table (:func:`trlax.models.sharding_rules`) for ``mesh`` (default ``"fsdp_tp"``).
+
+    ``generate(params, prompts, key)`` samples ``num_generations`` completions per prompt and returns a
+    :class:`Rollout`; the compiled function is cached per (prompt width, batch size).
+    """
+
+    def __init__(self, model: Union[Decoder, Any], config: Optional[SamplingConfig] = None, *, mesh=None,
+                 rules=None, **overrides):
+        if isinstance(model, nnx.Module):
+            self.graphdef, self.default_params = nnx.split(model)
+            self.model_config = model.config
+        else:
+            self.graphdef, self.default_params, self.model_config = model, None, None
+        config = SamplingConfig() if config is None else config
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"`config` must be a SamplingConfig, got {type(config).__name__}")
+        self.config = dataclasses.replace(config, **overrides) if overrides else config
+        self.mesh = mesh
+        if mesh is not None and rules is None:
+            from trlax.models.sharding import sharding_rules
+            rules = sharding_rules("fsdp_tp")
+        self.rules = rules
+        self._shardings = None
+        self._fns = {}
+
+    def _fn(self, cfg: SamplingConfig):
+        if cfg not in self._fns:
+            self._fns[cfg] = jax.jit(functools.partial(_decode, self.graphdef, cfg))
+        return self._fns[cfg]
+
+    def _place(self, params, ids, mask):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from trlax.models.sharding import batch_spec, param_shardings
+        if self._shardings is None:
+            self._shardings = param_shardings(params, self.mesh, self.rules)
+        params = jax.device_put(params, self._shardings)
+        spec = batch_spec(self.rules, 2)
+        axes = spec[0] if spec else None
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in self.mesh.shape)
+        size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+        pspec = PartitionSpec(axes if axes and ids.shape[0] % size == 0 else None, None)
+        sh = NamedSharding(self.mesh, pspec)
+        return params, jax.device_put(ids, sh), jax.device_put(mask, sh)
+
+    def generate(self, params: Any, prompts: Any, key: jax.Array, *, num_generations: Optional[int] = None,
+                 **overrides) -> Rollout:
+        """Sample completions; see :class:`Sampler` and the module docstring.
+
+        Args:
+          params: the policy parameters (``nnx.State`` from ``nnx.split(model)``, or a ``Decoder``); ``None``
+            uses the weights of the model the sampler was built from.
+          prompts: ``(prompt_ids [B0, P], prompt_mask [B0, P])`` left-padded, a dict with those keys, a plain
+            ``[B0, P]`` id array (all real), or a list of token-id lists (left-padded here).
+          key: ``jax.random`` key; the same key gives the same rollout.
+          num_generations: completions per prompt (default ``config.num_generations``); ``B = B0 · G``.
+          **overrides: :class:`SamplingConfig` fields for this call (e.g. ``temperature=0``).
+
+        Returns:
+          a :class:`Rollout` with ``B`` rows.
+        """
+        cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        g = cfg.num_generations if num_generations is None else num_generations
+        if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1:
+            raise ValueError(f"num_generations={g!r} is out of range; allowed: integers >= 1")
+        if params is None:
+            params = self.default_params
+            if params is None:
+                raise ValueError("`params` is None and the sampler was built from a graphdef without weights")
+        elif isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        ids, mask = _as_prompt_arrays(prompts, cfg.pad_token_id)
+        n_real = mask.sum(axis=1)
+        if np.any(n_real == 0):
+            raise ValueError(f"`prompt_mask` has rows without any real token: {np.flatnonzero(n_real == 0).tolist()}")
+        if not np.all(mask[:, -1]):
+            raise ValueError("prompts must be left-padded: `prompt_mask[:, -1]` must be True for every row")
+        longest = int(n_real.max())
+        width = -(-longest // cfg.prompt_multiple) * cfg.prompt_multiple
+        if cfg.max_length is not None:
+            if longest + cfg.max_new_tokens > cfg.max_length:
+                raise ValueError(
+                    f"prompt too long for the KV cache: the longest prompt has {longest} tokens and "
+                    f"max_new_tokens={cfg.max_new_tokens}, but max_length={cfg.max_length} cache slots "
+                    f"(need >= {longest + cfg.max_new_tokens}); shorten the prompt or raise max_length")
+            width = min(width, cfg.max_length - cfg.max_new_tokens)
+        if width <= ids.shape[1]:  # drop all-padding leading columns
+            ids, mask = ids[:, ids.shape[1] - width:], mask[:, mask.shape[1] - width:]
+        else:
+            extra = width - ids.shape[1]
+            ids = np.concatenate([np.full((ids.shape[0], extra), cfg.pad_token_id, ids.dtype), ids], axis=1)
+            mask = np.concatenate([np.zeros((mask.shape[0], extra), bool), mask], axis=1)
+        if self.model_config is not None:
+            vocab = self.model_config.vocab_size
+            if np.any((ids < 0) | (ids >= vocab)):
+                raise ValueError(f"`prompt_ids` contains ids outside [0, vocab_size={vocab})")
+        ids = np.repeat(np.asarray(ids, np.int32), g, axis=0)
+        mask = np.repeat(mask, g, axis=0)
+        if self.mesh is not None:
+            params, ids_d, mask_d = self._place(params, ids, mask)
+        else:
+            ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
+        c_ids, c_mask, lps, trunc = self._fn(cfg)(params, ids_d, mask_d, key)
+        return Rollout(prompt_ids=ids_d, prompt_mask=mask_d, completion_ids=c_ids, completion_mask=c_mask,
+                       logps=lps, truncated=trunc,
+                       group_ids=jnp.asarray(np.arange(ids.shape[0], dtype=np.int32) // g))
