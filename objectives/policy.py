@@ -406,14 +406,15 @@ class PolicyLossConfig:
     @classmethod
     def clip_cov(cls, **overrides) -> "PolicyLossConfig":
         """Clip-Cov (arXiv 2505.22617): PPO clip ``ε=0.2`` plus gradient detachment of a
-        random ``r=2e-4`` fraction of tokens with covariance in ``(1, 5)``; token mean, no KL."""
+        random ``r=2e-4`` fraction of tokens with covariance in ``(1, 5)`` (the authors' recipe values);
+        token mean, no KL."""
         return cls(**{"loss_type": "clip_cov", "epsilon": 0.2, "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0,
                       "clip_cov_ub": 5.0, "beta": 0.0, **overrides})
 
     @classmethod
     def kl_cov(cls, **overrides) -> "PolicyLossConfig":
         """KL-Cov (arXiv 2505.22617): unclipped ``−A·r`` plus ``1.0·|δ|`` on the top
-        ``k=2e-3`` covariance tokens (the paper's 7B setting; 2e-4 for 32B); token mean, no KL."""
+        ``k=2e-3`` covariance tokens (the authors' 7B recipe, ``recipe/entropy/7b_kl_cov.sh``); token mean."""
         return cls(**{"loss_type": "kl_cov", "kl_cov_ratio": 2e-3, "ppo_kl_coef": 1.0, "beta": 0.0, **overrides})
 
     @classmethod
