@@ -142,12 +142,16 @@ def process_logits(logits: jnp.ndarray, temperature: float = 1.0, top_k: int = 0
         x = x / temperature
     neg = jnp.asarray(-jnp.inf, acc)
     v = x.shape[-1]
+    s = None
     if 0 < top_k < v:
-        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
-        x = jnp.where(x >= kth, x, neg)
+        s = jax.lax.top_k(x, top_k)[0]  # [..., k] descending
+        x = jnp.where(x >= s[..., -1:], x, neg)
     if top_p < 1.0:
-        s = jnp.sort(x, axis=-1)[..., ::-1]  # descending
-        p = jax.nn.softmax(s, axis=-1)
+        if s is None:
+            s = jnp.sort(x, axis=-1)[..., ::-1]  # descending
+        # after top-k only the k largest values can carry mass (ties at the k-th value sit past position k
+        # and are kept by the ``>= cutoff`` test below), so top-p needs no second full sort
+        p = jnp.exp(s - jax.nn.logsumexp(x, axis=-1, keepdims=True))
         before = jnp.cumsum(p, axis=-1) - p  # mass strictly above each sorted token
         n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(s, n_keep - 1, axis=-1)
