@@ -7,7 +7,8 @@ message. Config checks raise ``ValueError`` naming the field, the value and what
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import dataclasses
+from typing import Any, Iterable, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,20 @@ def check_range(
         lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
         hi = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
         raise ValueError(f"{field}={value!r} is out of range; allowed: {lo}, {hi}")
+
+
+class ConfigMixin:
+    """Shared behaviour of the frozen loss configs (``PolicyLossConfig``, ``PreferenceLossConfig``):
+    ``replace`` and name-based ``preset`` lookup over the class's ``PRESETS`` classmethods."""
+
+    PRESETS: Tuple[str, ...] = ()
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The preset classmethod called ``name`` (one of ``PRESETS``) with ``overrides``."""
+        check_choice("preset", name, cls.PRESETS)
+        return getattr(cls, name)(**overrides)

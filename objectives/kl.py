@@ -48,6 +48,19 @@ def _estimate(d: jnp.ndarray, kind: str) -> jnp.ndarray:
     return jnp.exp(-d) + d - 1.0
 
 
+def _log_ratio(logps, ref_logps, mask, clamp) -> jnp.ndarray:
+    """``d = log π_θ − sg(log π_ref)``, 0 under the mask (select-then-compute), clamped to ``±clamp``."""
+    logps = as_float(logps, "logps")
+    ref = jax.lax.stop_gradient(as_float(ref_logps, "ref_logps"))
+    check_same_shape(logps, "logps", ref_logps=ref)
+    d = logps - ref
+    if mask is not None:
+        mask = as_mask(mask)
+        check_same_shape(logps, "logps", mask=mask)
+        d = jnp.where(mask, d, jnp.zeros((), d.dtype))
+    return d if clamp is None else jnp.clip(d, -clamp, clamp)
+
+
 def kl_penalty(
     logps: jnp.ndarray,
     ref_logps: jnp.ndarray,
@@ -73,17 +86,7 @@ def kl_penalty(
     if kind.endswith("+"):
         out = straight_through_kl(logps, ref_logps, mask, value_kind=kind[:-1], grad_kind="k2", clamp=clamp)
         return out if output_clamp is None else jnp.clip(out, -output_clamp, output_clamp)
-    logps = as_float(logps, "logps")
-    ref = jax.lax.stop_gradient(as_float(ref_logps, "ref_logps"))
-    check_same_shape(logps, "logps", ref_logps=ref)
-    d = logps - ref
-    if mask is not None:
-        mask = as_mask(mask)
-        check_same_shape(logps, "logps", mask=mask)
-        d = jnp.where(mask, d, jnp.zeros((), d.dtype))
-    if clamp is not None:
-        d = jnp.clip(d, -clamp, clamp)
-    out = _estimate(d, kind)
+    out = _estimate(_log_ratio(logps, ref_logps, mask, clamp), kind)
     return out if output_clamp is None else jnp.clip(out, -output_clamp, output_clamp)
 
 
@@ -104,16 +107,7 @@ def straight_through_kl(
     """
     check_choice("value_kind", value_kind, KL_ESTIMATORS)
     check_choice("grad_kind", grad_kind, KL_ESTIMATORS)
-    logps = as_float(logps, "logps")
-    ref = _sg(as_float(ref_logps, "ref_logps"))
-    check_same_shape(logps, "logps", ref_logps=ref)
-    d = logps - ref
-    if mask is not None:
-        mask = as_mask(mask)
-        check_same_shape(logps, "logps", mask=mask)
-        d = jnp.where(mask, d, jnp.zeros((), d.dtype))
-    if clamp is not None:
-        d = jnp.clip(d, -clamp, clamp)
+    d = _log_ratio(logps, ref_logps, mask, clamp)
     g = _estimate(d, grad_kind)
     return _sg(_estimate(d, value_kind)) + g - _sg(g)
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from trlax.objectives import advantages as _adv  # noqa: F401  (re-exported names live there)
 from trlax.objectives._checks import (
+    ConfigMixin,
     as_float,
     as_mask,
     check_choice,
@@ -96,7 +97,7 @@ _DEFAULT_AGGREGATION = {"gmpo": "grpo", "gpg": "token_mean", "clip_cov": "token_
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyLossConfig:
+class PolicyLossConfig(ConfigMixin):
     """Static configuration of :func:`policy_loss` (hashable: pass it as a static argument to ``jit``).
 
     Field names follow TRL's ``GRPOConfig`` where one exists. Defaults equal TRL 1.16's defaults,
@@ -284,9 +285,6 @@ class PolicyLossConfig:
     def effective_epsilon_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
-    def replace(self, **changes) -> "PolicyLossConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def grpo(cls, **overrides) -> "PolicyLossConfig":
         """GRPO / DeepSeekMath (arXiv 2402.03300; paper index with DeepSeek-R1 values): per-sequence
@@ -466,11 +464,6 @@ class PolicyLossConfig:
                "intellect2", "deepseek_v32", "high_entropy", "skywork_or1", "tis", "icepop",
                "dual_clip_ppo", "gmpo", "gpg", "clip_cov", "kl_cov", "aspo", "archer", "topr", "dppo", "prime_rl",
                "kimi15", "m2po")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "PolicyLossConfig":
-        check_choice("preset", name, cls.PRESETS)
-        return getattr(cls, name)(**overrides)
 
     # ------------------------------------------------------------------------------------ from TRL
     @classmethod

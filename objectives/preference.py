@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from trlax.objectives._checks import (
+    ConfigMixin,
     as_float,
     as_mask,
     check_choice,
@@ -628,7 +629,7 @@ def _as_weights(x):
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceLossConfig:
+class PreferenceLossConfig(ConfigMixin):
     """Static configuration of :func:`preference_loss` (hashable: a static argument under ``jit``).
 
     Field names and defaults follow TRL 1.16's ``DPOConfig``.
@@ -737,9 +738,6 @@ class PreferenceLossConfig:
         if self.rpo_alpha is not None:
             out = out + (("sft", float(self.rpo_alpha)),)
         return out
-
-    def replace(self, **changes) -> "PreferenceLossConfig":
-        return dataclasses.replace(self, **changes)
 
     # -------------------------------------------------------------------------------- presets
     @classmethod
@@ -870,11 +868,6 @@ class PreferenceLossConfig:
     PRESETS = ("dpo", "cdpo", "ipo", "slic", "rso", "robust", "exo", "nca", "bco_pair", "sppo_hard", "aot",
                "apo_zero", "apo_down", "discopop", "rpo", "irpo", "mpo", "wpo", "ld_dpo", "f_dpo", "tulu3",
                "cal_dpo", "tdpo", "rdpo", "dpop")
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "PreferenceLossConfig":
-        check_choice("preset", name, cls.PRESETS)
-        return getattr(cls, name)(**overrides)
 
     # -------------------------------------------------------------------------------- from TRL
     @classmethod
