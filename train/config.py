@@ -62,6 +62,11 @@ class CommonConfig:
         check_range("save_every", self.save_every, low=0)
         check_range("keep_checkpoints", self.keep_checkpoints, low=1)
         check_range("log_every", self.log_every, low=1)
+        from trlax.train.modeling import check_model
+
+        check_model(self.model)
+        if self.dataset != "builtin" and not isinstance(self.dataset, str):
+            raise ValueError(f"dataset={self.dataset!r} must be 'builtin', a file path or a hub name")
 
 
 def _loss_fields(loss_cls, skip=()) -> list:
@@ -80,11 +85,15 @@ def config_class(algo: str) -> Type:
     return _CLASSES[algo]()
 
 
+GRPO_DEFAULTS = dict(batch_size=64, max_steps=200, learning_rate=3e-3, max_completion_length=4,
+                     max_prompt_length=8)
+
+
 def _grpo_cls():
     from trlax.objectives.policy import PolicyLossConfig
 
     extra = [
-        ("preset", str, dataclasses.field(default="")),
+        ("preset", str, dataclasses.field(default="")),  # a PolicyLossConfig preset; explicit flags override it
         ("num_generations", int, dataclasses.field(default=8)),
         ("temperature", float, dataclasses.field(default=1.0)),
         ("top_p", float, dataclasses.field(default=1.0)),
@@ -92,36 +101,78 @@ def _grpo_cls():
         ("min_p", float, dataclasses.field(default=0.0)),
         ("scale_rewards", str, dataclasses.field(default="group")),
         ("multi_objective_aggregation", str, dataclasses.field(default="sum_then_normalize")),
-        ("reward_weights", str, dataclasses.field(default="")),
+        ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward function
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
     ]
+    common = [(k, type(v), dataclasses.field(default=v)) for k, v in GRPO_DEFAULTS.items()]
     skip = {"max_completion_length"}  # shared with CommonConfig
-    cls = dataclasses.make_dataclass("GRPORunConfig", extra + _loss_fields(PolicyLossConfig, skip), bases=(CommonConfig,))
+    cls = dataclasses.make_dataclass("GRPORunConfig", common + extra + _loss_fields(PolicyLossConfig, skip),
+                                     bases=(CommonConfig,))
     cls.__doc__ = "trlax train grpo: GRPO-family run (every PolicyLossConfig field is a flag)."
+    cls.validate = _validate_grpo
     return cls
 
 
-def _dpo_cls():
-    from trlax.objectives import preference
+def _validate_grpo(self) -> None:
+    from trlax.objectives.advantages import MULTI_REWARD_AGGREGATIONS, SCALE_REWARDS
 
-    loss_cls = getattr(preference, "PreferenceLossConfig", None)
-    extra = [("precompute_ref_logps", bool, dataclasses.field(default=True))]
-    fields = extra + (_loss_fields(loss_cls) if loss_cls is not None else [])
-    cls = dataclasses.make_dataclass("DPORunConfig", fields, bases=(CommonConfig,))
+    CommonConfig.validate(self)
+    check_range("num_generations", self.num_generations, low=2)
+    if self.batch_size % self.num_generations:
+        raise ValueError(f"num_generations={self.num_generations} must divide batch_size={self.batch_size} "
+                         "(completions per optimiser step)")
+    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
+    check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
+    check_range("top_k", self.top_k, low=0)
+    check_range("min_p", self.min_p, low=0.0, high=1.0, high_inclusive=False)
+    check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+    check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
+    check_range("num_iterations", self.num_iterations, low=1)
+    check_range("steps_per_generation", self.steps_per_generation, low=1)
+    if self.reward_weights:
+        try:
+            [float(w) for w in self.reward_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"reward_weights={self.reward_weights!r} must be comma-separated numbers") from None
+
+
+def _dpo_cls():
+    from trlax.objectives.preference import PreferenceLossConfig
+
+    extra = [("preset", str, dataclasses.field(default="")),  # a PreferenceLossConfig preset
+             ("precompute_ref_logps", bool, dataclasses.field(default=True))]
+    common = [("batch_size", int, dataclasses.field(default=32)), ("max_steps", int, dataclasses.field(default=60)),
+              ("learning_rate", float, dataclasses.field(default=1e-3)),
+              ("max_completion_length", int, dataclasses.field(default=4)),
+              ("max_prompt_length", int, dataclasses.field(default=8))]
+    cls = dataclasses.make_dataclass("DPORunConfig", common + extra + _loss_fields(PreferenceLossConfig),
+                                     bases=(CommonConfig,))
     cls.__doc__ = "trlax train dpo: preference run (every PreferenceLossConfig field is a flag)."
     return cls
 
 
 def _sft_cls():
     extra = [
-        ("loss_type", str, dataclasses.field(default="nll")),
-        ("bema", bool, dataclasses.field(default=False)),
+        ("batch_size", int, dataclasses.field(default=32)), ("max_steps", int, dataclasses.field(default=60)),
+        ("max_completion_length", int, dataclasses.field(default=4)),
+        ("max_prompt_length", int, dataclasses.field(default=8)),
+        ("loss_type", str, dataclasses.field(default="nll")),  # nll | dft (arXiv 2508.05629)
+        ("bema", bool, dataclasses.field(default=False)),  # BEMA weights (arXiv 2508.00180) -> final_bema/
         ("bema_update_freq", int, dataclasses.field(default=10)),
     ]
     cls = dataclasses.make_dataclass("SFTRunConfig", extra, bases=(CommonConfig,))
     cls.__doc__ = "trlax train sft: supervised fine-tuning (NLL or DFT, optional BEMA)."
+    cls.validate = _validate_sft
     return cls
+
+
+def _validate_sft(self) -> None:
+    from trlax.objectives.supervised import SFT_LOSS_TYPES
+
+    CommonConfig.validate(self)
+    check_choice("loss_type", self.loss_type, SFT_LOSS_TYPES)
+    check_range("bema_update_freq", self.bema_update_freq, low=1)
 
 
 ALGORITHMS = ("grpo", "dpo", "sft")
@@ -171,8 +222,14 @@ def parse_value(field: str, tp, raw: Any):
     return raw
 
 
+_CLASS_CACHE: Dict[str, Type] = {}
+
+
 def build_config(algo: str, values: Dict[str, Any]):
-    """Instantiate and validate the run config of ``algo`` from a dict of raw values."""
+    """Instantiate and validate the run config of ``algo`` from a dict of raw values (strings from the
+    command line or typed values from YAML). Errors name the field. The objective's fields are resolved
+    (preset, then the explicitly given fields) and written back, so the saved config shows the values
+    the run uses."""
     cls = config_class(algo)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -184,32 +241,36 @@ def build_config(algo: str, values: Dict[str, Any]):
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{algo}"
     cfg.validate()
-    loss_config(algo, cfg)  # validates the objective's fields now, before any compute
+    lc = loss_config(algo, cfg, explicit=set(kwargs))  # validates the objective's fields before any compute
+    if lc is not None:
+        for f in dataclasses.fields(lc):
+            if f.name in fields and f.name != "max_completion_length":
+                setattr(cfg, f.name, getattr(lc, f.name))
+        cfg.preset = ""  # resolved into the fields above
     return cfg
 
 
-def loss_config(algo: str, cfg):
-    """The objective's config (validated: a bad loss field raises naming the field)."""
+def loss_config(algo: str, cfg, explicit=None):
+    """The objective's config (validated: a bad loss field raises naming the field). With a ``preset``,
+    the preset's values are used except for fields in ``explicit`` (None: every field that differs
+    from the objective config's default)."""
     if algo == "grpo":
-        from trlax.objectives.policy import PolicyLossConfig
-
-        names = {f.name for f in dataclasses.fields(PolicyLossConfig)}
-        kw = {k: getattr(cfg, k) for k in names if k != "max_completion_length"}
+        from trlax.objectives.policy import PolicyLossConfig as L
+    elif algo == "dpo":
+        from trlax.objectives.preference import PreferenceLossConfig as L
+    else:
+        return None
+    names = [f.name for f in dataclasses.fields(L)]
+    kw = {k: getattr(cfg, k) for k in names if k != "max_completion_length"}
+    if "max_completion_length" in names:
         kw["max_completion_length"] = cfg.max_completion_length
-        if cfg.preset:
-            base = PolicyLossConfig.preset(cfg.preset)
-            defaults = PolicyLossConfig()
-            # explicit (non-default) fields override the preset
-            kw = {k: v for k, v in kw.items() if v != getattr(defaults, k)}
-            kw.setdefault("max_completion_length", cfg.max_completion_length)
-            return base.replace(**kw)
-        return PolicyLossConfig(**kw)
-    if algo == "dpo":
-        from trlax.objectives.preference import PreferenceLossConfig
-
-        names = {f.name for f in dataclasses.fields(PreferenceLossConfig)}
-        return PreferenceLossConfig(**{k: getattr(cfg, k) for k in names})
-    return None
+    if getattr(cfg, "preset", ""):
+        defaults = L()
+        if explicit is None:
+            explicit = {k for k, v in kw.items() if v != getattr(defaults, k, None)}
+        over = {k: v for k, v in kw.items() if k in explicit or k == "max_completion_length"}
+        return L.preset(cfg.preset, **over)
+    return L(**kw)
 
 
 __all__ = ["ALGORITHMS", "CommonConfig", "build_config", "config_class", "loss_config", "parse_value"]

@@ -19,7 +19,10 @@ REQUIRED_COLUMNS = {
 }
 
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-_CHARS = list("0123456789+-*=?:() abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!'\n<>/")
+# The built-in tasks only need digits and a few operators. A small vocabulary keeps the tiny random
+# model's starting distribution close enough to the task that GRPO sees non-zero rewards from step 1;
+# other characters map to <unk> (use a real checkpoint's tokenizer for real text).
+_CHARS = list("0123456789+-*= ")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %}{{ m['content'] }}{{ eos_token }}"
     "{% endif %}{% endfor %}"
@@ -49,42 +52,54 @@ def build_tokenizer(directory: str):
 # --------------------------------------------------------------------------------- built-in tasks
 
 
-def addition_examples(n: int, seed: int = 0, max_operand: int = 9) -> List[Dict[str, str]]:
-    """``{"prompt": "3+4=", "answer": "7"}`` — the built-in verifiable task."""
+def addition_examples(n: int, seed: int = 0, max_sum: int = 9) -> List[Dict[str, str]]:
+    """``{"prompt": "3+4=", "answer": "7"}`` with single-digit operands and ``a + b <= max_sum`` —
+    the built-in verifiable task."""
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    while len(out) < n:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if a + b <= max_sum:
+            out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
     return out
 
 
 def preference_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
-    """Synthetic preference set: the right sum is chosen, a wrong one rejected."""
+    """Synthetic preference set on the built-in task: the right sum is chosen, a wrong one rejected."""
     rng = random.Random(seed + 1)
     out = []
     for ex in addition_examples(n, seed):
-        wrong = str((int(ex["answer"]) + rng.randint(1, 9)) % 19)
+        wrong = str((int(ex["answer"]) + rng.randint(1, 9)) % 10)
         out.append({"prompt": ex["prompt"], "chosen": ex["answer"], "rejected": wrong})
     return out
 
 
 def sft_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
+    """Synthetic SFT set on the built-in task (prompt, completion = the sum)."""
     return [{"prompt": e["prompt"], "completion": e["answer"]} for e in addition_examples(n, seed)]
 
 
-def addition_rewards(completions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
-    """``[N, 2]`` rewards for the built-in task: exact answer (1/0) and format (completion made of
-    digits only, 0.5/0)."""
-    acc = [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answers)]
-    fmt = [0.5 if c.strip().isdigit() else 0.0 for c in completions]
+REWARD_NAMES = ("accuracy", "format")
+
+
+def addition_rewards(completions: Sequence[str], answers: Sequence[str], truncated: Sequence[bool]) -> np.ndarray:
+    """``[N, 2]`` rewards of the built-in task (a verifier on the decoded text):
+
+    - ``accuracy``: 1 if the completion is exactly the answer followed by EOS, else 0;
+    - ``format``: 0.5 if the completion is one or two digits followed by EOS (not truncated), else 0.
+    """
+    acc, fmt = [], []
+    for c, a, t in zip(completions, answers, truncated):
+        ok = (not t) and c.isdigit() and len(c) <= 2
+        fmt.append(0.5 if ok else 0.0)
+        acc.append(1.0 if (not t) and c == str(a) else 0.0)
     return np.stack([np.asarray(acc), np.asarray(fmt)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_records(algo: str, dataset: str, *, n_builtin: int = 4096, seed: int = 0, split: str = "train"):
+def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 0, split: str = "train"):
     """Rows for ``algo`` from ``dataset`` ("builtin", a local json / jsonl / parquet file, or a hub
     name). Missing columns raise before any compute, naming them."""
     if dataset == "builtin":
@@ -178,6 +193,7 @@ __all__ = [
     "EpochSampler",
     "REQUIRED_COLUMNS",
     "addition_examples",
+    "REWARD_NAMES",
     "addition_rewards",
     "as_text",
     "build_tokenizer",

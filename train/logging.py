@@ -17,8 +17,11 @@ except ImportError:  # pragma: no cover
 
 
 class RunLogger:
+    """Per-step metrics: ``metrics.jsonl`` (one JSON row per step), TensorBoard event files under
+    ``tensorboard/``, a tqdm progress bar showing reward / KL / loss / tokens/s, and :meth:`plot`."""
+
     def __init__(self, output_dir: str, total_steps: int, *, tensorboard: bool = True, progress: bool = True,
-                 start_step: int = 0):
+                 start_step: int = 0, history: Optional[List[Dict[str, float]]] = None):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
@@ -32,7 +35,7 @@ class RunLogger:
             except ImportError:  # pragma: no cover
                 self._tb = None
         self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if (progress and tqdm) else None
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Dict[str, float]] = list(history or [])  # rows restored on --resume
         self._t = time.perf_counter()
 
     def log(self, step: int, metrics: Dict[str, float], tokens: Optional[int] = None) -> Dict[str, float]:

@@ -1,12 +1,20 @@
 """The GRPO, DPO and SFT loops behind ``trlax train``.
 
-Each loop: resolve the run config -> build / load the policy (``train/modeling.py``) and tokenizer
--> data -> ``make_train_step`` over the mesh -> steps with logging and orbax checkpoints (resumable
-bit for bit: params, optimiser state, data position and PRNG key are saved) -> export the final
-policy in Hugging Face format -> summary.
+Each loop: resolve the run config -> build / load the policy (:mod:`trlax.train.modeling`) and tokenizer
+-> data (tokenised once, up front) -> ``make_train_step`` over the mesh -> steps with logging and orbax
+checkpoints (resumable bit for bit: params, optimiser state, objective state, data position and PRNG key
+are saved) -> export of the final policy in Hugging Face format -> summary.
 
 Batches use one layout everywhere: a left-padded prompt block ``[B, P]`` followed by a right-padded
 completion block ``[B, C]``; the loss sees per-token log-probs of the completion block only.
+
+GRPO (Shao et al. 2024, arXiv 2402.03300, alg. 1) with TRL's schedule: every ``steps_per_generation x
+num_iterations`` optimiser steps, ``steps_per_generation x batch_size`` completions are sampled
+(``num_generations`` per prompt) with the current policy; rewards -> group advantages; the policy's
+log-probs at generation time are kept as ``old_logps`` when training goes off-policy (``num_iterations >
+1`` or ``steps_per_generation > 1``) or when a sampler correction is set; the frozen reference's log-probs
+when ``beta > 0``; sampler log-probs for sampler-correction. The buffer is then consumed
+``num_iterations`` times, one ``batch_size`` slice per optimiser step.
 """
 
 from __future__ import annotations
@@ -14,71 +22,104 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trlax.objectives.aggregation import aggregate
 from trlax.train import data as D
 from trlax.train.checkpoint import Checkpointer, key_from_meta, key_to_meta
 from trlax.train.config import loss_config
 from trlax.train.logging import RunLogger
-from trlax.train.step import TrainState, init_train_state, make_mesh, make_train_step, shard_state
+from trlax.train.step import init_train_state, make_mesh, make_train_step, shard_state
+
+# test hook: called as ``_after_step(step)`` after every optimiser step has been logged and checkpointed
+# (tests raise from it to simulate a run killed after step k).
+_after_step: Optional[Callable[[int], None]] = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _save_config(algo: str, cfg) -> None:
+def save_config(algo: str, cfg) -> str:
+    """Write the resolved config to ``<output_dir>/config.yaml`` (re-usable with ``--config``)."""
     import yaml
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as fh:
-        yaml.safe_dump({"algorithm": algo, **dataclasses.asdict(cfg)}, fh, sort_keys=False)
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    with open(path, "w") as fh:
+        fh.write(f"# trlax train {algo} --config {path}\n")
+        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+    return path
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    sched = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else cfg.learning_rate
+    """AdamW (Loshchilov & Hutter, arXiv 1711.05101) with optional linear warm-up and global-norm
+    clipping (``max_grad_norm > 0``)."""
+    lr = (optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps) if cfg.warmup_steps
+          else cfg.learning_rate)
     parts = []
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
+    parts.append(optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
+
+
+def _copy(tree):
+    """A fresh copy of every array (the step donates the state's buffers; frozen copies must not alias)."""
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
 class _Run:
     """State shared by the loops: policy, tokenizer, mesh, step function, checkpoints, logging."""
 
-    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state=None):
+    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state_fn=None):
         from trlax.train import modeling
 
         self.algo, self.cfg = algo, cfg
-        _save_config(algo, cfg)
+        self.config_path = save_config(algo, cfg)
         self.policy = modeling.build_policy(cfg)
         self.tokenizer = self.policy.tokenizer
         self.mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if (cfg.batch_size // cfg.num_microbatches) % dp:
+            raise ValueError(f"batch_size={cfg.batch_size} / num_microbatches={cfg.num_microbatches} must be "
+                             f"divisible by the data-parallel size mesh_data x mesh_fsdp = {dp}")
         self.optimizer = make_optimizer(cfg)
-        state = init_train_state(self.policy.params, self.optimizer, extra_state)
+        extra = extra_state_fn(self.policy.params) if extra_state_fn else None
+        state = init_train_state(self.policy.params, self.optimizer, extra)
         self.state_sharding = self.policy.state_sharding(state, self.mesh, self.optimizer)
         self.state = shard_state(state, self.state_sharding)
+        self.frozen_params = _copy(self.state.params)  # initial policy: the reference model
         self.step_fn = make_train_step(loss_fn_builder(self), self.optimizer, mesh=self.mesh,
                                        state_sharding=self.state_sharding, num_microbatches=cfg.num_microbatches)
         self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
-                                 save_every=cfg.save_every or cfg.max_steps, keep=cfg.keep_checkpoints)
+                                 save_every=1, keep=cfg.keep_checkpoints)
         self.start_step = 0
         self.meta: Dict[str, Any] = {}
+        history: List[Dict[str, float]] = []
         if cfg.resume and self.ckpt.latest_step() is not None:
             step, self.state, self.meta = self.ckpt.restore(self.state)
             self.start_step = int(step)
+            history = _read_history(os.path.join(cfg.output_dir, "metrics.jsonl"), self.start_step)
             print(f"resumed from step {self.start_step} in {self.ckpt.directory}")
-        self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step)
+        elif not cfg.resume and self.ckpt.latest_step() is not None:
+            raise ValueError(f"output_dir={cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
+                             "or choose another output_dir")
+        self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
+                                history=history)
 
-    def checkpoint(self, step: int, meta: Dict[str, Any]) -> None:
-        self.ckpt.save(step, self.state, meta, force=step == self.cfg.max_steps)
+    def maybe_checkpoint(self, step: int, meta: Dict[str, Any], prev_step: Optional[int] = None) -> None:
+        """Save at multiples of ``save_every`` (or when a round of steps crossed one) and at the end."""
+        prev = step - 1 if prev_step is None else prev_step
+        every = self.cfg.save_every
+        due = step == self.cfg.max_steps or (every > 0 and step // every > prev // every)
+        if due:
+            self.ckpt.save(step, self.state, meta, force=True)
+        if _after_step is not None:
+            _after_step(step)
 
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         self.ckpt.close()
@@ -88,6 +129,8 @@ class _Run:
             path = os.path.join(self.cfg.output_dir, "final")
             self.policy.save(self.state.params, path)
             summary["exported_to"] = path
+        summary["config"] = self.config_path
+        summary["metrics"] = self.logger.jsonl_path
         if plot:
             summary["plot"] = plot
         with open(os.path.join(self.cfg.output_dir, "summary.json"), "w") as fh:
@@ -96,120 +139,190 @@ class _Run:
         return summary
 
 
-def _first_last(values, frac=0.1):
+def _read_history(path: str, upto: int) -> List[Dict[str, float]]:
+    if not os.path.exists(path):
+        return []
+    rows = {}
+    with open(path) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if r.get("step", upto + 1) <= upto:
+                rows[r["step"]] = r
+    with open(path, "w") as fh:  # drop rows of steps that will be redone
+        for k in sorted(rows):
+            fh.write(json.dumps(rows[k]) + "\n")
+    return [rows[k] for k in sorted(rows)]
+
+
+def first_last(values, frac: float = 0.1):
+    """Means of the first and last ``frac`` of ``values`` (at least one element each)."""
+    values = np.asarray(values, float)
     n = max(1, int(round(len(values) * frac)))
-    return float(np.mean(values[:n])), float(np.mean(values[-n:]))
+    return float(np.nanmean(values[:n])), float(np.nanmean(values[-n:]))
 
 
-def _prompt_completion_batch(tok, prompts, completions, cfg):
-    p_ids, p_mask = D.encode_left_padded(tok, prompts, cfg.max_prompt_length)
-    c_ids, c_mask = D.encode_right_padded(tok, completions, cfg.max_completion_length)
-    return p_ids, p_mask, c_ids, c_mask
+def _texts(tok, rows, col):
+    return [D.as_text(tok, r[col]) for r in rows]
+
+
+def _to_float(m) -> Dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(m).items()}
 
 
 # --------------------------------------------------------------------------------------------- SFT
 
 
 def run_sft(cfg) -> Dict[str, Any]:
-    from trlax.objectives import supervised  # noqa: F401  (DFT / NLL live there)
+    """Supervised fine-tuning: NLL or DFT (arXiv 2508.05629, eq. 9) through
+    :func:`trlax.objectives.sft_loss`, normalised by the global token count; optional BEMA
+    (arXiv 2508.00180) weights kept in the train state and exported to ``final_bema``."""
+    from trlax.objectives.supervised import bema, sft_loss
 
     rows = D.load_records("sft", cfg.dataset, seed=cfg.seed)
+    bema_tx = bema(update_freq=cfg.bema_update_freq) if cfg.bema else None
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
             logps, _ = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
                                                    b["mask"])
-            per_tok = -logps if cfg.loss_type == "nll" else -jax.lax.stop_gradient(jnp.exp(logps)) * logps
-            loss = aggregate(per_tok, b["mask"], "token_mean", num_items=totals["num_items"])
-            return loss, {"nll": aggregate(-jax.lax.stop_gradient(logps), b["mask"], "token_mean",
-                                           num_items=totals["num_items"])}
+            return sft_loss(logps, b["mask"], loss_type=cfg.loss_type, num_items=totals["num_items"])
         return loss_fn
 
-    run = _Run("sft", cfg, loss_builder)
+    run = _Run("sft", cfg, loss_builder, extra_state_fn=(lambda p: bema_tx.init(_copy(p))) if bema_tx else None)
+    tok = run.tokenizer
+    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
+    C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
+    bema_step = jax.jit(lambda p, s: bema_tx.update(p, s)[1]) if bema_tx else None
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
-    losses = []
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = sampler.next()
-        prompts = [D.as_text(run.tokenizer, rows[i]["prompt"]) for i in idx]
-        comps = [D.as_text(run.tokenizer, rows[i]["completion"]) for i in idx]
-        p_ids, p_mask, c_ids, c_mask = _prompt_completion_batch(run.tokenizer, prompts, comps, cfg)
-        batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": c_mask}
+        batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "completion_ids": C_ids[idx],
+                 "mask": C_mask[idx]}
         run.state, m = run.step_fn(run.state, batch)
-        row = run.logger.log(step, {k: float(v) for k, v in m.items()}, tokens=int(c_mask.sum()))
-        losses.append(row["loss"])
-        run.checkpoint(step, {"data": sampler.state()})
-    first, last = _first_last(losses)
-    return run.finish({"algorithm": "sft", "steps": cfg.max_steps, "loss_first_10pct": first, "loss_last_10pct": last})
+        if bema_step is not None:
+            run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
+        run.logger.log(step, _to_float(m), tokens=int(C_mask[idx].sum()))
+        run.maybe_checkpoint(step, {"data": sampler.state()})
+    losses = [r["loss"] for r in run.logger.history]
+    first, last = first_last(losses)
+    print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}")
+    summary = {"algorithm": "sft", "loss_type": cfg.loss_type, "steps": cfg.max_steps,
+               "loss_first_10pct": first, "loss_last_10pct": last}
+    if bema_tx is not None and cfg.export:
+        path = os.path.join(cfg.output_dir, "final_bema")
+        run.policy.save(run.state.extra.bema, path)
+        summary["bema_exported_to"] = path
+    return run.finish(summary)
 
 
 # --------------------------------------------------------------------------------------------- DPO
 
 
 def run_dpo(cfg) -> Dict[str, Any]:
+    """DPO family (arXiv 2305.18290, eq. 7, and every ``PreferenceLossConfig`` variant) on a preference
+    set; reference log-probs from the frozen initial policy, computed once up front
+    (``precompute_ref_logps``) or on the fly for each batch."""
     from trlax.objectives.preference import preference_loss
 
     lcfg = loss_config("dpo", cfg)
     rows = D.load_records("dpo", cfg.dataset, seed=cfg.seed)
+    needs_ref = not lcfg.reference_free
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
-            both_ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]], 0)
-            both_mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]], 0)
+            n = b["chosen_ids"].shape[0]
             p_ids = jnp.concatenate([b["prompt_ids"]] * 2, 0)
             p_mask = jnp.concatenate([b["prompt_mask"]] * 2, 0)
-            logps, _ = run.policy.completion_logps(params, p_ids, p_mask, both_ids, both_mask)
-            n = b["chosen_ids"].shape[0]
-            loss, metrics = preference_loss(logps[:n], logps[n:], b["ref_chosen"], b["ref_rejected"],
-                                            b["chosen_mask"], b["rejected_mask"], lcfg)
-            # preference losses are means over pairs: scale to this micro-batch's share
-            return loss * n / totals["num_sequences"], metrics
+            c_ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]], 0)
+            c_mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]], 0)
+            logps, _ = run.policy.completion_logps(params, p_ids, p_mask, c_ids, c_mask)
+            return preference_loss(logps[:n], logps[n:], b.get("ref_chosen"), b.get("ref_rejected"),
+                                   b["chosen_mask"], b["rejected_mask"], lcfg,
+                                   num_pairs=totals["num_sequences"], num_chosen_tokens=totals["num_items"])
         return loss_fn
 
     run = _Run("dpo", cfg, loss_builder)
-    ref_params = run.policy.params  # frozen copy of the initial policy
+    tok = run.tokenizer
+    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
+    Ch_ids, Ch_mask = D.encode_right_padded(tok, _texts(tok, rows, "chosen"), cfg.max_completion_length)
+    Rj_ids, Rj_mask = D.encode_right_padded(tok, _texts(tok, rows, "rejected"), cfg.max_completion_length)
+    ref_params = run.frozen_params
 
     @jax.jit
     def ref_logps(p_ids, p_mask, c_ids, c_mask):
         return run.policy.completion_logps(ref_params, p_ids, p_mask, c_ids, c_mask)[0]
 
+    ref_ch = ref_rj = None
+    if needs_ref and cfg.precompute_ref_logps:
+        bs = cfg.batch_size
+        pad = (-len(rows)) % bs
+        order = np.concatenate([np.arange(len(rows)), np.zeros(pad, int)])
+        outs_c, outs_r = [], []
+        for i in range(0, len(order), bs):
+            j = order[i:i + bs]
+            outs_c.append(np.asarray(ref_logps(P_ids[j], P_mask[j], Ch_ids[j], Ch_mask[j])))
+            outs_r.append(np.asarray(ref_logps(P_ids[j], P_mask[j], Rj_ids[j], Rj_mask[j])))
+        ref_ch = np.concatenate(outs_c)[: len(rows)]
+        ref_rj = np.concatenate(outs_r)[: len(rows)]
+
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
-    losses, accs = [], []
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = sampler.next()
-        prompts = [D.as_text(run.tokenizer, rows[i]["prompt"]) for i in idx]
-        chosen = [D.as_text(run.tokenizer, rows[i]["chosen"]) for i in idx]
-        rejected = [D.as_text(run.tokenizer, rows[i]["rejected"]) for i in idx]
-        p_ids, p_mask = D.encode_left_padded(run.tokenizer, prompts, cfg.max_prompt_length)
-        c_ids, c_mask = D.encode_right_padded(run.tokenizer, chosen, cfg.max_completion_length)
-        r_ids, r_mask = D.encode_right_padded(run.tokenizer, rejected, cfg.max_completion_length)
-        batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "chosen_ids": c_ids, "chosen_mask": c_mask,
-                 "rejected_ids": r_ids, "rejected_mask": r_mask,
-                 "ref_chosen": ref_logps(p_ids, p_mask, c_ids, c_mask),
-                 "ref_rejected": ref_logps(p_ids, p_mask, r_ids, r_mask)}
-        batch["mask"] = c_mask
+        batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "chosen_ids": Ch_ids[idx],
+                 "chosen_mask": Ch_mask[idx], "rejected_ids": Rj_ids[idx], "rejected_mask": Rj_mask[idx],
+                 "mask": Ch_mask[idx]}
+        if needs_ref:
+            if ref_ch is not None:
+                batch["ref_chosen"], batch["ref_rejected"] = ref_ch[idx], ref_rj[idx]
+            else:
+                batch["ref_chosen"] = ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx])
+                batch["ref_rejected"] = ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx])
         run.state, m = run.step_fn(run.state, batch)
-        row = run.logger.log(step, {k: float(v) for k, v in m.items()}, tokens=int(c_mask.sum() + r_mask.sum()))
-        losses.append(row["loss"])
-        accs.append(row.get("rewards/accuracies", float("nan")))
-        run.checkpoint(step, {"data": sampler.state()})
-    first, last = _first_last(losses)
-    a_first, a_last = _first_last(accs)
-    return run.finish({"algorithm": "dpo", "steps": cfg.max_steps, "loss_first_10pct": first,
+        run.logger.log(step, _to_float(m), tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
+        run.maybe_checkpoint(step, {"data": sampler.state()})
+    hist = run.logger.history
+    first, last = first_last([r["loss"] for r in hist])
+    a_first, a_last = first_last([r.get("rewards/accuracies", np.nan) for r in hist])
+    print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; "
+          f"reward accuracy {a_first:.3f} -> {a_last:.3f}")
+    return run.finish({"algorithm": "dpo", "loss_type": list(lcfg.loss_types) if hasattr(lcfg, "loss_types")
+                       else lcfg.loss_type, "steps": cfg.max_steps, "loss_first_10pct": first,
                        "loss_last_10pct": last, "accuracy_first_10pct": a_first, "accuracy_last_10pct": a_last})
 
 
 # -------------------------------------------------------------------------------------------- GRPO
 
 
+def _reward_fn(cfg):
+    """``(texts, rows, truncated) -> [N, F]`` rewards and their names. The built-in task's verifier;
+    for a user dataset with an ``answer`` (or ``solution``) column the same verifier (exact answer +
+    short-number format)."""
+    def fn(texts, rows, truncated):
+        answers = [str(r.get("answer", r.get("solution", ""))).strip() for r in rows]
+        return D.addition_rewards([t.strip() for t in texts], answers, truncated)
+    return fn, D.REWARD_NAMES
+
+
 def run_grpo(cfg) -> Dict[str, Any]:
+    """GRPO family: every ``PolicyLossConfig`` loss / preset (see the module docstring for the schedule)."""
     from trlax.objectives import multi_reward_advantages, policy_loss
+    from trlax.rollouts import JaxSampler, SamplingConfig
 
     lcfg = loss_config("grpo", cfg)
     rows = D.load_records("grpo", cfg.dataset, seed=cfg.seed)
     G = cfg.num_generations
-    if cfg.batch_size % G:
-        raise ValueError(f"num_generations={G} must divide batch_size={cfg.batch_size} (completions per step)")
-    n_prompts = cfg.batch_size // G
+    spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
+    gen_rows = cfg.batch_size * spg
+    n_prompts = gen_rows // G
+    reward_fn, reward_names = _reward_fn(cfg)
+    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
+    if weights is not None and len(weights) != len(reward_names):
+        raise ValueError(f"reward_weights={cfg.reward_weights!r} must have {len(reward_names)} values "
+                         f"({', '.join(reward_names)})")
+    w_arr = np.ones(len(reward_names)) if weights is None else np.asarray(weights)
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -222,60 +335,76 @@ def run_grpo(cfg) -> Dict[str, Any]:
         return loss_fn
 
     run = _Run("grpo", cfg, loss_builder)
-    from trlax.train import modeling
-
-    sampler_fn = modeling.make_sampler(run.policy, cfg)
-    ref_params = run.policy.params if lcfg.beta > 0 else None
+    tok = run.tokenizer
+    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
+    empty = np.flatnonzero(P_mask.sum(1) == 0)
+    if empty.size:
+        raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {empty[:5].tolist()} tokenise to nothing")
+    sampler = JaxSampler(run.policy.graphdef, SamplingConfig(
+        max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, num_generations=G,
+        prompt_multiple=cfg.max_prompt_length), mesh=run.mesh)
+    ref_params = run.frozen_params if lcfg.beta > 0 else None
+    off_policy = spg > 1 or n_iter > 1 or lcfg.sampler_correction is not None
 
     @jax.jit
     def forward_logps(params, p_ids, p_mask, c_ids, c_mask):
         return run.policy.completion_logps(params, p_ids, p_mask, c_ids, c_mask, temperature=cfg.temperature)[0]
 
-    weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
     data = D.EpochSampler(len(rows), n_prompts, cfg.seed, **run.meta.get("data", {}))
     key = jax.random.PRNGKey(cfg.seed) if "key" not in run.meta else jnp.asarray(key_from_meta(run.meta["key"]))
-    rewards_hist = []
-    for step in range(run.start_step + 1, cfg.max_steps + 1):
+    round_len = spg * n_iter
+    step = run.start_step
+    while step < cfg.max_steps:
         key, gen_key = jax.random.split(key)
         idx = data.next()
-        prompts = [D.as_text(run.tokenizer, rows[i]["prompt"]) for i in idx]
-        answers = [str(rows[i].get("answer", rows[i].get("solution", ""))) for i in idx]
-        p_ids, p_mask = D.encode_left_padded(run.tokenizer, prompts, cfg.max_prompt_length)
-        p_ids, p_mask = np.repeat(p_ids, G, 0), np.repeat(p_mask, G, 0)
-        roll = sampler_fn(run.state.params, p_ids, p_mask, gen_key)
-        texts = run.tokenizer.batch_decode(np.where(roll["completion_mask"], roll["completion_ids"],
-                                                    run.tokenizer.pad_token_id), skip_special_tokens=True)
-        R = D.addition_rewards(texts, np.repeat(answers, G))
-        adv = multi_reward_advantages(jnp.asarray(R), weights, G, aggregation=cfg.multi_objective_aggregation,
-                                      scale_rewards=cfg.scale_rewards)
-        reward = float(np.mean(np.nansum(R * (np.asarray(weights) if weights else 1.0), axis=1)))
-        batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": roll["completion_ids"],
-                 "mask": roll["completion_mask"], "advantages": adv, "truncated": roll["truncated"]}
+        roll = sampler.generate(run.state.params, (P_ids[idx], P_mask[idx]), gen_key)
+        c_ids, c_mask = np.asarray(roll.completion_ids), np.asarray(roll.completion_mask)
+        truncated = np.asarray(roll.truncated)
+        texts = tok.batch_decode(np.where(c_mask, c_ids, tok.pad_token_id), skip_special_tokens=True)
+        R = reward_fn(texts, [rows[i] for i in np.repeat(idx, G)], truncated)
+        adv = np.asarray(multi_reward_advantages(jnp.asarray(R), weights, G,
+                                                 aggregation=cfg.multi_objective_aggregation,
+                                                 scale_rewards=cfg.scale_rewards))
+        total = np.nansum(R * w_arr, axis=1)
+        buf = {"prompt_ids": np.asarray(roll.prompt_ids), "prompt_mask": np.asarray(roll.prompt_mask),
+               "completion_ids": c_ids, "mask": c_mask, "advantages": adv, "truncated": truncated}
         if lcfg.sampler_correction is not None:
-            batch["sampler_logps"] = roll["logps"]
-        off_policy = cfg.num_iterations > 1 or lcfg.sampler_correction is not None
+            buf["sampler_logps"] = np.asarray(roll.logps)
         if off_policy:
-            batch["old_logps"] = forward_logps(run.state.params, p_ids, p_mask, roll["completion_ids"],
-                                               roll["completion_mask"])
+            buf["old_logps"] = np.asarray(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
+                                                        c_ids, c_mask))
         if ref_params is not None:
-            batch["ref_logps"] = forward_logps(ref_params, p_ids, p_mask, roll["completion_ids"],
-                                               roll["completion_mask"])
-        for _ in range(cfg.num_iterations):
-            run.state, m = run.step_fn(run.state, batch)
-        metrics = {k: float(v) for k, v in m.items()}
-        metrics["reward"] = reward
-        metrics["completion_length"] = float(np.mean(np.sum(roll["completion_mask"], 1)))
-        run.logger.log(step, metrics, tokens=int(np.sum(roll["completion_mask"])))
-        rewards_hist.append(reward)
-        run.checkpoint(step, {"data": data.state(), "key": key_to_meta(key)})
-    first, last = _first_last(rewards_hist)
-    print(f"mean reward: first 10% of steps {first:.3f} -> last 10% {last:.3f}")
+            buf["ref_logps"] = np.asarray(forward_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
+                                                        c_ids, c_mask))
+        gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
+                       "completion_length": float(np.mean(c_mask.sum(1))),
+                       "truncated_frac": float(np.mean(truncated))}
+        for j, name in enumerate(reward_names):
+            gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
+        prev = step
+        for it in range(n_iter):
+            for s in range(spg):
+                if step >= cfg.max_steps:
+                    break
+                sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
+                run.state, m = run.step_fn(run.state, {k: v[sl] for k, v in buf.items()})
+                step += 1
+                metrics = _to_float(m)
+                metrics.update(gen_metrics)
+                run.logger.log(step, metrics, tokens=int(c_mask[sl].sum()))
+        run.maybe_checkpoint(step, {"data": data.state(), "key": key_to_meta(key)}, prev_step=prev)
+    del round_len
+    rewards = [r["reward"] for r in run.logger.history]
+    first, last = first_last(rewards)
+    print(f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}")
     return run.finish({"algorithm": "grpo", "loss_type": lcfg.loss_type, "steps": cfg.max_steps,
                        "reward_first_10pct": first, "reward_last_10pct": last})
 
 
 def run(algo: str, cfg) -> Dict[str, Any]:
+    """Run ``algo`` (``grpo`` | ``dpo`` | ``sft``) with its validated run config."""
     return {"grpo": run_grpo, "dpo": run_dpo, "sft": run_sft}[algo](cfg)
 
 
-__all__ = ["make_optimizer", "run", "run_dpo", "run_grpo", "run_sft"]
+__all__ = ["first_last", "make_optimizer", "run", "run_dpo", "run_grpo", "run_sft", "save_config"]
