@@ -10,3 +10,5 @@ if __name__ != "trlax.rollouts":  # pragma: no cover - guard against importing t
     raise ImportError("import this package as trlax.rollouts (pip install -e .), not as a top-level 'rollouts'")
 
 from trlax.rollouts.sampler import *  # noqa: F401,F403,E402
+from trlax.rollouts.rewards import *  # noqa: F401,F403,E402
+from trlax.rollouts.reward_model import *  # noqa: F401,F403,E402

@@ -1,0 +1,204 @@
+"""A reward model (sequence-classification head on the trlax decoder) and a pairwise judge.
+
+:class:`RewardModel` is the trlax :class:`~trlax.models.Decoder` trunk plus a linear score head
+``score: [num_labels, H]`` (no bias) read at the last real token — the layout of Hugging Face's
+``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification`` / ``Qwen3ForSequenceClassification``
+(the Bradley-Terry reward model of InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, sec. 3.5).
+:func:`load_reward_model` reads such a checkpoint (``config.json`` + ``model.*`` and ``score.weight`` in
+safetensors) without changing :mod:`trlax.models`: the trunk is loaded through
+:func:`trlax.models.from_hf_state` and ``score.weight`` separately.
+
+:class:`RewardModelScorer` turns it into a batched reward function for
+:func:`trlax.rollouts.compute_rewards`; :class:`RewardModelJudge` is a pairwise judge
+``(prompt, completion_a, completion_b) -> P(a better than b) = σ(r_a − r_b)`` (Bradley & Terry 1952;
+arXiv 2203.02155, eq. 1) for online preference methods (online DPO, arXiv 2402.04792; NashMD, arXiv
+2312.00886).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trlax.models.decoder import SUPPORTED_ARCHITECTURES, Decoder, DecoderConfig
+from trlax.models.hf_io import from_hf_state
+
+__all__ = ["RewardModel", "load_reward_model", "RewardModelScorer", "PairwiseJudge", "RewardModelJudge"]
+
+_SEQ_CLS = {mt: arch.replace("ForCausalLM", "ForSequenceClassification") for mt, arch in SUPPORTED_ARCHITECTURES.items()}
+
+
+class RewardModel(nnx.Module):
+    """Decoder trunk + linear score head at the last real token.
+
+    Args:
+      config: :class:`~trlax.models.DecoderConfig` of the trunk (its LM head is unused).
+      num_labels: outputs of the score head (1 for a scalar reward model).
+      rngs, param_dtype, dtype: as :class:`~trlax.models.Decoder`.
+    """
+
+    def __init__(self, config: DecoderConfig, num_labels: int = 1, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=None):
+        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r} is out of range; allowed: integers >= 1")
+        self.backbone = Decoder(dataclasses.replace(config, tie_word_embeddings=True), rngs=rngs,
+                                param_dtype=param_dtype, dtype=dtype)
+        self.score = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_labels, config.hidden_size),
+                                                        jnp.float32).astype(param_dtype),
+                               out_sharding=(None, "embed"), eager_sharding=False)
+
+    def __call__(self, input_ids, attention_mask=None) -> jnp.ndarray:
+        """Scores ``[B, num_labels]`` (float32 or wider) from the hidden state of each row's last real token.
+
+        input_ids: ``[B, T]`` int; attention_mask: ``[B, T]`` (left- or right-padded; default all real).
+        A row without real tokens scores the (meaningless but finite) state at position 0."""
+        ids = jnp.asarray(input_ids)
+        mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        h = self.backbone.hidden_states(ids, attention_mask=mask)  # [B, T, H]
+        t = ids.shape[1]
+        last = jnp.max(jnp.where(mask, jnp.arange(t)[None, :], 0), axis=1)  # index of the last real token
+        h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+        acc = jnp.promote_types(h.dtype, jnp.float32)
+        return jnp.einsum("bh,lh->bl", h_last.astype(acc), self.score[...].astype(acc))
+
+
+def load_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> RewardModel:
+    """Load a Hugging Face ``*ForSequenceClassification`` checkpoint (Llama / Qwen2 / Qwen3) from ``path``.
+
+    Reads ``config.json`` (``num_labels`` from ``id2label``), the trunk tensors ``model.*`` and the head
+    ``score.weight`` ``[num_labels, H]`` from ``model.safetensors`` (or shards + index)."""
+    from safetensors import safe_open
+
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no config.json in reward model directory {path!r}")
+    with open(cfg_file) as fh:
+        hf = json.load(fh)
+    mt = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if mt not in _SEQ_CLS or any(a != _SEQ_CLS[mt] for a in archs):
+        raise ValueError(f"unsupported reward model architecture model_type={mt!r} architectures={archs}; "
+                         f"supported: {sorted(_SEQ_CLS.values())}")
+    hf = dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]])
+    cfg = DecoderConfig.from_hf(hf)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    tensors = {}
+    for f in files:
+        with safe_open(os.path.join(path, f), framework="numpy") as st:
+            for k in st.keys():
+                tensors[k] = st.get_tensor(k)
+    if "score.weight" not in tensors:
+        raise ValueError("checkpoint is missing tensor 'score.weight' (not a sequence-classification model?)")
+    score = tensors.pop("score.weight")
+    tensors.pop("lm_head.weight", None)
+    num_labels = int(score.shape[0])
+    model = nnx.eval_shape(lambda: RewardModel(cfg, num_labels, rngs=nnx.Rngs(0), param_dtype=dtype,
+                                               dtype=compute_dtype))
+    gd, state = nnx.split(model)
+    model = nnx.merge(gd, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    from_hf_state(model.backbone, tensors)
+    if score.shape != (num_labels, cfg.hidden_size):
+        raise ValueError(f"tensor 'score.weight': shape {score.shape} does not match hidden_size={cfg.hidden_size}")
+    model.score[...] = jnp.asarray(score).astype(dtype)
+    return model
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    if hasattr(tokenizer, "encode"):
+        try:
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:
+            return list(tokenizer.encode(text))
+    return list(tokenizer(text))
+
+
+class RewardModelScorer:
+    """A batched reward function backed by a :class:`RewardModel` (``batched = True``; see
+    :func:`trlax.rollouts.compute_rewards`): the reward is ``score[:, label]`` of ``prompt + completion``.
+
+    Args:
+      model: :class:`RewardModel`.
+      tokenizer: object with ``encode(text)`` (a transformers tokenizer, called with
+        ``add_special_tokens=False``) or a callable ``text -> ids``.
+      format_fn: ``(prompt, completion) -> text`` to score (default: concatenation; pass a chat template).
+      batch_size: rows per forward pass; max_length: tokens kept per row (the last ``max_length``).
+      label: which score-head output is the reward.
+    """
+
+    batched = True
+    __name__ = "reward_model"
+
+    def __init__(self, model: RewardModel, tokenizer: Any, *, format_fn: Optional[Callable[[str, str], str]] = None,
+                 batch_size: int = 16, max_length: int = 1024, label: int = 0, pad_token_id: int = 0):
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size={batch_size!r} and max_length={max_length!r} must be >= 1")
+        self.graphdef, self.params = nnx.split(model)
+        self.tokenizer, self.format_fn = tokenizer, format_fn or (lambda p, c: p + c)
+        self.batch_size, self.max_length, self.label, self.pad = batch_size, max_length, label, pad_token_id
+        self._fwd = jax.jit(lambda params, ids, mask: nnx.merge(self.graphdef, params)(ids, mask))
+
+    def score_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Scores ``[B, num_labels]`` of padded token ids ``[B, T]`` with mask ``[B, T]``."""
+        return np.asarray(self._fwd(self.params, jnp.asarray(ids), jnp.asarray(mask)))
+
+    def score_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """``[N]`` rewards of whole texts (label ``self.label``), in batches of ``batch_size`` rows padded to
+        a power-of-two width (few recompilations)."""
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            rows = [_encode(self.tokenizer, t)[-self.max_length:] or [self.pad] for t in texts[s:s + self.batch_size]]
+            width = 1 << max(3, int(np.ceil(np.log2(max(len(r) for r in rows)))))
+            ids = np.full((self.batch_size, width), self.pad, np.int32)
+            mask = np.zeros((self.batch_size, width), bool)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)], mask[i, :len(r)] = r, True
+            mask[len(rows):, 0] = True  # filler rows
+            out.append(self.score_ids(ids, mask)[:len(rows), self.label])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def __call__(self, completions: Sequence[str], prompts: Optional[Sequence[str]] = None, **_) -> List[float]:
+        prompts = list(prompts) if prompts is not None else [""] * len(completions)
+        return self.score_texts([self.format_fn(p, c) for p, c in zip(prompts, completions)]).astype(float).tolist()
+
+
+class PairwiseJudge:
+    """Interface: ``judge(prompt, completion_a, completion_b) -> P(a is better than b)`` in ``[0, 1]``;
+    ``judge.batch(prompts, as, bs) -> [N]`` probabilities."""
+
+    def __call__(self, prompt: str, completion_a: str, completion_b: str) -> float:
+        return float(self.batch([prompt], [completion_a], [completion_b])[0])
+
+    def batch(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class RewardModelJudge(PairwiseJudge):
+    """Bradley-Terry judge from a reward model: ``P(a ≻ b) = σ((r_a − r_b) / τ)`` (arXiv 2203.02155, eq. 1;
+    ``temperature`` τ = 1 by default)."""
+
+    def __init__(self, scorer: RewardModelScorer, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} is out of range; allowed: (0, inf)")
+        self.scorer, self.temperature = scorer, float(temperature)
+
+    def batch(self, prompts, completions_a, completions_b) -> np.ndarray:
+        if not (len(prompts) == len(completions_a) == len(completions_b)):
+            raise ValueError("`prompts`, `completions_a` and `completions_b` must have the same length")
+        ra = np.asarray(self.scorer(completions_a, prompts), np.float64)
+        rb = np.asarray(self.scorer(completions_b, prompts), np.float64)
+        z = (ra - rb) / self.temperature
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), overflow-free
