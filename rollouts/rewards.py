@@ -237,7 +237,7 @@ def accuracy_reward(completion: str, solution: Any = None, **columns) -> Optiona
     return 1.0 if answers_equal(pred, gold) else 0.0
 
 
-_R1_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL)
+_R1_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\Z", re.DOTALL)
 _THINK_FORMAT = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
 
 
