@@ -66,6 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     rest = argv[2:]
     if "-h" in rest or "--help" in rest:
+        print(f"usage: trlax train {algo} [--config file.yaml] [--name value ...]\n")
+        print(config_class(algo).__doc__ + "\n")
         print(_field_help(algo))
         return 0
     try:
@@ -79,12 +81,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 values.update(yaml.safe_load(fh) or {})
         values.update(overrides)
         cfg = build_config(algo, values)
+        from trlax.train.data import load_records
+
+        rows = load_records(algo, cfg.dataset, seed=cfg.seed)  # missing columns stop the run here
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from trlax.train import loops
 
-    loops.run(algo, cfg)
+    loops.run(algo, cfg, rows)
     return 0
 
 

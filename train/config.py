@@ -40,7 +40,6 @@ class CommonConfig:
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     resume: bool = False
-    log_every: int = 1
     progress: bool = True
     export: bool = True  # save_pretrained the final policy (HF format) into <output_dir>/final
 
@@ -61,7 +60,6 @@ class CommonConfig:
         check_range("max_completion_length", self.max_completion_length, low=1)
         check_range("save_every", self.save_every, low=0)
         check_range("keep_checkpoints", self.keep_checkpoints, low=1)
-        check_range("log_every", self.log_every, low=1)
         from trlax.train.modeling import check_model
 
         check_model(self.model)
@@ -104,6 +102,7 @@ def _grpo_cls():
         ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward function
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
+        ("log_kl", bool, dataclasses.field(default=True)),  # with beta=0, still log KL to the initial policy
     ]
     common = [(k, type(v), dataclasses.field(default=v)) for k, v in GRPO_DEFAULTS.items()]
     skip = {"max_completion_length"}  # shared with CommonConfig

@@ -35,8 +35,8 @@ from trlax.train.config import loss_config
 from trlax.train.logging import RunLogger
 from trlax.train.step import init_train_state, make_mesh, make_train_step, shard_state
 
-# test hook: called as ``_after_step(step)`` after every optimiser step has been logged and checkpointed
-# (tests raise from it to simulate a run killed after step k).
+# test hook: called as ``_after_step(run, step)`` after every round of optimiser steps has been logged and
+# checkpointed (tests raise from it to simulate a run killed after step k).
 _after_step: Optional[Callable[[int], None]] = None
 
 
@@ -119,7 +119,7 @@ class _Run:
         if due:
             self.ckpt.save(step, self.state, meta, force=True)
         if _after_step is not None:
-            _after_step(step)
+            _after_step(self, step)
 
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         self.ckpt.close()
@@ -175,13 +175,13 @@ def _to_float(m) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------- SFT
 
 
-def run_sft(cfg) -> Dict[str, Any]:
+def run_sft(cfg, rows=None) -> Dict[str, Any]:
     """Supervised fine-tuning: NLL or DFT (arXiv 2508.05629, eq. 9) through
     :func:`trlax.objectives.sft_loss`, normalised by the global token count; optional BEMA
     (arXiv 2508.00180) weights kept in the train state and exported to ``final_bema``."""
     from trlax.objectives.supervised import bema, sft_loss
 
-    rows = D.load_records("sft", cfg.dataset, seed=cfg.seed)
+    rows = D.load_records("sft", cfg.dataset, seed=cfg.seed) if rows is None else rows
     bema_tx = bema(update_freq=cfg.bema_update_freq) if cfg.bema else None
 
     def loss_builder(run):
@@ -191,7 +191,7 @@ def run_sft(cfg) -> Dict[str, Any]:
             return sft_loss(logps, b["mask"], loss_type=cfg.loss_type, num_items=totals["num_items"])
         return loss_fn
 
-    run = _Run("sft", cfg, loss_builder, extra_state_fn=(lambda p: bema_tx.init(_copy(p))) if bema_tx else None)
+    run = _Run("sft", cfg, loss_builder, extra_state_fn=(lambda p: _copy(bema_tx.init(p))) if bema_tx else None)
     tok = run.tokenizer
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
@@ -221,14 +221,14 @@ def run_sft(cfg) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------- DPO
 
 
-def run_dpo(cfg) -> Dict[str, Any]:
+def run_dpo(cfg, rows=None) -> Dict[str, Any]:
     """DPO family (arXiv 2305.18290, eq. 7, and every ``PreferenceLossConfig`` variant) on a preference
     set; reference log-probs from the frozen initial policy, computed once up front
     (``precompute_ref_logps``) or on the fly for each batch."""
     from trlax.objectives.preference import preference_loss
 
     lcfg = loss_config("dpo", cfg)
-    rows = D.load_records("dpo", cfg.dataset, seed=cfg.seed)
+    rows = D.load_records("dpo", cfg.dataset, seed=cfg.seed) if rows is None else rows
     needs_ref = not lcfg.reference_free
 
     def loss_builder(run):
@@ -306,13 +306,13 @@ def _reward_fn(cfg):
     return fn, D.REWARD_NAMES
 
 
-def run_grpo(cfg) -> Dict[str, Any]:
+def run_grpo(cfg, rows=None) -> Dict[str, Any]:
     """GRPO family: every ``PolicyLossConfig`` loss / preset (see the module docstring for the schedule)."""
     from trlax.objectives import multi_reward_advantages, policy_loss
     from trlax.rollouts import JaxSampler, SamplingConfig
 
     lcfg = loss_config("grpo", cfg)
-    rows = D.load_records("grpo", cfg.dataset, seed=cfg.seed)
+    rows = D.load_records("grpo", cfg.dataset, seed=cfg.seed) if rows is None else rows
     G = cfg.num_generations
     spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
     gen_rows = cfg.batch_size * spg
@@ -377,9 +377,18 @@ def run_grpo(cfg) -> Dict[str, Any]:
         if ref_params is not None:
             buf["ref_logps"] = np.asarray(forward_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
                                                         c_ids, c_mask))
+        if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
+            cur = buf["old_logps"] if off_policy else np.asarray(
+                forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
+            ref = np.asarray(forward_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
+            d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
+            kl_tok = np.exp(d) - d - 1.0
+            kl_monitor = float(kl_tok[c_mask].mean()) if c_mask.any() else 0.0
         gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
                        "completion_length": float(np.mean(c_mask.sum(1))),
                        "truncated_frac": float(np.mean(truncated))}
+        if lcfg.beta == 0 and cfg.log_kl:
+            gen_metrics["kl"] = kl_monitor
         for j, name in enumerate(reward_names):
             gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
         prev = step
@@ -402,9 +411,10 @@ def run_grpo(cfg) -> Dict[str, Any]:
                        "reward_first_10pct": first, "reward_last_10pct": last})
 
 
-def run(algo: str, cfg) -> Dict[str, Any]:
-    """Run ``algo`` (``grpo`` | ``dpo`` | ``sft``) with its validated run config."""
-    return {"grpo": run_grpo, "dpo": run_dpo, "sft": run_sft}[algo](cfg)
+def run(algo: str, cfg, rows=None) -> Dict[str, Any]:
+    """Run ``algo`` (``grpo`` | ``dpo`` | ``sft``) with its validated run config (``rows``: the
+    dataset's records if already loaded and checked by :func:`trlax.train.data.load_records`)."""
+    return {"grpo": run_grpo, "dpo": run_dpo, "sft": run_sft}[algo](cfg, rows)
 
 
 __all__ = ["first_last", "make_optimizer", "run", "run_dpo", "run_grpo", "run_sft", "save_config"]

@@ -1,0 +1,235 @@
+"""End-to-end loops behind `trlax train`: the default GRPO job learns, DPO / SFT train, kill + --resume
+equals an uninterrupted run bit for bit, a half-written checkpoint is never resumed from, a local HF
+checkpoint trains and its export loads in transformers, logging artefacts, bad input stops before compute.
+
+Tiny models and few steps; the only subprocess is the README's default command."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from trlax.train import cli, loops
+from trlax.train.config import build_config
+
+SMALL_GRPO = dict(batch_size=16, num_generations=4, max_completion_length=3, max_prompt_length=4, progress=False)
+
+
+def _read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _safetensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+class _Killed(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------ the main job
+
+
+def test_default_grpo_command_learns_within_budget(tmp_path):
+    """`trlax train grpo` with no other argument (as in the README): finishes within 5 minutes and the
+    mean reward of the last 10% of steps is clearly above the first 10%."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "trlax.train.cli", "train", "grpo", "--output_dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    wall = time.time() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert wall < 300
+    summary = json.loads((out / "summary.json").read_text())
+    assert "mean reward: first 10% of steps" in proc.stdout
+    assert summary["reward_last_10pct"] >= summary["reward_first_10pct"] + 0.2, summary
+    rows = _read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 201))
+    for key in ("reward", "loss", "kl", "grad_norm", "tokens_per_s", "rewards/accuracy", "rewards/format"):
+        assert key in rows[-1], key
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert os.path.isfile(out / "final" / "model.safetensors")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert build_config("grpo", saved).__dict__ == build_config("grpo", {"output_dir": str(out)}).__dict__
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
+    """GRPO with beta > 0 (reference model) and num_iterations = 2 (old log-probs): a run killed after
+    step 2 and resumed with --resume ends with exactly the parameters of an uninterrupted run. A
+    checkpoint directory left half-written by the kill is ignored."""
+    common = dict(SMALL_GRPO, max_steps=6, save_every=2, beta=0.05, num_iterations=2, learning_rate=3e-3)
+    full = loops.run("grpo", build_config("grpo", dict(common, output_dir=str(tmp_path / "full"))))
+
+    def kill_after_2(run, step):
+        if step == 2:
+            run.ckpt.wait()
+            raise _Killed
+
+    monkeypatch.setattr(loops, "_after_step", kill_after_2)
+    part = tmp_path / "part"
+    with pytest.raises(_Killed):
+        loops.run("grpo", build_config("grpo", dict(common, output_dir=str(part))))
+    monkeypatch.setattr(loops, "_after_step", None)
+    assert not (part / "final").exists()
+    # a step-4 checkpoint interrupted mid-write (orbax writes to a tmp dir and renames when done)
+    tmp = part / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    os.makedirs(tmp / "state")
+    (tmp / "state" / "partial").write_bytes(b"\x00" * 64)
+    resumed = loops.run("grpo", build_config("grpo", dict(common, output_dir=str(part), resume=True)))
+    a, b = _safetensors(full["exported_to"]), _safetensors(resumed["exported_to"])
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ra, rb = _read_jsonl(tmp_path / "full" / "metrics.jsonl"), _read_jsonl(part / "metrics.jsonl")
+    assert [r["step"] for r in rb] == list(range(1, 7))
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
+    # and the run did move: the parameters differ from the initial ones
+    assert any(np.any(a[k] != _init[k]) for _init in [_safetensors_initial(tmp_path)] for k in a)
+
+
+def _safetensors_initial(tmp_path):
+    cfg = build_config("grpo", dict(SMALL_GRPO, output_dir=str(tmp_path / "init"), max_steps=1))
+    from trlax.train import modeling
+
+    pol = modeling.build_policy(cfg)
+    pol.save(pol.params, str(tmp_path / "init" / "hf"))
+    return _safetensors(str(tmp_path / "init" / "hf"))
+
+
+def test_existing_checkpoints_without_resume_refused(tmp_path):
+    cfg = dict(batch_size=8, max_steps=1, progress=False, output_dir=str(tmp_path), export=False)
+    loops.run("sft", build_config("sft", cfg))
+    with pytest.raises(ValueError, match="output_dir=.*--resume"):
+        loops.run("sft", build_config("sft", cfg))
+
+
+# ------------------------------------------------------------------------------------ DPO and SFT
+
+
+def test_dpo_default_data_learns(tmp_path):
+    s = loops.run("dpo", build_config("dpo", dict(output_dir=str(tmp_path), max_steps=25, batch_size=16,
+                                                  progress=False, export=False)))
+    assert s["loss_last_10pct"] < s["loss_first_10pct"] - 0.05, s
+    assert s["accuracy_last_10pct"] > s["accuracy_first_10pct"], s
+    rows = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert {"rewards/margins", "rewards/accuracies", "loss"} <= set(rows[0])
+
+
+def test_dpo_on_the_fly_reference_equals_precomputed(tmp_path):
+    kw = dict(max_steps=3, batch_size=8, progress=False, export=False, preset="ipo")
+    a = loops.run("dpo", build_config("dpo", dict(kw, output_dir=str(tmp_path / "a"))))
+    b = loops.run("dpo", build_config("dpo", dict(kw, output_dir=str(tmp_path / "b"), precompute_ref_logps=False)))
+    del a, b
+    ra, rb = _read_jsonl(tmp_path / "a" / "metrics.jsonl"), _read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-6)
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["loss_type"] == "ipo"
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_sft_learns_and_bema_exported(tmp_path, loss_type):
+    s = loops.run("sft", build_config("sft", dict(output_dir=str(tmp_path), max_steps=30, batch_size=16,
+                                                  progress=False, loss_type=loss_type, bema=True,
+                                                  bema_update_freq=5)))
+    nll = [r["nll"] for r in _read_jsonl(tmp_path / "metrics.jsonl")]
+    assert np.mean(nll[-3:]) < 0.7 * np.mean(nll[:3]), nll  # DFT's own loss -p·log p is not monotone in p
+    a, b = _safetensors(s["exported_to"]), _safetensors(s["bema_exported_to"])
+    assert any(np.any(a[k] != b[k]) for k in a)  # BEMA weights are their own average, not the policy
+
+
+# ------------------------------------------------------------------------ HF checkpoint in and out
+
+
+def test_local_hf_checkpoint_trains_and_export_loads_in_transformers(tmp_path):
+    import torch
+    import transformers
+    from flax import nnx
+
+    from trlax.models import Decoder, DecoderConfig, load_pretrained, save_pretrained
+    from trlax.train import modeling
+    from trlax.train.data import build_tokenizer
+
+    tok = build_tokenizer(str(tmp_path / "tok"))
+    hf = modeling.tiny_hf_config(tok, model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                                 num_hidden_layers=1, tie_word_embeddings=True)
+    src = tmp_path / "src"
+    save_pretrained(Decoder(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(3)), str(src), tokenizer=tok)
+    s = loops.run("sft", build_config("sft", dict(model=str(src), output_dir=str(tmp_path / "run"), max_steps=8,
+                                                  batch_size=8, learning_rate=1e-2, progress=False)))
+    assert s["loss_last_10pct"] < s["loss_first_10pct"]
+    ids = tok("3+4=7", add_special_tokens=False)["input_ids"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(s["exported_to"], torch_dtype=torch.float32)
+    assert type(ref).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits.numpy()
+    ours = np.asarray(load_pretrained(s["exported_to"])(np.asarray([ids], np.int32)))
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-4)
+    before = np.asarray(load_pretrained(str(src))(np.asarray([ids], np.int32)))
+    assert np.max(np.abs(before - ours)) > 1e-3  # it trained
+    tok2 = transformers.AutoTokenizer.from_pretrained(s["exported_to"])
+    assert tok2("3+4=7", add_special_tokens=False)["input_ids"] == ids
+
+
+# ---------------------------------------------------------------------------- errors before compute
+
+
+def _no_compute(monkeypatch):
+    from trlax.train import modeling
+
+    monkeypatch.setattr(modeling, "build_policy", lambda *a, **k: pytest.fail("compute started"))
+    monkeypatch.setattr(loops, "run", lambda *a, **k: pytest.fail("compute started"))
+
+
+@pytest.mark.parametrize("algo, row, missing", [
+    ("dpo", {"prompt": "1+1=", "chosen": "2"}, "rejected"),
+    ("sft", {"question": "1+1=", "completion": "2"}, "prompt"),
+    ("grpo", {"question": "1+1="}, "prompt"),
+])
+def test_missing_dataset_column_stops_cli_before_compute(tmp_path, monkeypatch, capsys, algo, row, missing):
+    _no_compute(monkeypatch)
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(row) for _ in range(4)))
+    assert cli.main(["train", algo, "--dataset", str(p), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing column" in err and missing in err and "dataset=" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "grpo", "--batch_size", "30", "--num_generations", "8"], "num_generations=8"),
+    (["train", "grpo", "--temperature", "0"], "temperature=0"),
+    (["train", "grpo", "--scale_rewards", "max"], "scale_rewards='max'"),
+    (["train", "grpo", "--model", "/nonexistent/ckpt"], "model='/nonexistent/ckpt'"),
+    (["train", "sft", "--loss_type", "kl"], "loss_type='kl'"),
+    (["train", "dpo", "--loss_type", "sigmoidd"], "loss_type"),
+    (["train", "dpo", "--beta", "-1"], "beta"),
+    (["train", "dpo", "--preset", "nope"], "preset='nope'"),
+    (["train", "grpo", "--reward_weights", "1,x"], "reward_weights"),
+])
+def test_bad_values_stop_cli_before_compute(monkeypatch, capsys, argv, needle):
+    _no_compute(monkeypatch)
+    assert cli.main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_preset_resolved_into_saved_config(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(loops, "run", lambda algo, cfg, rows=None: seen.update(cfg=cfg))
+    assert cli.main(["train", "grpo", "--preset", "gspo", "--beta", "0.02", "--output_dir", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert cfg.importance_sampling_level == "sequence" and cfg.epsilon == 3e-4 and cfg.beta == 0.02
+    loops.save_config("grpo", cfg)
+    again = build_config("grpo", yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again.__dict__ == cfg.__dict__
