@@ -241,13 +241,19 @@ class Sampler(abc.ABC):
         """Sample completions for ``prompts`` with ``params``; see the class docstring."""
 
 
+def _is_2d(x) -> bool:
+    try:
+        return np.ndim(x) == 2
+    except ValueError:  # ragged
+        return False
+
+
 def _as_prompt_arrays(prompts, pad_token_id: int):
     if isinstance(prompts, dict):
         if "prompt_ids" not in prompts:
             raise ValueError("`prompts` dict must have 'prompt_ids' (and optionally 'prompt_mask')")
         ids, mask = prompts["prompt_ids"], prompts.get("prompt_mask")
-    elif isinstance(prompts, tuple) and len(prompts) == 2 and not np.isscalar(prompts[0]) and (
-            np.ndim(prompts[0]) == 2 or hasattr(prompts[0], "shape")):
+    elif isinstance(prompts, tuple) and len(prompts) == 2 and (hasattr(prompts[0], "shape") or _is_2d(prompts[0])):
         ids, mask = prompts
     elif isinstance(prompts, (list, tuple)) and prompts and not hasattr(prompts[0], "shape") \
             and isinstance(prompts[0], (list, tuple)):
