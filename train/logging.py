@@ -42,6 +42,7 @@ class RunLogger:
         now = time.perf_counter()
         row = {k: float(v) for k, v in metrics.items()}
         row["step"] = step
+        row["step_time"] = now - self._t  # seconds since the previous logged step (data + sampling + update)
         if tokens is not None:
             row["tokens_per_s"] = tokens / max(now - self._t, 1e-9)
         self._t = now

@@ -159,7 +159,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         out = finalize_metrics(metrics)
         out["loss"] = loss
-        out["grad_norm"] = optax.global_norm(grads)
+        out["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, params, opt_state, state.extra), out
 
     if mesh is None:
