@@ -15,7 +15,8 @@ where ``truncate`` applies, in this order (the order of Hugging Face ``generate`
 2019, arXiv 1904.09751, sec. 3.1: keep the smallest set of most likely tokens whose probability mass reaches
 p, computed on the top-k-renormalised distribution) and min-p (Nguyen et al. 2024, arXiv 2407.01082: keep
 tokens whose probability is at least ``min_p`` times the top token's). Removed tokens get probability 0 and
-the kept ones are **renormalised**.
+the kept ones are **renormalised**. With a single truncation the order does not matter; combined, it can (vLLM
+applies min-p before top-k / top-p, Hugging Face after).
 
 Sampler log-probs. ``Rollout.logps[b, t] = log π̃(o_t | q, o_<t)`` of eq. (1): the log-probability of the
 sampled token under the distribution that was actually sampled from (after temperature *and* truncation,
@@ -75,8 +76,10 @@ class SamplingConfig:
         (consecutive groups, the layout :mod:`trlax.objectives.advantages` expects).
       max_length: KV-cache slots ``S`` (prompt + completion); ``None`` sizes it to ``P + N`` per call. A
         prompt whose real tokens plus ``max_new_tokens`` do not fit raises ``ValueError``.
-      prompt_multiple: left-pad the prompt width up to a multiple of this (fewer recompilations for
-        prompts of varying length).
+      prompt_multiple: ``None`` keeps the width of the prompt block as given (one compilation per width:
+        pass a fixed-width block, as a trainer with ``max_prompt_length`` does); an integer re-pads the
+        block to the smallest multiple of it that holds the longest prompt (drops all-padding columns, so
+        the prefill is cheaper, at one compilation per bucket).
     """
 
     max_new_tokens: int = 256
@@ -88,16 +91,19 @@ class SamplingConfig:
     pad_token_id: int = 0
     num_generations: int = 1
     max_length: Optional[int] = None
-    prompt_multiple: int = 1
+    prompt_multiple: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in np.atleast_1d(
             np.asarray(self.stop_token_ids, dtype=np.int64)).tolist()))
-        ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "prompt_multiple": 1, "pad_token_id": 0}
+        ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "pad_token_id": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
                 raise ValueError(f"{name}={v!r} is out of range; allowed: integers >= {low}")
+        pm = self.prompt_multiple
+        if pm is not None and (isinstance(pm, bool) or not isinstance(pm, (int, np.integer)) or pm < 1):
+            raise ValueError(f"prompt_multiple={pm!r} is out of range; allowed: None or integers >= 1")
         if self.max_length is not None and (isinstance(self.max_length, bool)
                                             or not isinstance(self.max_length, (int, np.integer))
                                             or self.max_length < 2):
@@ -216,9 +222,11 @@ class Rollout:
         return jnp.sum(self.completion_mask, axis=-1)
 
     def keys(self):
+        """Field names (dict-style access for code that treats a rollout as a mapping)."""
         return [f.name for f in dataclasses.fields(self)]
 
     def __getitem__(self, name: str):
+        """``rollout["completion_ids"]`` == ``rollout.completion_ids`` (also ``"sampler_logps"``, ``"lengths"``)."""
         if name in ("sampler_logps", "lengths") or name in self.keys():
             return getattr(self, name)
         raise KeyError(f"Rollout has no field {name!r}; fields: {self.keys()}")
@@ -414,14 +422,16 @@ class JaxSampler(Sampler):
         if not np.all(mask[:, -1]):
             raise ValueError("prompts must be left-padded: `prompt_mask[:, -1]` must be True for every row")
         longest = int(n_real.max())
-        width = -(-longest // cfg.prompt_multiple) * cfg.prompt_multiple
+        width = ids.shape[1]
+        if cfg.prompt_multiple is not None:
+            width = -(-longest // cfg.prompt_multiple) * cfg.prompt_multiple
         if cfg.max_length is not None:
             if longest + cfg.max_new_tokens > cfg.max_length:
                 raise ValueError(
                     f"prompt too long for the KV cache: the longest prompt has {longest} tokens and "
                     f"max_new_tokens={cfg.max_new_tokens}, but max_length={cfg.max_length} cache slots "
                     f"(need >= {longest + cfg.max_new_tokens}); shorten the prompt or raise max_length")
-            width = min(width, cfg.max_length - cfg.max_new_tokens)
+            width = min(width, cfg.max_length - cfg.max_new_tokens)  # drops all-padding columns only
         if width <= ids.shape[1]:  # drop all-padding leading columns
             ids, mask = ids[:, ids.shape[1] - width:], mask[:, mask.shape[1] - width:]
         else:

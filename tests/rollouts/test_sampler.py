@@ -198,10 +198,12 @@ def test_ragged_padding_invariance_and_determinism(model):
     b = s.generate(None, PROMPTS, key, num_generations=2)
     for f in a.keys():
         np.testing.assert_array_equal(np.asarray(a[f]), np.asarray(b[f]))
-    # extra left padding columns (dropped before decoding) change nothing
+    # extra left padding columns change nothing
     ids, mask = left_pad(PROMPTS, 1, width=9)
     c = s.generate(None, (ids, mask), key, num_generations=2)
+    assert c.prompt_ids.shape[1] == 9
     np.testing.assert_array_equal(np.asarray(a.completion_ids), np.asarray(c.completion_ids))
+    np.testing.assert_allclose(np.asarray(a.logps), np.asarray(c.logps), atol=1e-6)
     d = s.generate(None, PROMPTS, jax.random.key(12), num_generations=2)
     assert not np.array_equal(np.asarray(a.completion_ids), np.asarray(d.completion_ids))
 
@@ -211,6 +213,10 @@ def test_prompt_multiple_padding_changes_nothing_for_greedy(model):
     a = JaxSampler(model, cfg).generate(None, PROMPTS, jax.random.key(0))
     b = JaxSampler(model, cfg, prompt_multiple=8).generate(None, PROMPTS, jax.random.key(0))
     assert b.prompt_ids.shape[1] == 8 and a.prompt_ids.shape[1] == 5
+    ids, mask = left_pad(PROMPTS, 1, width=12)  # trimmed to the bucket: all-padding columns dropped
+    c = JaxSampler(model, cfg, prompt_multiple=8).generate(None, (ids, mask), jax.random.key(0))
+    assert c.prompt_ids.shape[1] == 8
+    np.testing.assert_array_equal(np.asarray(b.completion_ids), np.asarray(c.completion_ids))
     np.testing.assert_array_equal(np.asarray(a.completion_ids), np.asarray(b.completion_ids))
     np.testing.assert_allclose(np.asarray(a.logps), np.asarray(b.logps), atol=1e-10)
 
@@ -307,6 +313,8 @@ def test_rollout_dict_access(model):
 
 def test_errors(model):
     s = JaxSampler(model, SamplingConfig(max_new_tokens=4, max_length=8))
+    wide = left_pad([[1, 2, 3]], 0, width=6)  # fits once the all-padding columns are dropped
+    assert s.generate(None, wide, jax.random.key(0)).prompt_ids.shape == (1, 4)
     with pytest.raises(ValueError, match="prompt too long for the KV cache.*max_length=8"):
         s.generate(None, [[1, 2, 3, 4, 5]], jax.random.key(0))
     with pytest.raises(ValueError, match="rows without any real token"):
@@ -319,7 +327,7 @@ def test_errors(model):
     with pytest.raises(ValueError, match="num_generations"):
         s.generate(None, [[1, 2]], jax.random.key(0), num_generations=0)
     for field, bad in (("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.0), ("top_k", -1),
-                       ("max_new_tokens", 0), ("max_length", 1)):
+                       ("max_new_tokens", 0), ("max_length", 1), ("prompt_multiple", 0)):
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**{field: bad})
     with pytest.raises(ValueError, match="stop_token_ids"):
