@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trlax.models import Decoder, DecoderConfig
+from trlax.models import Decoder, DecoderConfig, completion_logps
 from trlax.rollouts import JaxSampler, Rollout, Sampler, SamplingConfig, left_pad, process_logits
 
 V = 48
@@ -97,7 +97,7 @@ def check_structure(roll: Rollout, cfg: SamplingConfig):
 # ------------------------------------------------------------------------------------------- tests
 
 SWEEP = [
-    SamplingConfig(max_new_tokens=9, temperature=1.0, stop_token_ids=STOP, pad_token_id=1),
+    SamplingConfig(max_new_tokens=9, temperature=0.8, stop_token_ids=STOP, pad_token_id=1),
     SamplingConfig(max_new_tokens=9, temperature=0.7, top_k=6, stop_token_ids=STOP, pad_token_id=1),
     SamplingConfig(max_new_tokens=9, temperature=1.3, top_p=0.8, min_p=0.05, stop_token_ids=STOP, pad_token_id=1),
     SamplingConfig(max_new_tokens=9, temperature=0.9, top_k=12, top_p=0.9, min_p=0.1, stop_token_ids=STOP,
@@ -118,6 +118,10 @@ def test_sampler_logps_equal_full_forward_processed(model, cfg):
                 ref = np_process(logits[b, t], cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)
                 assert np.isfinite(ref[ids[b, t]]), "sampled a token outside the processed support"
                 np.testing.assert_allclose(lps[b, t], ref[ids[b, t]], rtol=1e-5, atol=1e-5)
+    if cfg.top_k == 0 and cfg.top_p == 1.0 and cfg.min_p == 0.0:  # no truncation: the trainer's log-probs agree
+        train_lp, _ = completion_logps(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
+                                       roll.completion_mask, temperature=cfg.temperature)
+        np.testing.assert_allclose(lps, np.asarray(train_lp), rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_logps_float32_model():
