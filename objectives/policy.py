@@ -577,13 +577,14 @@ def policy_loss(
     adv = jax.lax.stop_gradient(jnp.where(jnp.isnan(adv), 0.0, adv))
     zero = jnp.zeros((), logps.dtype)
     logps_safe = jnp.where(mask, logps, zero)
-    old = jax.lax.stop_gradient(logps_safe) if old_logps is None else jax.lax.stop_gradient(
-        jnp.where(mask, as_float(old_logps, "old_logps"), zero))
+    old_raw = None if old_logps is None else jax.lax.stop_gradient(as_float(old_logps, "old_logps"))
+    old = jax.lax.stop_gradient(logps_safe) if old_raw is None else jnp.where(mask, old_raw, zero)
     metrics: Dict[str, Any] = {}
 
-    # 1. importance ratio
+    # 1. importance ratio (from the raw arrays: the ratio functions select once, on the difference)
     ratio_old = jax.lax.stop_gradient(logps_safe) if config.force_on_policy_ratio else old
-    log_ratio = importance_log_ratio(logps_safe, ratio_old, mask, config.importance_sampling_level)
+    log_ratio = importance_log_ratio(logps, None if config.force_on_policy_ratio else old_raw, mask,
+                                     config.importance_sampling_level)
     raw_log_ratio = log_ratio
     clamp = config.log_ratio_clamp
     if clamp is not None:

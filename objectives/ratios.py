@@ -21,6 +21,7 @@ DEFAULT_LOG_RATIO_CLAMP = 20.0
 
 
 def _prep(logps, old_logps, mask):
+    """Checked float arrays: ``(logps, sg(old_logps) or sg(logps), mask)``, *not* yet masked."""
     logps = as_float(logps, "logps")
     check_rank(logps, 2, "logps")
     mask = as_mask(mask)
@@ -31,10 +32,15 @@ def _prep(logps, old_logps, mask):
         old = as_float(old_logps, "old_logps")
         check_same_shape(logps, "logps", old_logps=old)
         old = jax.lax.stop_gradient(old)
-    zero = jnp.zeros((), jnp.result_type(logps.dtype, old.dtype))
-    logps = jnp.where(mask, logps, zero)
-    old = jnp.where(mask, old, zero)
     return logps, old, mask
+
+
+def _masked_diff(logps, old, mask):
+    """``where(mask, logps − old, 0)``: one select on the difference (a subtraction's backward pass
+    only forwards the cotangent, which the select zeroes under the mask, so NaN / inf under padding
+    reach neither the value nor the gradient; one select instead of two also saves a [B, T] pass)."""
+    d = logps - old
+    return jnp.where(mask, d, jnp.zeros((), d.dtype))
 
 
 def safe_exp(log_x: jnp.ndarray, clamp: Optional[float] = DEFAULT_LOG_RATIO_CLAMP) -> jnp.ndarray:
@@ -62,8 +68,7 @@ def token_log_ratio(
     Returns:
       ``[B, T]`` log-ratio, exactly 0 at masked positions.
     """
-    logps, old, _ = _prep(logps, old_logps, mask)
-    return logps - old
+    return _masked_diff(*_prep(logps, old_logps, mask))
 
 
 def sequence_log_ratio(
@@ -78,8 +83,10 @@ def sequence_log_ratio(
       ``[B, 1]``; 0 for rows with an empty mask.
     """
     logps, old, mask = _prep(logps, old_logps, mask)
-    length = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(logps.dtype)
-    return jnp.sum(logps - old, axis=-1, keepdims=True) / length
+    d = _masked_diff(logps, old, mask)
+    # same expression as aggregate()'s row lengths, so XLA computes the count once
+    length = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True).astype(d.dtype), 1)
+    return jnp.sum(d, axis=-1, keepdims=True) / length
 
 
 def gspo_token_log_ratio(
@@ -94,9 +101,9 @@ def gspo_token_log_ratio(
     ``∇ log π_θ(y_t)``, so per-token advantages can be used. With a per-sequence advantage it equals
     GSPO. Returns ``[B, T]`` (0 at masked positions).
     """
-    logps_safe, _, mask = _prep(logps, old_logps, mask)
+    lp, _, mask = _prep(logps, old_logps, mask)
     seq = sequence_log_ratio(logps, old_logps, mask)
-    out = logps_safe - jax.lax.stop_gradient(logps_safe) + jax.lax.stop_gradient(seq)
+    out = _masked_diff(lp, jax.lax.stop_gradient(lp), mask) + jax.lax.stop_gradient(seq)
     return jnp.where(mask, out, jnp.zeros((), out.dtype))
 
 
