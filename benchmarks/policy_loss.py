@@ -1,8 +1,8 @@
 """Benchmark: trlax ``policy_loss`` (jitted, value + gradient) vs TRL 1.16's GRPOTrainer loss (eager
 PyTorch, forward + backward) on identical float32 inputs, on this machine's CPU.
 
-Both sides run in this one process, on the same arrays, timed alternately (at least ``--repeats``
-runs each and at least 0.5 s of work); each timing is the median after a warm-up (the jit compile is
+Both sides run in this one process, on the same arrays, timed in alternating blocks of 10 calls (at
+least ``--repeats`` calls each and at least 0.5 s of work); each timing is the median after a warm-up (the jit compile is
 excluded and reported separately). TRL's loss is driven
 through the same stand-in ``self`` as the parity tests (tests/objectives/test_policy_trl.py).
 
@@ -36,15 +36,18 @@ CONFIGS = {
 }
 
 
-def _interleaved_medians(fn_a, fn_b, repeats, min_seconds=0.5):
-    """Median wall time of ``fn_a`` and ``fn_b``, timed alternately (so a background load hits both
-    sides alike), ``repeats`` times or until both have run for ``min_seconds``."""
+def _alternating_medians(fn_a, fn_b, repeats, min_seconds=0.5, block=10):
+    """Median wall time of ``fn_a`` and ``fn_b``, timed in alternating blocks of ``block`` calls (so a
+    background load hits both sides alike, while neither side's thread pool is still spinning from the
+    other's last call when most of a block is timed), at least ``repeats`` calls each and until both
+    have run for ``min_seconds`` (at most 2000 calls)."""
     ta, tb = [], []
     while len(ta) < repeats or (sum(ta) < min_seconds and sum(tb) < min_seconds and len(ta) < 2000):
         for fn, out in ((fn_a, ta), (fn_b, tb)):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
     return statistics.median(ta), statistics.median(tb), len(ta)
 
 
@@ -89,7 +92,7 @@ def bench(name, cfg, B, T, repeats):
         return lp.grad
 
     trl_step()
-    t_jax, t_trl, n = _interleaved_medians(lambda: jax.block_until_ready(jfn(*args)), trl_step, repeats)
+    t_jax, t_trl, n = _alternating_medians(lambda: jax.block_until_ready(jfn(*args)), trl_step, repeats)
     return t_jax, t_trl, compile_s, n
 
 
@@ -100,7 +103,7 @@ def main():
     a = ap.parse_args()
     sizes = SIZES[:2] if a.quick else SIZES
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32, value+grad, interleaved runs, median")
+          f"({torch.get_num_threads()} threads), float32, value+grad, alternating blocks, median")
     print(f"{'config':<9} {'B x T':>11} {'trlax ms':>10} {'TRL ms':>10} {'speed-up':>9} {'compile s':>10} {'runs':>6}")
     for name, cfg in CONFIGS.items():
         for B, T in sizes:
