@@ -404,3 +404,20 @@ def test_bf16_compute_model_samples_finite_logps_close_to_full_forward():
     finite = np.isfinite(ref)  # bf16 rounding may move a token across the top-k boundary
     assert finite.mean() > 0.9
     np.testing.assert_allclose(got[finite], ref[finite], atol=0.1)
+
+
+def test_process_logits_ties_and_float64_keys():
+    """Ties at the k-th value are all kept (as HF's TopKLogitsWarper); a top-p cutoff inside a tie keeps
+    the whole tie; the bisection is exact for float32 and float64 rows, including -inf entries."""
+    x = np.array([[3.0, 1.0, 3.0, 2.0, 2.0, 2.0, -np.inf, 0.5]])
+    for dt in (jnp.float32, jnp.float64):
+        got = np.asarray(process_logits(jnp.asarray(x, dt), 1.0, top_k=3))
+        np.testing.assert_array_equal(np.isfinite(got[0]), [1, 0, 1, 1, 1, 1, 0, 0])  # 3,3 and the tie of 2s
+        got = np.asarray(process_logits(jnp.asarray(x, dt), 1.0, top_k=2))
+        np.testing.assert_array_equal(np.isfinite(got[0]), [1, 0, 1, 0, 0, 0, 0, 0])
+        # the two 3s carry 2e^3/(2e^3+3e^2+e+e^.5) ≈ 0.60 of the mass; p=0.7 cuts inside the tie of 2s
+        got = np.asarray(process_logits(jnp.asarray(x, dt), 1.0, top_p=0.7))
+        np.testing.assert_array_equal(np.isfinite(got[0]), [1, 0, 1, 1, 1, 1, 0, 0])
+        got = np.asarray(process_logits(jnp.asarray(x, dt), 1.0, top_p=0.5))
+        np.testing.assert_array_equal(np.isfinite(got[0]), [1, 0, 1, 0, 0, 0, 0, 0])
+        np.testing.assert_allclose(np.exp(got[0, [0, 2]]), [0.5, 0.5], rtol=1e-6)
