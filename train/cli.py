@@ -49,6 +49,24 @@ def _parse_overrides(tokens: List[str]) -> Dict[str, str]:
     return out
 
 
+def initialize_distributed(cfg) -> None:
+    """Multi-host runs: ``jax.distributed.initialize`` with the config's coordinator address / process
+    count / process id (auto-detected on Cloud TPU, SLURM and Open MPI when left empty). Every host
+    runs the same command; the mesh then spans the devices of all hosts."""
+    import jax
+
+    kw = {}
+    if cfg.coordinator_address:
+        kw["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes > 0:
+        kw["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kw["process_id"] = cfg.process_id
+    jax.distributed.initialize(**kw)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
+          f"{jax.device_count()} global devices")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -87,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.distributed:
+        initialize_distributed(cfg)
     from trlax.train import loops
 
     loops.run(algo, cfg, rows)

@@ -42,6 +42,11 @@ class CommonConfig:
     resume: bool = False
     progress: bool = True
     export: bool = True  # save_pretrained the final policy (HF format) into <output_dir>/final
+    # multi-host: call jax.distributed.initialize before anything else (same command on every host)
+    distributed: bool = False
+    coordinator_address: str = ""  # host:port of process 0 ("" = auto-detect on TPU / SLURM / Open MPI)
+    num_processes: int = 0  # 0 = auto-detect
+    process_id: int = -1  # -1 = auto-detect
 
     def validate(self) -> None:
         check_range("max_steps", self.max_steps, low=1)

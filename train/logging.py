@@ -21,13 +21,17 @@ class RunLogger:
     ``tensorboard/``, a tqdm progress bar showing reward / KL / loss / tokens/s, and :meth:`plot`."""
 
     def __init__(self, output_dir: str, total_steps: int, *, tensorboard: bool = True, progress: bool = True,
-                 start_step: int = 0, history: Optional[List[Dict[str, float]]] = None):
-        os.makedirs(output_dir, exist_ok=True)
+                 start_step: int = 0, history: Optional[List[Dict[str, float]]] = None, enabled: bool = True):
+        # enabled=False (processes other than 0 of a multi-host run): keep the history, write nothing.
         self.output_dir = output_dir
+        self.enabled = enabled
         self.jsonl_path = os.path.join(output_dir, "metrics.jsonl")
-        self._jsonl = open(self.jsonl_path, "a")
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+        self._jsonl = open(self.jsonl_path, "a") if enabled else None
         self._tb = None
-        if tensorboard:
+        progress = progress and enabled
+        if tensorboard and enabled:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -47,8 +51,9 @@ class RunLogger:
             row["tokens_per_s"] = tokens / max(now - self._t, 1e-9)
         self._t = now
         self.history.append(row)
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and np.isfinite(v):
@@ -61,7 +66,7 @@ class RunLogger:
 
     def plot(self, keys=("reward", "kl", "loss"), filename: str = "curves.png") -> Optional[str]:
         present = [k for k in keys if any(k in r for r in self.history)]
-        if not present:
+        if not present or not self.enabled:
             return None
         import matplotlib
 
@@ -87,7 +92,8 @@ class RunLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
 
 __all__ = ["RunLogger"]

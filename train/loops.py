@@ -33,7 +33,9 @@ from trlax.train import data as D
 from trlax.train.checkpoint import Checkpointer, key_from_meta, key_to_meta
 from trlax.train.config import loss_config
 from trlax.train.logging import RunLogger
-from trlax.train.step import init_train_state, make_mesh, make_train_step, shard_state
+from jax.sharding import NamedSharding, PartitionSpec
+
+from trlax.train.step import BATCH_AXES, init_train_state, make_mesh, make_train_step, shard_state
 
 # test hook: called as ``_after_step(run, step)`` after every round of optimiser steps has been logged and
 # checkpointed (tests raise from it to simulate a run killed after step k).
@@ -67,6 +69,18 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def _host(x) -> np.ndarray:
+    """A device array as a host NumPy array; on a multi-host run, arrays spread over other hosts' devices
+    are gathered (``process_allgather``), replicated ones read from a local shard."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _copy(tree):
     """A fresh copy of every array (the step donates the state's buffers; frozen copies must not alias)."""
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
@@ -79,7 +93,8 @@ class _Run:
         from trlax.train import modeling
 
         self.algo, self.cfg = algo, cfg
-        self.config_path = save_config(algo, cfg)
+        self.is_main = jax.process_index() == 0
+        self.config_path = save_config(algo, cfg) if self.is_main else os.path.join(cfg.output_dir, "config.yaml")
         self.policy = modeling.build_policy(cfg)
         self.tokenizer = self.policy.tokenizer
         self.mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
@@ -87,6 +102,7 @@ class _Run:
         if (cfg.batch_size // cfg.num_microbatches) % dp:
             raise ValueError(f"batch_size={cfg.batch_size} / num_microbatches={cfg.num_microbatches} must be "
                              f"divisible by the data-parallel size mesh_data x mesh_fsdp = {dp}")
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
         self.optimizer = make_optimizer(cfg)
         extra = extra_state_fn(self.policy.params) if extra_state_fn else None
         state = init_train_state(self.policy.params, self.optimizer, extra)
@@ -109,7 +125,20 @@ class _Run:
             raise ValueError(f"output_dir={cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
                              "or choose another output_dir")
         self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
-                                history=history)
+                                history=history, enabled=self.is_main)
+
+    def place(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Host batch -> step input. One process: unchanged (jit places it). Multi-host: every process
+        holds the same global batch (same seed, same data order); each contributes its devices' shards."""
+        if jax.process_count() == 1:
+            return batch
+        return {k: jax.make_array_from_callback(np.shape(v), self.batch_sharding,
+                                                lambda idx, v=v: np.asarray(v)[idx]) for k, v in batch.items()}
+
+    def export(self, params, path: str) -> None:
+        params = jax.tree_util.tree_map(_host, params)  # collective on multi-host: every process calls it
+        if self.is_main:
+            self.policy.save(params, path)
 
     def maybe_checkpoint(self, step: int, meta: Dict[str, Any], prev_step: Optional[int] = None) -> None:
         """Save at multiples of ``save_every`` (or when a round of steps crossed one) and at the end."""
@@ -127,15 +156,16 @@ class _Run:
         self.logger.close()
         if self.cfg.export:
             path = os.path.join(self.cfg.output_dir, "final")
-            self.policy.save(self.state.params, path)
+            self.export(self.state.params, path)
             summary["exported_to"] = path
         summary["config"] = self.config_path
         summary["metrics"] = self.logger.jsonl_path
         if plot:
             summary["plot"] = plot
-        with open(os.path.join(self.cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        print(json.dumps(summary, indent=2))
+        if self.is_main:
+            with open(os.path.join(self.cfg.output_dir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            print(json.dumps(summary, indent=2))
         return summary
 
 
@@ -169,7 +199,7 @@ def _texts(tok, rows, col):
 
 
 def _to_float(m) -> Dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(m).items()}
+    return {k: float(_host(v)) for k, v in m.items()}
 
 
 # --------------------------------------------------------------------------------------------- SFT
@@ -201,7 +231,7 @@ def run_sft(cfg, rows=None) -> Dict[str, Any]:
         idx = sampler.next()
         batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "completion_ids": C_ids[idx],
                  "mask": C_mask[idx]}
-        run.state, m = run.step_fn(run.state, batch)
+        run.state, m = run.step_fn(run.state, run.place(batch))
         if bema_step is not None:
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
         run.logger.log(step, _to_float(m), tokens=int(C_mask[idx].sum()))
@@ -213,7 +243,7 @@ def run_sft(cfg, rows=None) -> Dict[str, Any]:
                "loss_first_10pct": first, "loss_last_10pct": last}
     if bema_tx is not None and cfg.export:
         path = os.path.join(cfg.output_dir, "final_bema")
-        run.policy.save(run.state.extra.bema, path)
+        run.export(run.state.extra.bema, path)
         summary["bema_exported_to"] = path
     return run.finish(summary)
 
@@ -263,8 +293,8 @@ def run_dpo(cfg, rows=None) -> Dict[str, Any]:
         outs_c, outs_r = [], []
         for i in range(0, len(order), bs):
             j = order[i:i + bs]
-            outs_c.append(np.asarray(ref_logps(P_ids[j], P_mask[j], Ch_ids[j], Ch_mask[j])))
-            outs_r.append(np.asarray(ref_logps(P_ids[j], P_mask[j], Rj_ids[j], Rj_mask[j])))
+            outs_c.append(_host(ref_logps(P_ids[j], P_mask[j], Ch_ids[j], Ch_mask[j])))
+            outs_r.append(_host(ref_logps(P_ids[j], P_mask[j], Rj_ids[j], Rj_mask[j])))
         ref_ch = np.concatenate(outs_c)[: len(rows)]
         ref_rj = np.concatenate(outs_r)[: len(rows)]
 
@@ -278,9 +308,9 @@ def run_dpo(cfg, rows=None) -> Dict[str, Any]:
             if ref_ch is not None:
                 batch["ref_chosen"], batch["ref_rejected"] = ref_ch[idx], ref_rj[idx]
             else:
-                batch["ref_chosen"] = ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx])
-                batch["ref_rejected"] = ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx])
-        run.state, m = run.step_fn(run.state, batch)
+                batch["ref_chosen"] = _host(ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx]))
+                batch["ref_rejected"] = _host(ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx]))
+        run.state, m = run.step_fn(run.state, run.place(batch))
         run.logger.log(step, _to_float(m), tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
@@ -359,28 +389,28 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
         key, gen_key = jax.random.split(key)
         idx = data.next()
         roll = sampler.generate(run.state.params, (P_ids[idx], P_mask[idx]), gen_key)
-        c_ids, c_mask = np.asarray(roll.completion_ids), np.asarray(roll.completion_mask)
-        truncated = np.asarray(roll.truncated)
+        c_ids, c_mask = _host(roll.completion_ids), _host(roll.completion_mask)
+        truncated = _host(roll.truncated)
         texts = tok.batch_decode(np.where(c_mask, c_ids, tok.pad_token_id), skip_special_tokens=True)
         R = reward_fn(texts, [rows[i] for i in np.repeat(idx, G)], truncated)
         adv = np.asarray(multi_reward_advantages(jnp.asarray(R), weights, G,
                                                  aggregation=cfg.multi_objective_aggregation,
                                                  scale_rewards=cfg.scale_rewards))
         total = np.nansum(R * w_arr, axis=1)
-        buf = {"prompt_ids": np.asarray(roll.prompt_ids), "prompt_mask": np.asarray(roll.prompt_mask),
+        buf = {"prompt_ids": _host(roll.prompt_ids), "prompt_mask": _host(roll.prompt_mask),
                "completion_ids": c_ids, "mask": c_mask, "advantages": adv, "truncated": truncated}
         if lcfg.sampler_correction is not None:
-            buf["sampler_logps"] = np.asarray(roll.logps)
+            buf["sampler_logps"] = _host(roll.logps)
         if off_policy:
-            buf["old_logps"] = np.asarray(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
+            buf["old_logps"] = _host(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
                                                         c_ids, c_mask))
         if ref_params is not None:
-            buf["ref_logps"] = np.asarray(forward_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
+            buf["ref_logps"] = _host(forward_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
                                                         c_ids, c_mask))
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
-            cur = buf["old_logps"] if off_policy else np.asarray(
+            cur = buf["old_logps"] if off_policy else _host(
                 forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
-            ref = np.asarray(forward_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
+            ref = _host(forward_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
             d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
             kl_tok = np.exp(d) - d - 1.0
             kl_monitor = float(kl_tok[c_mask].mean()) if c_mask.any() else 0.0
@@ -397,7 +427,7 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
                 if step >= cfg.max_steps:
                     break
                 sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-                run.state, m = run.step_fn(run.state, {k: v[sl] for k, v in buf.items()})
+                run.state, m = run.step_fn(run.state, run.place({k: v[sl] for k, v in buf.items()}))
                 step += 1
                 metrics = _to_float(m)
                 metrics.update(gen_metrics)
