@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trlax.models.decoder import Decoder
+from trlax.models.decoder import Decoder, positions_from_mask, rms_norm, rope_inv_freq
 
 __all__ = [
     "SamplingConfig",
@@ -305,9 +305,38 @@ def _as_prompt_arrays(prompts, pad_token_id: int):
 # ---------------------------------------------------------------------------------------- jax sampler
 
 
+def _layers_forward(model: Decoder, ids, positions, key_mask, kvs, index):
+    """The decoder's layers with a per-layer KV cache: ``kvs`` is a tuple of ``(k, v)`` pairs, each
+    ``[B, S, K, D]``, updated in place by ``dynamic_update_slice`` inside the decode loop. Same maths as
+    :meth:`Decoder.hidden_states` with a cache (which keeps one stacked ``[L, B, S, K, D]`` array and so
+    copies the whole cache every step). Returns (final normed hidden ``[B, T, H]``, new kvs)."""
+    cfg = model.config
+    inv_freq = rope_inv_freq(cfg)
+    x = jnp.take(model.embed[...], ids, axis=0, mode="clip").astype(model.dtype)
+    new = []
+    for layer, kv in zip(model.layers, kvs):
+        x, kv = layer(x, positions, inv_freq, key_mask, kv, index)
+        new.append(kv)
+    return rms_norm(x, model.final_norm[...], cfg.rms_norm_eps), tuple(new)
+
+
+def _sample_inverse_cdf(key, logp):
+    """One draw per row from ``exp(logp)`` ``[B, V]`` by inversion of the CDF: ``o = #{j : C_j ≤ u}`` with
+    ``C = cumsum(p)``, ``u ~ U[0, C_V)`` (one uniform per row instead of ``V`` Gumbels; zero-probability tokens
+    are never chosen)."""
+    p = jnp.exp(logp)
+    c = jnp.cumsum(p, axis=-1)
+    u = jax.random.uniform(key, (logp.shape[0], 1), c.dtype) * c[:, -1:]
+    tok = jnp.sum(c <= u, axis=-1)
+    v = logp.shape[-1]
+    last = v - 1 - jnp.argmax((p > 0)[:, ::-1], axis=-1)  # guard against rounding at the top end
+    return jnp.minimum(tok, last).astype(jnp.int32)
+
+
 def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
     """The jitted body: prefill then ``lax.while_loop`` decode. Shapes in the module docstring."""
     model = nnx.merge(graphdef, params)
+    mc = model.config
     b, p = prompt_ids.shape
     n = cfg.max_new_tokens
     s = cfg.max_length or p + n
@@ -326,11 +355,16 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
         if cfg.greedy:
             tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
         else:
-            tok = jax.random.categorical(jax.random.fold_in(key, i), logp, axis=-1).astype(jnp.int32)
+            tok = _sample_inverse_cdf(jax.random.fold_in(key, i), logp)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0].astype(jnp.float32)
 
-    cache = model.init_cache(b, s)
-    h, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    shape = (b, s, mc.num_kv_heads, mc.head_dim)
+    kvs = tuple((jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(mc.num_layers))
+    prompt_mask = prompt_mask.astype(bool)
+    key_mask = jnp.zeros((b, s), bool).at[:, :p].set(prompt_mask)
+    h, kvs = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), key_mask, kvs,
+                             jnp.zeros((), jnp.int32))
+    n_real = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)  # position of the next token
     tok, lp = sample(0, head(h[:, -1]))
     ids = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     lps = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
@@ -343,8 +377,11 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
         return (i < n) & ~jnp.all(done)
 
     def body(state):
-        i, prev, alive, done, cache, ids, lps, mask = state
-        hh, cache = model.hidden_states(prev[:, None], attention_mask=alive[:, None], cache=cache)
+        i, prev, alive, done, n_real, key_mask, kvs, ids, lps, mask = state
+        slot = p + i - 1  # cache slot of ``prev``
+        key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, alive[:, None], slot, axis=1)
+        hh, kvs = _layers_forward(model, prev[:, None], n_real[:, None], key_mask, kvs, slot)
+        n_real = n_real + alive.astype(jnp.int32)
         tok, lp = sample(i, head(hh[:, 0]))
         emit = ~done
         tok = jnp.where(emit, tok, cfg.pad_token_id)
@@ -352,10 +389,11 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
         lps = jax.lax.dynamic_update_slice_in_dim(lps, jnp.where(emit, lp, 0.0)[:, None], i, axis=1)
         mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], i, axis=1)
         done = done | (emit & jnp.isin(tok, stop))
-        return i + 1, tok, emit, done, cache, ids, lps, mask
+        return i + 1, tok, emit, done, n_real, key_mask, kvs, ids, lps, mask
 
-    state = (jnp.asarray(1, jnp.int32), tok, alive, done, cache, ids, lps, mask)
-    _, _, _, done, _, ids, lps, mask = jax.lax.while_loop(cond, body, state)
+    state = (jnp.asarray(1, jnp.int32), tok, alive, done, n_real, key_mask, kvs, ids, lps, mask)
+    out = jax.lax.while_loop(cond, body, state)
+    done, ids, lps, mask = out[3], out[7], out[8], out[9]
     return ids, mask, lps, ~done
 
 
