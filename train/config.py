@@ -104,7 +104,10 @@ def _grpo_cls():
         ("min_p", float, dataclasses.field(default=0.0)),
         ("scale_rewards", str, dataclasses.field(default="group")),
         ("multi_objective_aggregation", str, dataclasses.field(default="sum_then_normalize")),
-        ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward function
+        # comma-separated: builtin (accuracy + format of the built-in task), exact_match, accuracy, format,
+        # think_format, cosine, repetition, soft_overlong (trlax.rollouts.rewards)
+        ("reward_funcs", str, dataclasses.field(default="builtin")),
+        ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward column
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
         ("log_kl", bool, dataclasses.field(default=True)),  # with beta=0, still log KL to the initial policy
@@ -134,11 +137,20 @@ def _validate_grpo(self) -> None:
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
     check_range("num_iterations", self.num_iterations, low=1)
     check_range("steps_per_generation", self.steps_per_generation, low=1)
+    from trlax.train.loops import REWARD_FUNCS
+
+    names = [n.strip() for n in self.reward_funcs.split(",")]
+    for n in names:
+        check_choice("reward_funcs", n, REWARD_FUNCS)
     if self.reward_weights:
         try:
             [float(w) for w in self.reward_weights.split(",")]
         except ValueError:
             raise ValueError(f"reward_weights={self.reward_weights!r} must be comma-separated numbers") from None
+        n_cols = sum(2 if n == "builtin" else 1 for n in names)
+        if len(self.reward_weights.split(",")) != n_cols:
+            raise ValueError(f"reward_weights={self.reward_weights!r} must have {n_cols} values, one per reward "
+                             f"column of reward_funcs={self.reward_funcs!r} (builtin has two: accuracy, format)")
 
 
 def _dpo_cls():

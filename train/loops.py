@@ -326,14 +326,52 @@ def run_dpo(cfg, rows=None) -> Dict[str, Any]:
 # -------------------------------------------------------------------------------------------- GRPO
 
 
-def _reward_fn(cfg):
-    """``(texts, rows, truncated) -> [N, F]`` rewards and their names. The built-in task's verifier;
-    for a user dataset with an ``answer`` (or ``solution``) column the same verifier (exact answer +
-    short-number format)."""
-    def fn(texts, rows, truncated):
-        answers = [str(r.get("answer", r.get("solution", ""))).strip() for r in rows]
-        return D.addition_rewards([t.strip() for t in texts], answers, truncated)
-    return fn, D.REWARD_NAMES
+REWARD_FUNCS = ("builtin", "exact_match", "accuracy", "format", "think_format", "cosine", "repetition",
+                "soft_overlong")
+
+
+def reward_functions(cfg):
+    """``(fn, names)``: ``fn(texts, completion_ids, prompts, rows, truncated) -> [N, R]`` rewards (NaN =
+    unscorable) for the comma-separated ``cfg.reward_funcs``. ``builtin`` is the built-in task's verifier
+    (:func:`trlax.train.data.addition_rewards`: accuracy + format); the others are
+    :mod:`trlax.rollouts.rewards` (exact-match / R1 accuracy on the ``answer`` / ``solution`` column, R1
+    format, cosine length scaling, n-gram repetition, DAPO soft overlong punishment)."""
+    from trlax.rollouts import rewards as RW
+
+    C = cfg.max_completion_length
+    table = {
+        "exact_match": RW.exact_match_reward, "accuracy": RW.accuracy_reward, "format": RW.format_reward,
+        "think_format": RW.think_format_reward, "cosine": lambda: RW.CosineScaledReward(C),
+        "repetition": lambda: RW.RepetitionPenalty(), "soft_overlong": lambda: RW.SoftOverlongPunishment(
+            C, max(1, C // 4)),
+    }
+    names = [n.strip() for n in cfg.reward_funcs.split(",")]
+    parts, out_names = [], []
+    for n in names:
+        if n == "builtin":
+            parts.append("builtin")
+            out_names += list(D.REWARD_NAMES)
+        else:
+            f = table[n]
+            parts.append(f() if n in ("cosine", "repetition", "soft_overlong") else f)
+            out_names.append(n)
+
+    def fn(texts, completion_ids, prompts, rows, truncated):
+        cols = {}
+        for k in rows[0]:
+            if k != "prompt":
+                cols[k] = [r.get(k) for r in rows]
+        mats = []
+        for part in parts:
+            if part == "builtin":
+                answers = [str(r.get("answer", r.get("solution", ""))).strip() for r in rows]
+                mats.append(D.addition_rewards([t.strip() for t in texts], answers, truncated))
+            else:
+                mats.append(RW.compute_rewards([part], texts, completion_ids=completion_ids, prompts=prompts,
+                                               **cols))
+        return np.concatenate(mats, axis=1)
+
+    return fn, tuple(out_names)
 
 
 def run_grpo(cfg, rows=None) -> Dict[str, Any]:
@@ -347,7 +385,7 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
     spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
     gen_rows = cfg.batch_size * spg
     n_prompts = gen_rows // G
-    reward_fn, reward_names = _reward_fn(cfg)
+    reward_fn, reward_names = reward_functions(cfg)
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
     if weights is not None and len(weights) != len(reward_names):
         raise ValueError(f"reward_weights={cfg.reward_weights!r} must have {len(reward_names)} values "
@@ -391,8 +429,10 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
         roll = sampler.generate(run.state.params, (P_ids[idx], P_mask[idx]), gen_key)
         c_ids, c_mask = _host(roll.completion_ids), _host(roll.completion_mask)
         truncated = _host(roll.truncated)
-        texts = tok.batch_decode(np.where(c_mask, c_ids, tok.pad_token_id), skip_special_tokens=True)
-        R = reward_fn(texts, [rows[i] for i in np.repeat(idx, G)], truncated)
+        comp_ids = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
+        texts = tok.batch_decode(comp_ids, skip_special_tokens=True)
+        group_rows = [rows[i] for i in np.repeat(idx, G)]
+        R = reward_fn(texts, comp_ids, [str(r["prompt"]) for r in group_rows], group_rows, truncated)
         adv = np.asarray(multi_reward_advantages(jnp.asarray(R), weights, G,
                                                  aggregation=cfg.multi_objective_aggregation,
                                                  scale_rewards=cfg.scale_rewards))

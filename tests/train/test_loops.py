@@ -183,6 +183,23 @@ def test_local_hf_checkpoint_trains_and_export_loads_in_transformers(tmp_path):
     assert tok2("3+4=7", add_special_tokens=False)["input_ids"] == ids
 
 
+def test_grpo_user_dataset_with_rollouts_rewards(tmp_path):
+    """A local JSONL prompt set scored by trlax.rollouts.rewards functions (exact match on `answer`,
+    n-gram repetition), weighted; one reward column per function is logged."""
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(8)))
+    s = loops.run("grpo", build_config("grpo", dict(SMALL_GRPO, dataset=str(p), max_steps=2, export=False,
+                                                    output_dir=str(tmp_path / "o"), preset="grpo",
+                                                    reward_funcs="exact_match,repetition",
+                                                    reward_weights="1.0,0.5")))
+    rows = _read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert {"rewards/exact_match", "rewards/repetition"} <= set(rows[0]) and s["steps"] == 2
+    for r in rows:  # the logged reward is the weighted sum of the per-function means (none unscorable here)
+        np.testing.assert_allclose(r["reward"], r["rewards/exact_match"] + 0.5 * r["rewards/repetition"],
+                                   atol=1e-9)
+    assert all(r["rewards/repetition"] <= 0 for r in rows)
+
+
 # ---------------------------------------------------------------------------- errors before compute
 
 
@@ -217,6 +234,8 @@ def test_missing_dataset_column_stops_cli_before_compute(tmp_path, monkeypatch, 
     (["train", "dpo", "--beta", "-1"], "beta"),
     (["train", "dpo", "--preset", "nope"], "preset='nope'"),
     (["train", "grpo", "--reward_weights", "1,x"], "reward_weights"),
+    (["train", "grpo", "--reward_weights", "1,2,3"], "reward_weights='1,2,3' must have 2 values"),
+    (["train", "grpo", "--reward_funcs", "builtin,bleu"], "reward_funcs='bleu'"),
 ])
 def test_bad_values_stop_cli_before_compute(monkeypatch, capsys, argv, needle):
     _no_compute(monkeypatch)
