@@ -252,3 +252,36 @@ def test_preset_resolved_into_saved_config(tmp_path, monkeypatch):
     loops.save_config("grpo", cfg)
     again = build_config("grpo", yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again.__dict__ == cfg.__dict__
+
+
+# ------------------------------------------------------------------------ 8 simulated devices
+
+
+def test_loops_on_eight_devices_fsdp_tp(tmp_path):
+    """`trlax train` on a data=2 x fsdp=2 x tensor=2 mesh of 8 simulated CPU devices: SFT ends with the
+    parameters of the same run on one device (float32, 1e-5); GRPO (sampler + step on the mesh) runs."""
+    one = loops.run("sft", build_config("sft", dict(output_dir=str(tmp_path / "one"), max_steps=3, batch_size=8,
+                                                    progress=False, mesh_data=1)))
+    code = (
+        "import os\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'\n"
+        "import sys, jax\n"
+        "assert len(jax.devices()) == 8\n"
+        "from trlax.train import cli\n"
+        f"m = ['--mesh_data', '2', '--mesh_fsdp', '2', '--mesh_tensor', '2', '--progress', 'false']\n"
+        f"assert cli.main(['train', 'sft', '--output_dir', {str(tmp_path / 'eight')!r}, '--max_steps', '3',"
+        " '--batch_size', '8'] + m) == 0\n"
+        f"assert cli.main(['train', 'grpo', '--output_dir', {str(tmp_path / 'grpo8')!r}, '--max_steps', '2',"
+        " '--batch_size', '16', '--num_generations', '4', '--max_completion_length', '3', '--beta', '0.04',"
+        " '--export', 'false'] + m) == 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _safetensors(one["exported_to"]), _safetensors(str(tmp_path / "eight" / "final"))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert any(np.any(a[k] != _safetensors_initial(tmp_path)[k]) for k in a)
+    rows = _read_jsonl(tmp_path / "grpo8" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
