@@ -86,3 +86,17 @@ def test_epoch_sampler_resumes_identically():
         b.next()
     c = EpochSampler(10, 3, seed=7, **b.state())
     assert [c.next().tolist() for _ in range(3)] == seq[4:]
+
+
+def test_example_config_file_parses(monkeypatch):
+    import os
+
+    seen = {}
+    import trlax.train.loops as loops
+
+    monkeypatch.setattr(loops, "run", lambda algo, cfg, rows=None: seen.update(cfg=cfg))
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grpo.yaml")
+    assert cli.main(["train", "grpo", "--config", path, "--max_steps", "7"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.max_steps == 7 and cfg.importance_sampling_level == "sequence" and cfg.beta == 0.02
+    assert cfg.save_every == 50
