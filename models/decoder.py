@@ -40,6 +40,7 @@ __all__ = [
     "Decoder",
     "KVCache",
     "positions_from_mask",
+    "positions_from_segments",
     "completion_logps",
 ]
 
@@ -212,6 +213,17 @@ def positions_from_mask(mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Positions for a packed ``[B, T]`` row of ``segment_ids`` (0 = padding): the offset of each token from
+    the start of its run of equal segment ids, so positions restart at 0 for every packed sequence (as in
+    padding-free packing, Krell et al. 2021, arXiv 2107.02027, sec. 3). Returns ``[B, T]`` int32."""
+    seg = jnp.asarray(segment_ids)
+    t = jnp.arange(seg.shape[-1], dtype=jnp.int32)
+    start = jnp.concatenate([jnp.ones(seg.shape[:-1] + (1,), bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(start, t, 0), axis=seg.ndim - 1)
+    return t - first
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -248,7 +260,8 @@ class Attention(nnx.Module):
             self.k_norm = _param(jnp.ones((d,), param_dtype), ("norm",))
 
     def __call__(self, x, positions, inv_freq, key_mask, kv: Optional[Tuple[jnp.ndarray, jnp.ndarray]], index):
-        """x ``[B, T, H]``; key_mask ``[B, S]`` bool (valid key slots, S = T without cache);
+        """x ``[B, T, H]``; key_mask ``[B, S]`` bool (valid key slots, S = T without cache) or ``[B, T, S]``
+        (per-query key mask, e.g. segment-aware attention of packed rows);
         kv: this layer's cached ``([B, S, K, D], [B, S, K, D])`` or None; index: first slot of x.
         Returns (``[B, T, H]``, updated kv or None)."""
         cfg, dt = self.cfg, self.dtype
@@ -270,7 +283,8 @@ class Attention(nnx.Module):
         acc = jnp.promote_types(dt, jnp.float32)
         s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(d)
         q_slot = index + jnp.arange(t)
-        allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]  # [B, T, S]
+        qk_mask = key_mask if key_mask.ndim == 3 else key_mask[:, None, :]
+        allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & qk_mask  # [B, T, S]
         s = jnp.where(allowed[:, None, None], s, jnp.finfo(acc).min)
         p = jax.nn.softmax(s, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
@@ -375,7 +389,7 @@ class Decoder(nnx.Module):
     # ----------------------------------------------------------------------------------- forward
 
     def hidden_states(self, input_ids: jnp.ndarray, *, attention_mask=None, positions=None,
-                      cache: Optional[KVCache] = None):
+                      cache: Optional[KVCache] = None, segment_ids=None):
         """Final normed hidden states ``[B, T, H]`` (compute dtype).
 
         Args:
@@ -387,6 +401,10 @@ class Decoder(nnx.Module):
           cache: a :class:`KVCache`; the T new tokens are written at slots ``[index, index + T)``, which
             must fit in its ``S`` slots (size it with :meth:`init_cache` for prompt + completion length;
             writes past the end are clamped by ``dynamic_update_slice`` and would overwrite the last slots).
+          segment_ids: optional ``[B, T]`` int ids of packed sequences (0 = padding; see
+            :mod:`trlax.models.packing`). A token attends only to earlier tokens of its own segment; the
+            default positions restart at 0 per segment (:func:`positions_from_segments`) and the default
+            mask is ``segment_ids > 0``. Not combinable with ``cache``.
 
         Returns:
           ``hidden`` if ``cache`` is None, else ``(hidden, new_cache)``.
@@ -398,6 +416,17 @@ class Decoder(nnx.Module):
         mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         if mask.shape != (b, t):
             raise ValueError(f"`attention_mask` must have shape {(b, t)}, got {tuple(mask.shape)}")
+        seg = None
+        if segment_ids is not None:
+            seg = jnp.asarray(segment_ids)
+            if seg.shape != (b, t) or not jnp.issubdtype(seg.dtype, jnp.integer):
+                raise ValueError(f"`segment_ids` must be an integer array of shape {(b, t)}, got "
+                                 f"{seg.dtype} {tuple(seg.shape)}")
+            if cache is not None:
+                raise ValueError("`segment_ids` cannot be combined with `cache` (packed rows are for training)")
+            mask = mask & (seg > 0)
+            if positions is None:
+                positions = positions_from_segments(seg)
         if positions is None:
             positions = positions_from_mask(mask)
             if cache is not None:
@@ -410,6 +439,8 @@ class Decoder(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
         else:
             index, key_mask = jnp.zeros((), jnp.int32), mask
+            if seg is not None:  # [B, T, S]: same segment only
+                key_mask = mask[:, None, :] & (seg[:, :, None] == seg[:, None, :])
         inv_freq = rope_inv_freq(self.config)
         x = jnp.take(self.embed[...], ids, axis=0, mode="clip").astype(self.dtype)
         new_k, new_v = [], []
@@ -425,11 +456,13 @@ class Decoder(nnx.Module):
             return x
         return x, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), mask=key_mask, index=index + t)
 
-    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: Optional[KVCache] = None):
+    def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: Optional[KVCache] = None,
+                 segment_ids=None):
         """Float32 (float64 for a float64 model) logits ``[B, T, V]`` (and the new cache when ``cache`` is given); arguments as
         :meth:`hidden_states`. For training losses prefer :func:`completion_logps`, which never
         materialises ``[B, T, V]``."""
-        out = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+        out = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache,
+                                 segment_ids=segment_ids)
         h, new_cache = (out, None) if cache is None else out
         w = self.lm_head_weight().astype(self.dtype)
         logits = jnp.einsum("bth,vh->btv", h, w, preferred_element_type=jnp.promote_types(self.dtype, jnp.float32))
