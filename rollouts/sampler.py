@@ -322,15 +322,23 @@ def _layers_forward(model: Decoder, ids, positions, key_mask, kvs, index):
 
 def _sample_inverse_cdf(key, logp):
     """One draw per row from ``exp(logp)`` ``[B, V]`` by inversion of the CDF: ``o = #{j : C_j ≤ u}`` with
-    ``C = cumsum(p)``, ``u ~ U[0, C_V)`` (one uniform per row instead of ``V`` Gumbels; zero-probability tokens
-    are never chosen)."""
+    ``C = cumsum(p)``, ``u ~ U[0, C_V)`` — one uniform per row instead of ``V`` Gumbels. Two levels (blocks
+    of ``⌈√V⌉`` tokens: pick the block from the block-mass CDF, then the token inside it) so no length-``V``
+    cumulative sum is needed. Zero-probability tokens are never chosen (rounding at a block's upper edge
+    falls back to its last positive token)."""
+    b, v = logp.shape
     p = jnp.exp(logp)
-    c = jnp.cumsum(p, axis=-1)
-    u = jax.random.uniform(key, (logp.shape[0], 1), c.dtype) * c[:, -1:]
-    tok = jnp.sum(c <= u, axis=-1)
-    v = logp.shape[-1]
-    last = v - 1 - jnp.argmax((p > 0)[:, ::-1], axis=-1)  # guard against rounding at the top end
-    return jnp.minimum(tok, last).astype(jnp.int32)
+    size = max(1, int(np.ceil(np.sqrt(v))))
+    nb = -(-v // size)
+    blocks = jnp.pad(p, ((0, 0), (0, nb * size - v))).reshape(b, nb, size)
+    cb = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb]
+    u = jax.random.uniform(key, (b, 1), cb.dtype) * cb[:, -1:]
+    j = jnp.minimum(jnp.sum(cb <= u, axis=-1), nb - 1)
+    below = jnp.where(j > 0, jnp.take_along_axis(cb, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [B, size]
+    t = jnp.sum(jnp.cumsum(inner, axis=-1) <= (u[:, 0] - below)[:, None], axis=-1)
+    last = size - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    return (j * size + jnp.minimum(t, last)).astype(jnp.int32)
 
 
 def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
