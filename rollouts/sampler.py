@@ -6,7 +6,10 @@ server) implements the same one-method interface.
 
 :class:`JaxSampler` runs the whole generation as one jitted function: the left-padded prompt block fills a
 fixed-size :class:`~trlax.models.KVCache` in one prefill pass, then ``lax.while_loop`` decodes one token per
-step (stopping early once every row has emitted a stop token). Sampling follows the processed distribution
+step (stopping early once every row has emitted a stop token). The decode loop keeps one ``[B, S, K, D]``
+key / value buffer per layer in the loop carry (updated in place; the model's stacked :class:`KVCache` would
+be copied whole every step) and draws tokens by inverting the CDF (one uniform per row). Sampling follows
+the processed distribution
 
     π̃(· | q, o_<t) = softmax( truncate( logits / τ ) ),                                         (1)
 
