@@ -15,10 +15,20 @@ import dataclasses
 import sys
 from typing import Dict, List, Optional
 
-from trlax.train.config import ALGORITHMS, build_config, config_class
+ALGORITHMS = ("grpo", "dpo", "sft")  # == trlax.train.config.ALGORITHMS (imported lazily: see main)
+
+
+def _truthy(v) -> bool:
+    return v is True or str(v).lower() in ("1", "true", "yes", "on")
+
+
+def _int(v, default: int) -> int:
+    return default if v is None else int(float(v))
 
 
 def _field_help(algo: str) -> str:
+    from trlax.train.config import config_class
+
     cls = config_class(algo)
     lines = [f"fields of `trlax train {algo}` (--name value):"]
     for f in dataclasses.fields(cls):
@@ -49,19 +59,24 @@ def _parse_overrides(tokens: List[str]) -> Dict[str, str]:
     return out
 
 
-def initialize_distributed(cfg) -> None:
+def initialize_distributed(values: Dict[str, object]) -> None:
     """Multi-host runs: ``jax.distributed.initialize`` with the config's coordinator address / process
     count / process id (auto-detected on Cloud TPU, SLURM and Open MPI when left empty). Every host
     runs the same command; the mesh then spans the devices of all hosts."""
     import jax
 
-    kw = {}
-    if cfg.coordinator_address:
-        kw["coordinator_address"] = cfg.coordinator_address
-    if cfg.num_processes > 0:
-        kw["num_processes"] = cfg.num_processes
-    if cfg.process_id >= 0:
-        kw["process_id"] = cfg.process_id
+    kw: Dict[str, object] = {}
+    if values.get("coordinator_address"):
+        kw["coordinator_address"] = str(values["coordinator_address"])
+    try:
+        n, pid = _int(values.get("num_processes"), 0), _int(values.get("process_id"), -1)
+    except ValueError:
+        raise ValueError(f"num_processes={values.get('num_processes')!r} / process_id={values.get('process_id')!r} "
+                         "must be integers") from None
+    if n > 0:
+        kw["num_processes"] = n
+    if pid >= 0:
+        kw["process_id"] = pid
     jax.distributed.initialize(**kw)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
           f"{jax.device_count()} global devices")
@@ -85,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rest = argv[2:]
     if "-h" in rest or "--help" in rest:
         print(f"usage: trlax train {algo} [--config file.yaml] [--name value ...]\n")
+        from trlax.train.config import config_class
+
         print(config_class(algo).__doc__ + "\n")
         print(_field_help(algo))
         return 0
@@ -98,6 +115,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             with open(cfg_file) as fh:
                 values.update(yaml.safe_load(fh) or {})
         values.update(overrides)
+        if _truthy(values.get("distributed", False)):
+            # before anything touches the XLA backend (importing the objectives / config does)
+            initialize_distributed(values)
+        from trlax.train.config import build_config
+
         cfg = build_config(algo, values)
         from trlax.train.data import load_records
 
@@ -105,8 +127,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.distributed:
-        initialize_distributed(cfg)
     from trlax.train import loops
 
     loops.run(algo, cfg, rows)
