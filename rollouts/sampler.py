@@ -71,9 +71,9 @@ class SamplingConfig:
     Attributes:
       max_new_tokens: ``N``, completion tokens per row (the completion block is always ``[B, N]``).
       temperature: ``τ`` of eq. (1); ``0`` means greedy (arg-max) decoding.
-      top_k: keep the ``k`` most likely tokens (``0`` = off).
-      top_p: nucleus mass in ``(0, 1]`` (``1`` = off).
-      min_p: min-p ratio in ``[0, 1)`` (``0`` = off).
+      top_k: keep the ``k`` most likely tokens (``0`` or ``None`` = off).
+      top_p: nucleus mass in ``(0, 1]`` (``1`` or ``None`` = off).
+      min_p: min-p ratio in ``[0, 1)`` (``0`` or ``None`` = off).
       stop_token_ids: tokens that end a completion (the stop token itself is part of the completion and
         of its mask, as in TRL); e.g. the tokenizer's EOS id(s).
       pad_token_id: id written at completion positions after the stop token.
@@ -89,9 +89,9 @@ class SamplingConfig:
 
     max_new_tokens: int = 256
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    top_k: Optional[int] = 0
+    top_p: Optional[float] = 1.0
+    min_p: Optional[float] = 0.0
     stop_token_ids: Tuple[int, ...] = ()
     pad_token_id: int = 0
     num_generations: int = 1
@@ -99,6 +99,9 @@ class SamplingConfig:
     prompt_multiple: Optional[int] = None
 
     def __post_init__(self):
+        for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):  # TRL / HF spell "off" as None
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, off)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in np.atleast_1d(
             np.asarray(self.stop_token_ids, dtype=np.int64)).tolist()))
         ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "pad_token_id": 0}

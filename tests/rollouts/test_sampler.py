@@ -334,6 +334,7 @@ def test_errors(model):
                        ("max_new_tokens", 0), ("max_length", 1), ("prompt_multiple", 0)):
         with pytest.raises(ValueError, match=field):
             SamplingConfig(**{field: bad})
+    assert SamplingConfig(top_k=None, top_p=None, min_p=None) == SamplingConfig(top_k=0, top_p=1.0, min_p=0.0)
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplingConfig(stop_token_ids=(-3,))
 
