@@ -32,6 +32,7 @@ import bisect
 import dataclasses
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,9 +43,10 @@ __all__ = ["PACKING_STRATEGIES", "PackedBatch", "pack_sequences", "best_fit_decr
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedBatch:
-    """Packed rows (NumPy, host side). All arrays ``[N, L]``.
+    """Packed rows (NumPy, host side; a pytree, so it can be passed to a jitted step). All arrays ``[N, L]``.
 
     Attributes:
       input_ids: int32 token ids (``pad_id`` at padding).

@@ -5,6 +5,7 @@ float32 1e-5), while plain attention over the same rows does not."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -214,6 +215,16 @@ def test_packed_logps_equal_unpacked(models, strategy, dtype, tol):
     for (r, s, t), ref in zip(where, alone):
         np.testing.assert_allclose(logps[r, s + 1:t], ref, atol=tol, rtol=0)
     assert sum(t - s - 1 for _, s, t in where) == int(b.loss_mask.sum()) > 30
+
+
+def test_packed_logps_jit_functional_form(models):
+    """``packed_logps((graphdef, state), batch)`` under ``jax.jit`` (the batch is a pytree) == eager."""
+    model = models["float32"]
+    b = pack_sequences(_seqs(LENGTHS, 6), 12, "bfd_split", num_rows=7)
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(lambda st, batch: packed_logps((graphdef, st), batch, chunk_size=16)[0])
+    np.testing.assert_allclose(np.asarray(jitted(state, b)), np.asarray(packed_logps(model, b, chunk_size=16)[0]),
+                               atol=1e-5, rtol=0)
 
 
 def test_plain_attention_over_packed_rows_differs(models):
