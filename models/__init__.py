@@ -4,6 +4,8 @@ checkpoint io and sharding rules (see DESIGN.md).
 - ``decoder``   :class:`Decoder`, :class:`DecoderConfig`, :class:`KVCache`, :func:`completion_logps`.
 - ``hf_io``     :func:`load_pretrained`, :func:`save_pretrained` (config.json + safetensors + tokenizer).
 - ``sharding``  logical axis names -> mesh axes for data-parallel, FSDP and tensor-parallel layouts.
+- ``lora``      LoRA / DoRA adapters (:class:`LoraConfig`, :class:`LoraDecoder`, :func:`merge_lora`).
+- ``packing``   SFT packing (BFD, ``bfd_split``, wrapped) with segment ids for segment-aware attention.
 """
 
 if __name__ != "trlax.models":  # pragma: no cover - guard against importing the bare folder
@@ -12,3 +14,5 @@ if __name__ != "trlax.models":  # pragma: no cover - guard against importing the
 from trlax.models.decoder import *  # noqa: F401,F403,E402
 from trlax.models.hf_io import *  # noqa: F401,F403,E402
 from trlax.models.sharding import *  # noqa: F401,F403,E402
+from trlax.models.lora import *  # noqa: F401,F403,E402
+from trlax.models.packing import *  # noqa: F401,F403,E402
