@@ -21,7 +21,8 @@ from flax import nnx
 
 from trlax.models.decoder import Decoder, DecoderConfig
 
-__all__ = ["load_pretrained", "save_pretrained", "load_tokenizer", "load_config", "to_hf_state", "from_hf_state"]
+__all__ = ["load_pretrained", "save_pretrained", "load_tokenizer", "load_config", "read_safetensors", "to_hf_state",
+           "from_hf_state"]
 
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
                 jnp.dtype(jnp.float16): "float16"}
@@ -46,7 +47,9 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+def read_safetensors(path: str, framework: str = "flax") -> Dict[str, np.ndarray]:
+    """Every tensor of a local checkpoint directory (one ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json``) by name, as ``framework`` arrays (``"flax"`` or ``"numpy"``)."""
     from safetensors import safe_open
 
     index = os.path.join(path, "model.safetensors.index.json")
@@ -59,7 +62,7 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
     out = {}
     for f in files:
-        with safe_open(os.path.join(path, f), framework="flax") as st:
+        with safe_open(os.path.join(path, f), framework=framework) as st:
             for k in st.keys():
                 out[k] = st.get_tensor(k)
     return out
@@ -170,7 +173,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, remat=F
       the model, or ``(model, tokenizer)``.
     """
     cfg = load_config(path)
-    tensors = _read_safetensors(path)
+    tensors = read_safetensors(path)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
                                            remat=remat))
     # Materialise without running the random initialiser: every parameter is overwritten below.

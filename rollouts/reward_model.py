@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from trlax.models.decoder import SUPPORTED_ARCHITECTURES, Decoder, DecoderConfig
-from trlax.models.hf_io import from_hf_state
+from trlax.models.hf_io import from_hf_state, read_safetensors
 
 __all__ = ["RewardModel", "load_reward_model", "RewardModelScorer", "PairwiseJudge", "RewardModelJudge"]
 
@@ -74,8 +74,6 @@ def load_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> Re
 
     Reads ``config.json`` (``num_labels`` from ``id2label``), the trunk tensors ``model.*`` and the head
     ``score.weight`` ``[num_labels, H]`` from ``model.safetensors`` (or shards + index)."""
-    from safetensors import safe_open
-
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"no config.json in reward model directory {path!r}")
@@ -88,19 +86,7 @@ def load_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> Re
                          f"supported: {sorted(_SEQ_CLS.values())}")
     hf = dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]])
     cfg = DecoderConfig.from_hf(hf)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-    tensors = {}
-    for f in files:
-        with safe_open(os.path.join(path, f), framework="numpy") as st:
-            for k in st.keys():
-                tensors[k] = st.get_tensor(k)
+    tensors = read_safetensors(path, framework="numpy")
     if "score.weight" not in tensors:
         raise ValueError("checkpoint is missing tensor 'score.weight' (not a sequence-classification model?)")
     score = tensors.pop("score.weight")
