@@ -1,6 +1,6 @@
 """The ``trlax`` command.
 
-    trlax train grpo|dpo|sft [--config file.yaml] [--key value ...]
+    trlax train NAME [--config file.yaml] [--key value ...]      (trlax train --help: every NAME)
 
 Every field of the algorithm's run config (train/config.py) is a flag; ``--help`` lists them with
 their defaults. Values from ``--config`` are overridden by flags. The resolved config is written to
@@ -15,7 +15,6 @@ import dataclasses
 import sys
 from typing import Dict, List, Optional
 
-ALGORITHMS = ("grpo", "dpo", "sft")  # == trlax.train.config.ALGORITHMS (imported lazily: see main)
 
 
 def _truthy(v) -> bool:
@@ -90,12 +89,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[0] != "train":
         print(f"error: unknown command {argv[0]!r}; the command is `trlax train ALGO`", file=sys.stderr)
         return 2
+    from trlax.train import registry
+
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
-        print(f"usage: trlax train {{{'|'.join(ALGORITHMS)}}} [--config file.yaml] [--key value ...]")
+        print("usage: trlax train NAME [--config file.yaml] [--key value ...]\n\ntrainers:")
+        for name in registry.names():
+            spec = registry.get(name)
+            presets = ", ".join(spec.preset_names())
+            print(f"  {name:<12} {spec.description}" + (f" [presets: {presets}]" if presets else ""))
         return 0 if len(argv) >= 2 else 2
     algo = argv[1]
-    if algo not in ALGORITHMS:
-        print(f"error: unknown algorithm {algo!r}; allowed: {', '.join(ALGORITHMS)}", file=sys.stderr)
+    if algo not in registry.names():
+        print(f"error: unknown algorithm {algo!r}; allowed: {', '.join(registry.names())}", file=sys.stderr)
         return 2
     rest = argv[2:]
     if "-h" in rest or "--help" in rest:
@@ -103,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from trlax.train.config import config_class
 
         print(config_class(algo).__doc__ + "\n")
+        names = registry.get(algo).preset_names()
+        if names:
+            print(f"presets (--preset NAME): {', '.join(names)}\n")
         print(_field_help(algo))
         return 0
     try:

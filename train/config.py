@@ -83,9 +83,33 @@ def _loss_fields(loss_cls, skip=()) -> list:
 
 
 def config_class(algo: str) -> Type:
-    """The run-config dataclass of ``algo`` (``grpo``, ``dpo``, ``sft``)."""
-    check_choice("algorithm", algo, ALGORITHMS)
-    return _CLASSES[algo]()
+    """The run-config dataclass of trainer ``algo`` (see :func:`trlax.train.registry.names`)."""
+    from trlax.train import registry
+
+    return registry.config_class(algo)
+
+
+def make_run_config(name: str, fields, *, defaults: Optional[Dict[str, Any]] = None, loss_cls=None,
+                    loss_skip=(), validate=None, doc: str = "") -> Type:
+    """A run-config dataclass for ``trlax train NAME``: :class:`CommonConfig` + ``defaults`` (new
+    defaults of common fields) + ``fields`` (``(name, type, default)`` triples) + every field of
+    ``loss_cls`` (an objective config dataclass) except ``loss_skip``. ``validate(self)`` runs after
+    :meth:`CommonConfig.validate`."""
+    common = [(k, type(v), dataclasses.field(default=v)) for k, v in (defaults or {}).items()]
+    extra = [(n, t, dataclasses.field(default=d)) for n, t, d in fields]
+    have = {f[0] for f in common + extra}
+    loss = _loss_fields(loss_cls, set(loss_skip) | have | {"max_completion_length"}) if loss_cls else []
+    cls = dataclasses.make_dataclass(f"{name.replace('-', '_').title().replace('_', '')}RunConfig",
+                                     common + extra + loss, bases=(CommonConfig,))
+    cls.__doc__ = doc or f"trlax train {name}"
+
+    def _validate(self) -> None:
+        CommonConfig.validate(self)
+        if validate is not None:
+            validate(self)
+
+    cls.validate = _validate
+    return cls
 
 
 GRPO_DEFAULTS = dict(batch_size=64, max_steps=200, learning_rate=3e-3, max_completion_length=4,
@@ -191,8 +215,12 @@ def _validate_sft(self) -> None:
     check_range("bema_update_freq", self.bema_update_freq, low=1)
 
 
-ALGORITHMS = ("grpo", "dpo", "sft")
-_CLASSES = {"grpo": _grpo_cls, "dpo": _dpo_cls, "sft": _sft_cls}
+def __getattr__(name):  # ALGORITHMS: every registered trainer (computed on first use)
+    if name == "ALGORITHMS":
+        from trlax.train import registry
+
+        return registry.names()
+    raise AttributeError(name)
 
 
 def _is_optional(tp) -> Tuple[bool, Any]:
@@ -238,14 +266,15 @@ def parse_value(field: str, tp, raw: Any):
     return raw
 
 
-_CLASS_CACHE: Dict[str, Type] = {}
-
 
 def build_config(algo: str, values: Dict[str, Any]):
     """Instantiate and validate the run config of ``algo`` from a dict of raw values (strings from the
-    command line or typed values from YAML). Errors name the field. The objective's fields are resolved
-    (preset, then the explicitly given fields) and written back, so the saved config shows the values
-    the run uses."""
+    command line or typed values from YAML). Errors name the field. A ``preset`` is resolved here
+    (the trainer's run-config presets, then its objective config's presets; explicitly given fields win)
+    and written into the fields, so the saved config shows the values the run uses."""
+    from trlax.train import registry
+
+    spec = registry.get(algo)
     cls = config_class(algo)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -253,31 +282,41 @@ def build_config(algo: str, values: Dict[str, Any]):
         raise ValueError(f"unknown config field(s) for '{algo}': {', '.join(unknown)}; "
                          f"see `trlax train {algo} --help`")
     kwargs = {k: parse_value(k, fields[k].type, v) for k, v in values.items()}
+    explicit = set(kwargs)
+    preset = kwargs.get("preset", "") if "preset" in fields else ""
+    if preset:
+        if preset in spec.presets:
+            for k, v in spec.presets[preset].items():
+                kwargs.setdefault(k, v)
+            kwargs["preset"] = ""
+        elif spec.loss_config_cls is None or preset not in getattr(spec.loss_config_cls, "PRESETS", ()):
+            raise ValueError(f"preset={preset!r} is not a preset of '{algo}'; allowed: "
+                             f"{', '.join(spec.preset_names()) or '(none)'}")
     cfg = cls(**kwargs)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{algo}"
     cfg.validate()
-    lc = loss_config(algo, cfg, explicit=set(kwargs))  # validates the objective's fields before any compute
+    lc = loss_config(algo, cfg, explicit=explicit)  # validates the objective's fields before any compute
     if lc is not None:
         for f in dataclasses.fields(lc):
             if f.name in fields and f.name != "max_completion_length":
                 setattr(cfg, f.name, getattr(lc, f.name))
-        cfg.preset = ""  # resolved into the fields above
+        if "preset" in fields:
+            cfg.preset = ""  # resolved into the fields above
     return cfg
 
 
 def loss_config(algo: str, cfg, explicit=None):
-    """The objective's config (validated: a bad loss field raises naming the field). With a ``preset``,
-    the preset's values are used except for fields in ``explicit`` (None: every field that differs
-    from the objective config's default)."""
-    if algo == "grpo":
-        from trlax.objectives.policy import PolicyLossConfig as L
-    elif algo == "dpo":
-        from trlax.objectives.preference import PreferenceLossConfig as L
-    else:
+    """The objective's config of trainers with a ``loss_config_cls`` (validated: a bad loss field raises
+    naming the field), else None. With a ``preset``, the preset's values are used except for fields in
+    ``explicit`` (None: every field that differs from the objective config's default)."""
+    from trlax.train import registry
+
+    L = registry.get(algo).loss_config_cls
+    if L is None:
         return None
     names = [f.name for f in dataclasses.fields(L)]
-    kw = {k: getattr(cfg, k) for k in names if k != "max_completion_length"}
+    kw = {k: getattr(cfg, k) for k in names if k != "max_completion_length" and hasattr(cfg, k)}
     if "max_completion_length" in names:
         kw["max_completion_length"] = cfg.max_completion_length
     if getattr(cfg, "preset", ""):
@@ -289,4 +328,4 @@ def loss_config(algo: str, cfg, explicit=None):
     return L(**kw)
 
 
-__all__ = ["ALGORITHMS", "CommonConfig", "build_config", "config_class", "loss_config", "parse_value"]
+__all__ = ["CommonConfig", "build_config", "config_class", "loss_config", "make_run_config", "parse_value"]

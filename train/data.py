@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-REQUIRED_COLUMNS = {
-    "grpo": ("prompt",),
-    "dpo": ("prompt", "chosen", "rejected"),
-    "sft": ("prompt", "completion"),
-}
+def required_columns(algo: str):
+    """The dataset columns trainer ``algo`` reads (its :class:`trlax.train.registry.TrainerSpec`)."""
+    from trlax.train import registry
+
+    return registry.get(algo).columns
 
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 # The built-in tasks only need digits and a few operators. A small vocabulary keeps the tiny random
@@ -102,8 +102,11 @@ def addition_rewards(completions: Sequence[str], answers: Sequence[str], truncat
 def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 0, split: str = "train"):
     """Rows for ``algo`` from ``dataset`` ("builtin", a local json / jsonl / parquet file, or a hub
     name). Missing columns raise before any compute, naming them."""
+    from trlax.train import registry
+
+    spec = registry.get(algo)
     if dataset == "builtin":
-        rows = {"grpo": addition_examples, "dpo": preference_examples, "sft": sft_examples}[algo](n_builtin, seed)
+        rows = spec.builtin(n_builtin, seed)
     else:
         import datasets
 
@@ -119,7 +122,7 @@ def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 
         rows = [dict(r) for r in ds]
     if not rows:
         raise ValueError(f"dataset={dataset!r} is empty")
-    missing = [c for c in REQUIRED_COLUMNS[algo] if c not in rows[0]]
+    missing = [c for c in spec.columns if c not in rows[0]]
     if missing:
         raise ValueError(
             f"dataset={dataset!r} is missing column(s) {', '.join(missing)} required by '{algo}' "
@@ -191,7 +194,7 @@ class EpochSampler:
 __all__ = [
     "CHAT_TEMPLATE",
     "EpochSampler",
-    "REQUIRED_COLUMNS",
+    "required_columns",
     "addition_examples",
     "REWARD_NAMES",
     "addition_rewards",

@@ -40,6 +40,10 @@ from trlax.train.step import BATCH_AXES, init_train_state, make_mesh, make_train
 # test hook: called as ``_after_step(run, step)`` after every round of optimiser steps has been logged and
 # checkpointed (tests raise from it to simulate a run killed after step k).
 _after_step: Optional[Callable[[int], None]] = None
+# test hook: called as ``_on_first_step(run, state_before, batch, metrics)`` after the first optimiser step
+# of a run (``state_before``: a copy of the TrainState the step started from; ``batch``: the host batch;
+# ``metrics``: the step's metrics as floats). Tests recompute the objective from these directly.
+_on_first_step: Optional[Callable[..., None]] = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -126,6 +130,17 @@ class _Run:
                              "or choose another output_dir")
         self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
                                 history=history, enabled=self.is_main)
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """One optimiser step on the host ``batch``: updates ``self.state``, returns the metrics as floats."""
+        hook = _on_first_step if not getattr(self, "_stepped", False) else None
+        before = _copy(self.state) if hook is not None else None
+        self.state, m = self.step_fn(self.state, self.place(batch))
+        metrics = _to_float(m)
+        self._stepped = True
+        if hook is not None:
+            hook(self, before, batch, metrics)
+        return metrics
 
     def place(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """Host batch -> step input. One process: unchanged (jit places it). Multi-host: every process
@@ -231,10 +246,10 @@ def run_sft(cfg, rows=None) -> Dict[str, Any]:
         idx = sampler.next()
         batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "completion_ids": C_ids[idx],
                  "mask": C_mask[idx]}
-        run.state, m = run.step_fn(run.state, run.place(batch))
+        m = run.train_step(batch)
         if bema_step is not None:
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
-        run.logger.log(step, _to_float(m), tokens=int(C_mask[idx].sum()))
+        run.logger.log(step, m, tokens=int(C_mask[idx].sum()))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     losses = [r["loss"] for r in run.logger.history]
     first, last = first_last(losses)
@@ -310,8 +325,8 @@ def run_dpo(cfg, rows=None) -> Dict[str, Any]:
             else:
                 batch["ref_chosen"] = _host(ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx]))
                 batch["ref_rejected"] = _host(ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx]))
-        run.state, m = run.step_fn(run.state, run.place(batch))
-        run.logger.log(step, _to_float(m), tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
+        m = run.train_step(batch)
+        run.logger.log(step, m, tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
     first, last = first_last([r["loss"] for r in hist])
@@ -437,8 +452,11 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
                                                  aggregation=cfg.multi_objective_aggregation,
                                                  scale_rewards=cfg.scale_rewards))
         total = np.nansum(R * w_arr, axis=1)
+        # the loss mask: truncated rows leave it *before* the step so the global token count that
+        # normalises the loss excludes them too (TRL #6439; see trlax.train.step.batch_totals)
+        loss_mask = c_mask & ~truncated[:, None] if lcfg.mask_truncated_completions else c_mask
         buf = {"prompt_ids": _host(roll.prompt_ids), "prompt_mask": _host(roll.prompt_mask),
-               "completion_ids": c_ids, "mask": c_mask, "advantages": adv, "truncated": truncated}
+               "completion_ids": c_ids, "mask": loss_mask, "advantages": adv, "truncated": truncated}
         if lcfg.sampler_correction is not None:
             buf["sampler_logps"] = _host(roll.logps)
         if off_policy:
@@ -467,9 +485,8 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
                 if step >= cfg.max_steps:
                     break
                 sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-                run.state, m = run.step_fn(run.state, run.place({k: v[sl] for k, v in buf.items()}))
+                metrics = run.train_step({k: v[sl] for k, v in buf.items()})
                 step += 1
-                metrics = _to_float(m)
                 metrics.update(gen_metrics)
                 run.logger.log(step, metrics, tokens=int(c_mask[sl].sum()))
         run.maybe_checkpoint(step, {"data": data.state(), "key": key_to_meta(key)}, prev_step=prev)
@@ -482,9 +499,32 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
 
 
 def run(algo: str, cfg, rows=None) -> Dict[str, Any]:
-    """Run ``algo`` (``grpo`` | ``dpo`` | ``sft``) with its validated run config (``rows``: the
-    dataset's records if already loaded and checked by :func:`trlax.train.data.load_records`)."""
-    return {"grpo": run_grpo, "dpo": run_dpo, "sft": run_sft}[algo](cfg, rows)
+    """Run trainer ``algo`` (any :func:`trlax.train.registry.names`) with its validated run config
+    (``rows``: the dataset's records if already loaded and checked by :func:`trlax.train.data.load_records`)."""
+    from trlax.train import registry
+
+    return registry.get(algo).run(cfg, rows)
+
+
+def _specs():
+    from trlax.objectives.policy import PolicyLossConfig
+    from trlax.objectives.preference import PreferenceLossConfig
+    from trlax.train import config as C
+    from trlax.train.registry import TrainerSpec
+
+    return [
+        TrainerSpec("grpo", C._grpo_cls, run_grpo, ("prompt",), D.addition_examples,
+                    loss_config_cls=PolicyLossConfig, metric="reward",
+                    description="GRPO family: every PolicyLossConfig loss (DAPO, Dr. GRPO, GSPO, CISPO, SAPO ...)"),
+        TrainerSpec("dpo", C._dpo_cls, run_dpo, ("prompt", "chosen", "rejected"), D.preference_examples,
+                    loss_config_cls=PreferenceLossConfig, metric="rewards/accuracies",
+                    description="DPO family: every PreferenceLossConfig loss (IPO, SLiC, RPO, APO, ...)"),
+        TrainerSpec("sft", C._sft_cls, run_sft, ("prompt", "completion"), D.sft_examples, metric="nll",
+                    description="supervised fine-tuning (NLL / DFT, BEMA)"),
+    ]
+
+
+SPECS = _specs()
 
 
 __all__ = ["first_last", "make_optimizer", "run", "run_dpo", "run_grpo", "run_sft", "save_config"]
