@@ -93,7 +93,11 @@ def _copy(tree):
 class _Run:
     """State shared by the loops: policy, tokenizer, mesh, step function, checkpoints, logging."""
 
-    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state_fn=None):
+    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state_fn=None, params_fn=None):
+        """``loss_fn_builder(run) -> loss_fn`` (see :func:`trlax.train.step.make_train_step`);
+        ``extra_state_fn(params) -> pytree``: objective state kept in ``TrainState.extra``;
+        ``params_fn(policy) -> pytree of nnx.State``: the trainable parameters (default ``policy.params``;
+        e.g. PPO's ``{"policy": ..., "value": ...}``)."""
         from trlax.train import modeling
 
         self.algo, self.cfg = algo, cfg
@@ -108,8 +112,9 @@ class _Run:
                              f"divisible by the data-parallel size mesh_data x mesh_fsdp = {dp}")
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
         self.optimizer = make_optimizer(cfg)
-        extra = extra_state_fn(self.policy.params) if extra_state_fn else None
-        state = init_train_state(self.policy.params, self.optimizer, extra)
+        params = params_fn(self.policy) if params_fn else self.policy.params
+        extra = extra_state_fn(params) if extra_state_fn else None
+        state = init_train_state(params, self.optimizer, extra)
         self.state_sharding = self.policy.state_sharding(state, self.mesh, self.optimizer)
         self.state = shard_state(state, self.state_sharding)
         self.frozen_params = _copy(self.state.params)  # initial policy: the reference model
