@@ -225,13 +225,13 @@ def _to_float(m) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------- SFT
 
 
-def run_sft(cfg, rows=None) -> Dict[str, Any]:
+def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     """Supervised fine-tuning: NLL or DFT (arXiv 2508.05629, eq. 9) through
     :func:`trlax.objectives.sft_loss`, normalised by the global token count; optional BEMA
     (arXiv 2508.00180) weights kept in the train state and exported to ``final_bema``."""
     from trlax.objectives.supervised import bema, sft_loss
 
-    rows = D.load_records("sft", cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     bema_tx = bema(update_freq=cfg.bema_update_freq) if cfg.bema else None
 
     def loss_builder(run):
@@ -241,7 +241,7 @@ def run_sft(cfg, rows=None) -> Dict[str, Any]:
             return sft_loss(logps, b["mask"], loss_type=cfg.loss_type, num_items=totals["num_items"])
         return loss_fn
 
-    run = _Run("sft", cfg, loss_builder, extra_state_fn=(lambda p: _copy(bema_tx.init(p))) if bema_tx else None)
+    run = _Run(algo, cfg, loss_builder, extra_state_fn=(lambda p: _copy(bema_tx.init(p))) if bema_tx else None)
     tok = run.tokenizer
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
@@ -271,14 +271,14 @@ def run_sft(cfg, rows=None) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------- DPO
 
 
-def run_dpo(cfg, rows=None) -> Dict[str, Any]:
+def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
     """DPO family (arXiv 2305.18290, eq. 7, and every ``PreferenceLossConfig`` variant) on a preference
     set; reference log-probs from the frozen initial policy, computed once up front
     (``precompute_ref_logps``) or on the fly for each batch."""
     from trlax.objectives.preference import preference_loss
 
-    lcfg = loss_config("dpo", cfg)
-    rows = D.load_records("dpo", cfg.dataset, seed=cfg.seed) if rows is None else rows
+    lcfg = loss_config(algo, cfg)
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     needs_ref = not lcfg.reference_free
 
     def loss_builder(run):
@@ -294,7 +294,7 @@ def run_dpo(cfg, rows=None) -> Dict[str, Any]:
                                    num_pairs=totals["num_sequences"], num_chosen_tokens=totals["num_items"])
         return loss_fn
 
-    run = _Run("dpo", cfg, loss_builder)
+    run = _Run(algo, cfg, loss_builder)
     tok = run.tokenizer
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     Ch_ids, Ch_mask = D.encode_right_padded(tok, _texts(tok, rows, "chosen"), cfg.max_completion_length)
@@ -394,13 +394,13 @@ def reward_functions(cfg):
     return fn, tuple(out_names)
 
 
-def run_grpo(cfg, rows=None) -> Dict[str, Any]:
+def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     """GRPO family: every ``PolicyLossConfig`` loss / preset (see the module docstring for the schedule)."""
     from trlax.objectives import multi_reward_advantages, policy_loss
     from trlax.rollouts import JaxSampler, SamplingConfig
 
-    lcfg = loss_config("grpo", cfg)
-    rows = D.load_records("grpo", cfg.dataset, seed=cfg.seed) if rows is None else rows
+    lcfg = loss_config(algo, cfg)
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     G = cfg.num_generations
     spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
     gen_rows = cfg.batch_size * spg
@@ -422,13 +422,13 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
                                truncated=b.get("truncated"))
         return loss_fn
 
-    run = _Run("grpo", cfg, loss_builder)
+    run = _Run(algo, cfg, loss_builder)
     tok = run.tokenizer
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     empty = np.flatnonzero(P_mask.sum(1) == 0)
     if empty.size:
         raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {empty[:5].tolist()} tokenise to nothing")
-    sampler = JaxSampler(run.policy.graphdef, SamplingConfig(
+    sampler = JaxSampler(run.policy.sampler_graphdef, SamplingConfig(
         max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, num_generations=G,
         prompt_multiple=cfg.max_prompt_length), mesh=run.mesh)
@@ -446,7 +446,7 @@ def run_grpo(cfg, rows=None) -> Dict[str, Any]:
     while step < cfg.max_steps:
         key, gen_key = jax.random.split(key)
         idx = data.next()
-        roll = sampler.generate(run.state.params, (P_ids[idx], P_mask[idx]), gen_key)
+        roll = sampler.generate(run.policy.sampler_params(run.state.params), (P_ids[idx], P_mask[idx]), gen_key)
         c_ids, c_mask = _host(roll.completion_ids), _host(roll.completion_mask)
         truncated = _host(roll.truncated)
         comp_ids = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]

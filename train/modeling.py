@@ -62,6 +62,16 @@ class Policy:
         return completion_logps((self.graphdef, params), prompt_ids, prompt_mask, completion_ids, completion_mask,
                                 temperature=temperature)
 
+    @property
+    def sampler_graphdef(self):
+        """The graph the rollout sampler runs (:class:`trlax.rollouts.JaxSampler`)."""
+        return self.graphdef
+
+    def sampler_params(self, params):
+        """The parameters to hand the sampler together with :attr:`sampler_graphdef` for trainable
+        ``params`` (the identity for a plain decoder)."""
+        return params
+
     def model(self, params=None) -> Decoder:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
