@@ -122,6 +122,8 @@ class _Run:
                                        state_sharding=self.state_sharding, num_microbatches=cfg.num_microbatches)
         self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
                                  save_every=1, keep=cfg.keep_checkpoints)
+        # trainable tree -> the policy parameters saved to <output_dir>/final (e.g. PPO: p["policy"])
+        self.export_params: Callable[[Any], Any] = lambda p: p
         self.start_step = 0
         self.meta: Dict[str, Any] = {}
         history: List[Dict[str, float]] = []
@@ -176,7 +178,7 @@ class _Run:
         self.logger.close()
         if self.cfg.export:
             path = os.path.join(self.cfg.output_dir, "final")
-            self.export(self.state.params, path)
+            self.export(self.export_params(self.state.params), path)
             summary["exported_to"] = path
         summary["config"] = self.config_path
         summary["metrics"] = self.logger.jsonl_path
