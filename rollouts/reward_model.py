@@ -188,3 +188,153 @@ class RewardModelJudge(PairwiseJudge):
         rb = np.asarray(self.scorer(completions_b, prompts), np.float64)
         z = (ra - rb) / self.temperature
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # σ(z), overflow-free
+
+
+# ------------------------------------------------------------------------ building and saving heads
+
+_TOK_CLS = {mt: arch.replace("ForCausalLM", "ForTokenClassification") for mt, arch in SUPPORTED_ARCHITECTURES.items()}
+
+
+class ProcessRewardModel(nnx.Module):
+    """Decoder trunk + per-token linear head ``score: [num_labels, H]`` with bias ``[num_labels]`` — the
+    layout of Hugging Face's ``LlamaForTokenClassification`` (``token_classification_bias=True``), used as a
+    process reward model (Uesato et al. 2022, arXiv 2211.14275; Math-Shepherd, arXiv 2312.08935): class
+    logits at every token, read at the end of each reasoning step.
+
+    Args: as :class:`RewardModel` (``num_labels`` defaults to 2: incorrect / correct).
+    """
+
+    def __init__(self, config: DecoderConfig, num_labels: int = 2, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=None):
+        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r} is out of range; allowed: integers >= 1")
+        self.backbone = Decoder(dataclasses.replace(config, tie_word_embeddings=True), rngs=rngs,
+                                param_dtype=param_dtype, dtype=dtype)
+        self.score = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_labels, config.hidden_size),
+                                                        jnp.float32).astype(param_dtype),
+                               out_sharding=(None, "embed"), eager_sharding=False)
+        self.score_bias = nnx.Param(jnp.zeros((num_labels,), param_dtype), out_sharding=(None,),
+                                    eager_sharding=False)
+
+    def __call__(self, input_ids, attention_mask=None) -> jnp.ndarray:
+        """Per-token class logits ``[B, T, num_labels]`` (float32 or wider); padding positions are finite
+        but meaningless. input_ids / attention_mask: ``[B, T]`` (right-padded or unpadded)."""
+        ids = jnp.asarray(input_ids)
+        mask = jnp.ones(ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        h = self.backbone.hidden_states(ids, attention_mask=mask)
+        acc = jnp.promote_types(h.dtype, jnp.float32)
+        return (jnp.einsum("bth,lh->btl", h.astype(acc), self.score[...].astype(acc))
+                + self.score_bias[...].astype(acc))
+
+
+def classifier_from_decoder(decoder: Decoder, num_labels: int = 1, *, seed: int = 0, kind: str = "sequence"):
+    """A :class:`RewardModel` (``kind="sequence"``) or :class:`ProcessRewardModel` (``kind="token"``) whose
+    trunk is a copy of ``decoder``'s weights (its LM head dropped) and whose score head is fresh
+    (normal, std 0.02, as transformers' ``initializer_range``; zero bias), seeded by ``seed`` — how TRL's
+    ``RewardTrainer`` / ``PRMTrainer`` start from a causal LM."""
+    from trlax.models.hf_io import to_hf_state
+
+    cls = {"sequence": RewardModel, "token": ProcessRewardModel}.get(kind)
+    if cls is None:
+        raise ValueError(f"kind={kind!r} is not allowed; allowed: 'sequence', 'token'")
+    abstract = nnx.eval_shape(lambda: cls(decoder.config, num_labels, rngs=nnx.Rngs(0),
+                                          param_dtype=decoder.param_dtype, dtype=decoder.dtype))
+    gd, state = nnx.split(abstract)
+    model = nnx.merge(gd, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    from_hf_state(model.backbone, to_hf_state(decoder))
+    head = 0.02 * jax.random.normal(jax.random.PRNGKey(seed), model.score[...].shape, jnp.float32)
+    model.score[...] = head.astype(decoder.param_dtype)
+    return model
+
+
+def _save_classifier(model, path: str, arch: str, head: dict, tokenizer, dtype) -> None:
+    from safetensors.flax import save_file
+
+    from trlax.models.hf_io import save_pretrained
+
+    save_pretrained(model.backbone, path, tokenizer=tokenizer, dtype=dtype)  # config.json + trunk + tokenizer
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file) as fh:
+        hf = json.load(fh)
+    n = int(model.score[...].shape[0])
+    hf.update(architectures=[arch], id2label={str(i): f"LABEL_{i}" for i in range(n)},
+              label2id={f"LABEL_{i}": i for i in range(n)})
+    hf.pop("num_labels", None)
+    if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
+        hf["pad_token_id"] = int(tokenizer.pad_token_id)  # transformers finds the last real token by it
+    with open(cfg_file, "w") as fh:
+        json.dump(hf, fh, indent=2, sort_keys=True)
+    dt = jnp.dtype(dtype or model.backbone.param_dtype)
+    head = {k: jnp.asarray(v).astype(dt) for k, v in head.items()}
+    meta = {"format": "pt"}
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded trunk: the head is one more shard named in the index
+        save_file(head, os.path.join(path, "model-head.safetensors"), metadata=meta)
+        with open(index) as fh:
+            idx = json.load(fh)
+        for k, v in head.items():
+            idx["weight_map"][k] = "model-head.safetensors"
+            idx["metadata"]["total_size"] = idx["metadata"].get("total_size", 0) + v.size * v.dtype.itemsize
+        with open(index, "w") as fh:
+            json.dump(idx, fh, indent=2)
+    else:
+        tensors = read_safetensors(path)
+        tensors.update(head)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata=meta)
+
+
+def save_reward_model(model: RewardModel, path: str, *, tokenizer=None, dtype=None) -> None:
+    """Write ``model`` as a Hugging Face ``*ForSequenceClassification`` checkpoint (``config.json`` with
+    ``architectures`` and ``id2label``; trunk tensors ``model.*`` and ``score.weight`` ``[num_labels, H]``)
+    that :func:`load_reward_model` and transformers' ``AutoModelForSequenceClassification`` both open.
+    transformers scores the last token that is not ``pad_token_id`` (taken from ``tokenizer``): score
+    texts whose last real token differs from the pad token (e.g. ending in EOS when pad != EOS)."""
+    arch = _SEQ_CLS[model.backbone.config.model_type]
+    _save_classifier(model, path, arch, {"score.weight": model.score[...]}, tokenizer, dtype)
+
+
+def save_process_reward_model(model: ProcessRewardModel, path: str, *, tokenizer=None, dtype=None) -> None:
+    """Write ``model`` as a Hugging Face ``*ForTokenClassification`` checkpoint (``score.weight`` and
+    ``score.bias``) that :func:`load_process_reward_model` and ``AutoModelForTokenClassification`` open."""
+    arch = _TOK_CLS[model.backbone.config.model_type]
+    _save_classifier(model, path, arch, {"score.weight": model.score[...], "score.bias": model.score_bias[...]},
+                     tokenizer, dtype)
+
+
+def load_process_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> ProcessRewardModel:
+    """Load a Hugging Face ``*ForTokenClassification`` checkpoint (Llama / Qwen2 / Qwen3; ``score.weight``
+    and, if present, ``score.bias``) into a :class:`ProcessRewardModel`."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no config.json in process reward model directory {path!r}")
+    with open(cfg_file) as fh:
+        hf = json.load(fh)
+    mt = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if mt not in _TOK_CLS or any(a != _TOK_CLS[mt] for a in archs):
+        raise ValueError(f"unsupported process reward model architecture model_type={mt!r} architectures={archs}; "
+                         f"supported: {sorted(_TOK_CLS.values())}")
+    cfg = DecoderConfig.from_hf(dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]]))
+    tensors = read_safetensors(path, framework="numpy")
+    if "score.weight" not in tensors:
+        raise ValueError("checkpoint is missing tensor 'score.weight' (not a token-classification model?)")
+    score = tensors.pop("score.weight")
+    bias = tensors.pop("score.bias", None)
+    tensors.pop("lm_head.weight", None)
+    n = int(score.shape[0])
+    if score.shape != (n, cfg.hidden_size) or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"head tensors 'score.weight' {score.shape} / 'score.bias' "
+                         f"{None if bias is None else bias.shape} do not match hidden_size={cfg.hidden_size}")
+    model = nnx.eval_shape(lambda: ProcessRewardModel(cfg, n, rngs=nnx.Rngs(0), param_dtype=dtype,
+                                                      dtype=compute_dtype))
+    gd, state = nnx.split(model)
+    model = nnx.merge(gd, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    from_hf_state(model.backbone, tensors)
+    model.score[...] = jnp.asarray(score).astype(dtype)
+    if bias is not None:
+        model.score_bias[...] = jnp.asarray(bias).astype(dtype)
+    return model
+
+
+__all__ += ["ProcessRewardModel", "classifier_from_decoder", "save_reward_model", "save_process_reward_model",
+            "load_process_reward_model"]

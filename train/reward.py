@@ -1,0 +1,285 @@
+"""Reward modelling: ``trlax train reward`` (outcome reward model) and ``trlax train prm`` (process reward
+model).
+
+``reward`` — a Bradley-Terry sequence classifier (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155,
+sec. 3.5, eq. 1; TRL ``RewardTrainer``): the run's decoder as trunk plus a fresh scalar head read at the
+last real token (:class:`trlax.rollouts.RewardModel`), trained on pairs ``(prompt, chosen, rejected)``
+with :func:`trlax.objectives.reward_model_loss`:
+``mean −log σ(r_w − r_l − m) + η·mean (r_w + r_l)²`` — the Llama-2 margin ``m`` (arXiv 2307.09288,
+eq. 2; the ``margin`` column, with ``use_margin``) and reward centring ``η`` (Eisenstein et al.,
+arXiv 2312.09244, eq. 9; ``center_rewards_coefficient``). Each sequence is ``prompt + completion`` plus
+EOS (when EOS is not the pad token), right-padded to ``max_prompt_length + max_completion_length``.
+
+``prm`` — a process reward model (Uesato et al. 2022, arXiv 2211.14275, sec. 3; labels in the style of
+Math-Shepherd, Wang et al. 2023, arXiv 2312.08935; TRL ``PRMTrainer``): token classification with 2
+labels (0 incorrect, 1 correct) read at the last token of each step. Rows are ``(prompt, completions:
+list of steps, labels: list of bool)``; each step is followed by ``step_separator`` and labelled on its
+last token (the separator's last token), as TRL; ``train_on_last_step_only`` trains on each row's last
+step only. Loss: :func:`trlax.objectives.process_reward_loss` (mean cross-entropy over labelled tokens).
+
+Both export to ``<output_dir>/final`` a Hugging Face ``*ForSequenceClassification`` /
+``*ForTokenClassification`` checkpoint (transformers ``AutoModelFor...`` loads it; so do
+:func:`trlax.rollouts.load_reward_model` / :func:`~trlax.rollouts.load_process_reward_model`).
+
+Built-in data: the addition preference set (right sum chosen, a wrong one rejected; ``margin`` grows with
+how far off the wrong sum is) and addition chains ``"3+4+2="`` -> steps ``["3+4=7", "7+2=9"]`` of which
+half contain one corrupted result; a step is correct iff it and every step before it are right (Math-
+Shepherd: no correct answer is reachable after an error).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trlax.objectives._checks import check_range
+from trlax.train import data as D
+from trlax.train.loops import _host, _Run, first_last
+from trlax.train.registry import TrainerSpec
+
+_SMALL = dict(batch_size=32, learning_rate=1e-3, max_prompt_length=8)
+
+
+# ------------------------------------------------------------------------------------ built-in data
+
+
+def margin_preference_examples(n: int, seed: int = 0) -> List[Dict[str, Any]]:
+    """The built-in preference set (:func:`trlax.train.data.preference_examples`) with a Llama-2 style
+    ``margin`` column (arXiv 2307.09288, sec. 3.2.2: a larger margin for a clearer preference):
+    ``|chosen − rejected|`` = 1 -> 0, 2 -> 1/3, 3-4 -> 2/3, >= 5 -> 1."""
+    out = []
+    for r in D.preference_examples(n, seed):
+        gap = abs(int(r["chosen"]) - int(r["rejected"]))
+        out.append(dict(r, margin=0.0 if gap <= 1 else 1 / 3 if gap == 2 else 2 / 3 if gap <= 4 else 1.0))
+    return out
+
+
+def step_examples(n: int, seed: int = 0, num_terms: int = 3) -> List[Dict[str, Any]]:
+    """Addition chains with a label per step: ``{"prompt": "3+4+2=", "completions": ["3+4=7", "7+2=9"],
+    "labels": [True, True]}``. Operands are digits whose partial sums stay <= 9; half of the chains get
+    one step's result replaced by another digit (later steps carry the wrong value on), and that step and
+    every later one are labelled False."""
+    rng = random.Random(seed + 2)
+    out = []
+    while len(out) < n:
+        terms = [rng.randint(0, 9) for _ in range(num_terms)]
+        if sum(terms) > 9:
+            continue
+        bad = rng.randrange(num_terms - 1) if rng.random() < 0.5 else -1
+        acc, steps, labels, ok = terms[0], [], [], True
+        for i, t in enumerate(terms[1:]):
+            res = acc + t
+            if i == bad:
+                res = rng.choice([d for d in range(10) if d != acc + t])
+                ok = False
+            steps.append(f"{acc}+{t}={res}")
+            labels.append(ok)
+            acc = res
+        out.append({"prompt": "+".join(map(str, terms)) + "=", "completions": steps, "labels": labels})
+    return out
+
+
+# ------------------------------------------------------------------------------------------- runner
+
+
+class _ClassifierRun(_Run):
+    """A :class:`~trlax.train.loops._Run` whose trainable tree is a classifier built from the run's
+    decoder (``make_model(decoder) -> nnx.Module``; ``self.graphdef`` is its graph) and whose export writes
+    it with ``save(model, path, tokenizer=)`` instead of the causal-LM ``policy.save``."""
+
+    def __init__(self, algo, cfg, loss_builder, make_model, save):
+        self._save = save
+
+        def params_fn(policy):
+            self.graphdef, params = nnx.split(make_model(policy.model()))
+            return params
+
+        super().__init__(algo, cfg, loss_builder, params_fn=params_fn)
+
+    def model(self, params):
+        return nnx.merge(self.graphdef, params)
+
+    def export(self, params, path: str) -> None:
+        params = jax.tree_util.tree_map(_host, params)  # collective on multi-host
+        if self.is_main:
+            self._save(self.model(jax.device_get(params)), path, tokenizer=self.tokenizer)
+
+
+def _join(tok, prompt, completion) -> str:
+    if isinstance(prompt, list) and isinstance(completion, list):  # conversational: one template
+        return tok.apply_chat_template(prompt + completion, tokenize=False)
+    return D.as_text(tok, prompt) + D.as_text(tok, completion)
+
+
+def _finish(run, cfg, algo: str, metric: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+    hist = run.logger.history
+    first, last = first_last([r["loss"] for r in hist])
+    m_first, m_last = first_last([r.get(metric, np.nan) for r in hist])
+    print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}")
+    return run.finish({"algorithm": algo, "steps": cfg.max_steps, "loss_first_10pct": first, "loss_last_10pct": last,
+                       f"{metric}_first_10pct": m_first, f"{metric}_last_10pct": m_last, **extra})
+
+
+def run_reward(cfg, rows=None, algo: str = "reward") -> Dict[str, Any]:
+    """Bradley-Terry reward model (arXiv 2203.02155, eq. 1; margin arXiv 2307.09288, eq. 2; centring
+    arXiv 2312.09244, eq. 9); see the module docstring."""
+    from trlax.objectives.unpaired import reward_model_loss
+    from trlax.rollouts.reward_model import classifier_from_decoder, save_reward_model
+
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    if cfg.use_margin and "margin" not in rows[0]:
+        raise ValueError(f"use_margin=True but dataset={cfg.dataset!r} has no 'margin' column")
+    eta = cfg.center_rewards_coefficient
+
+    def loss_builder(run):
+        def loss_fn(params, b, totals):
+            n = b["chosen_ids"].shape[0]
+            ids = jnp.concatenate([b["chosen_ids"], b["rejected_ids"]], 0)
+            mask = jnp.concatenate([b["chosen_mask"], b["rejected_mask"]], 0)
+            r = run.model(params)(ids, mask)[:, 0]
+            loss, metrics = reward_model_loss(r[:n], r[n:], margin=b.get("margin"), center_rewards_coefficient=eta)
+            return loss * (n / totals["num_sequences"]), metrics  # this micro-batch's share of the batch mean
+        return loss_fn
+
+    run = _ClassifierRun(algo, cfg, loss_builder, lambda dec: classifier_from_decoder(dec, 1, seed=cfg.seed),
+                         save_reward_model)
+    tok = run.tokenizer
+    L = cfg.max_prompt_length + cfg.max_completion_length
+    add_eos = tok.eos_token_id != tok.pad_token_id  # else transformers would score the token before EOS
+    Ch_ids, Ch_mask = D.encode_right_padded(tok, [_join(tok, r["prompt"], r["chosen"]) for r in rows], L, add_eos)
+    Rj_ids, Rj_mask = D.encode_right_padded(tok, [_join(tok, r["prompt"], r["rejected"]) for r in rows], L, add_eos)
+    margin = np.asarray([float(r["margin"]) for r in rows], np.float32) if cfg.use_margin else None
+    sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        idx = sampler.next()
+        batch = {"chosen_ids": Ch_ids[idx], "chosen_mask": Ch_mask[idx], "rejected_ids": Rj_ids[idx],
+                 "rejected_mask": Rj_mask[idx]}
+        if margin is not None:
+            batch["margin"] = margin[idx]
+        m = run.train_step(batch)
+        run.logger.log(step, m, tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
+        run.maybe_checkpoint(step, {"data": sampler.state()})
+    return _finish(run, cfg, algo, "accuracy", {"use_margin": cfg.use_margin, "center_rewards_coefficient": eta})
+
+
+def encode_steps(tok, rows, max_prompt_length: int, max_completion_length: int, step_separator: str,
+                 last_step_only: bool = False):
+    """TRL ``PRMTrainer`` tokenisation: ``prompt[-P:] + (step_1 + sep) + (step_2 + sep) + ...`` (the
+    completion cut to its first ``C`` tokens), right-padded to ``P + C``. Returns ``(ids, attention_mask,
+    labels, mask)``, each ``[N, P + C]``: ``labels`` is 0 / 1 on the last token of every step and -100
+    elsewhere; ``mask`` marks the trained label positions (every step, or each row's last step)."""
+    P, C = max_prompt_length, max_completion_length
+    sep = tok(step_separator, add_special_tokens=False)["input_ids"]
+    if not sep:
+        raise ValueError(f"step_separator={step_separator!r} tokenises to nothing")
+    n = len(rows)
+    ids = np.full((n, P + C), tok.pad_token_id, np.int32)
+    att = np.zeros((n, P + C), bool)
+    labels = np.full((n, P + C), -100, np.int32)
+    for i, r in enumerate(rows):
+        steps, labs = list(r["completions"]), list(r["labels"])
+        if len(steps) != len(labs):
+            raise ValueError(f"row {i}: {len(steps)} completions but {len(labs)} labels")
+        p = tok(D.as_text(tok, r["prompt"]), add_special_tokens=False)["input_ids"][-P:]
+        c, lab = [], []
+        for s, y in zip(steps, labs):
+            t = tok(s, add_special_tokens=False)["input_ids"] + sep
+            c += t
+            lab += [-100] * (len(t) - 1) + [int(bool(y))]
+        c, lab = c[:C], lab[:C]
+        seq, seq_lab = p + c, [-100] * len(p) + lab
+        ids[i, :len(seq)], att[i, :len(seq)], labels[i, :len(seq)] = seq, True, seq_lab
+    mask = labels >= 0
+    if last_step_only:
+        pos = np.arange(P + C)
+        last = np.max(np.where(mask, pos, -1), axis=1, keepdims=True)
+        mask = mask & (pos == last)
+    return ids, att, labels, mask
+
+
+def run_prm(cfg, rows=None, algo: str = "prm") -> Dict[str, Any]:
+    """Process reward model (arXiv 2211.14275, sec. 3; TRL ``PRMTrainer``); see the module docstring."""
+    from trlax.objectives.unpaired import process_reward_loss
+    from trlax.rollouts.reward_model import classifier_from_decoder, save_process_reward_model
+
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+
+    def loss_builder(run):
+        def loss_fn(params, b, totals):
+            logits = run.model(params)(b["input_ids"], b["attention_mask"])
+            return process_reward_loss(logits, b["labels"], b["mask"], last_step_only=cfg.train_on_last_step_only,
+                                       num_items=totals["num_items"])
+        return loss_fn
+
+    run = _ClassifierRun(algo, cfg, loss_builder,
+                         lambda dec: classifier_from_decoder(dec, 2, seed=cfg.seed, kind="token"),
+                         save_process_reward_model)
+    ids, att, labels, mask = encode_steps(run.tokenizer, rows, cfg.max_prompt_length, cfg.max_completion_length,
+                                          cfg.step_separator, cfg.train_on_last_step_only)
+    if not mask.any():
+        raise ValueError(f"dataset={cfg.dataset!r}: no step label survives max_prompt_length + "
+                         f"max_completion_length = {ids.shape[1]} tokens")
+    sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        idx = sampler.next()
+        batch = {"input_ids": ids[idx], "attention_mask": att[idx], "labels": labels[idx], "mask": mask[idx]}
+        m = run.train_step(batch)
+        run.logger.log(step, m, tokens=int(att[idx].sum()))
+        run.maybe_checkpoint(step, {"data": sampler.state()})
+    return _finish(run, cfg, algo, "accuracy", {"train_on_last_step_only": cfg.train_on_last_step_only})
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+def _validate_reward(self) -> None:
+    check_range("center_rewards_coefficient", self.center_rewards_coefficient, low=0.0, allow_none=True)
+    if not isinstance(self.use_margin, bool):
+        raise ValueError(f"use_margin={self.use_margin!r} must be a boolean")
+
+
+def _validate_prm(self) -> None:
+    if not isinstance(self.step_separator, str) or not self.step_separator:
+        raise ValueError(f"step_separator={self.step_separator!r} must be a non-empty string")
+    if not isinstance(self.train_on_last_step_only, bool):
+        raise ValueError(f"train_on_last_step_only={self.train_on_last_step_only!r} must be a boolean")
+
+
+def _reward_cls():
+    from trlax.train.config import make_run_config
+
+    return make_run_config(
+        "reward",
+        [("preset", str, ""), ("use_margin", bool, False),  # read the dataset's `margin` column (Llama 2)
+         ("center_rewards_coefficient", Optional[float], None)],  # η of arXiv 2312.09244 (None: off)
+        defaults=dict(_SMALL, max_steps=150, max_completion_length=4), validate=_validate_reward,
+        doc="trlax train reward: Bradley-Terry reward model (scalar head on the decoder).")
+
+
+def _prm_cls():
+    from trlax.train.config import make_run_config
+
+    return make_run_config(
+        "prm",
+        [("preset", str, ""), ("step_separator", str, "\n"), ("train_on_last_step_only", bool, False)],
+        defaults=dict(_SMALL, max_steps=150, max_completion_length=16), validate=_validate_prm,
+        doc="trlax train prm: process reward model (token classification at step ends).")
+
+
+SPECS = [
+    TrainerSpec("reward", _reward_cls, run_reward, ("prompt", "chosen", "rejected"), margin_preference_examples,
+                presets={"reward": {}, "reward_margin": {"use_margin": True}, "llama2": {"use_margin": True},
+                         "reward_center": {"center_rewards_coefficient": 0.01}},
+                metric="accuracy",
+                description="Bradley-Terry reward model (InstructGPT); Llama-2 margin, reward centring"),
+    TrainerSpec("prm", _prm_cls, run_prm, ("prompt", "completions", "labels"), step_examples,
+                presets={"prm": {"train_on_last_step_only": False}, "prm_last": {"train_on_last_step_only": True}},
+                metric="accuracy", description="process reward model: step-level token classification"),
+]
+
+__all__ = ["SPECS", "encode_steps", "margin_preference_examples", "run_prm", "run_reward", "step_examples"]
