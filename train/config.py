@@ -47,6 +47,13 @@ class CommonConfig:
     coordinator_address: str = ""  # host:port of process 0 ("" = auto-detect on TPU / SLURM / Open MPI)
     num_processes: int = 0  # 0 = auto-detect
     process_id: int = -1  # -1 = auto-detect
+    # LoRA / DoRA adapters (arXiv 2106.09685 / 2402.09353; trlax.models.lora): lora_rank 0 = off (full fine-
+    # tuning). On: only the adapters train, the reference is the base model (adapters off), the export is merged.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # scaling alpha / rank (alpha / sqrt(rank) with use_rslora)
+    lora_target_modules: str = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    use_dora: bool = False  # weight-decomposed adapters (DoRA)
+    use_rslora: bool = False  # rank-stabilised scaling (arXiv 2312.03732)
 
     def validate(self) -> None:
         check_range("max_steps", self.max_steps, low=1)
@@ -68,6 +75,16 @@ class CommonConfig:
         from trlax.train.modeling import check_model
 
         check_model(self.model)
+        check_range("lora_rank", self.lora_rank, low=0)
+        check_range("lora_alpha", self.lora_alpha, low=0.0, low_inclusive=False)
+        check_choice("use_dora", self.use_dora, (True, False))
+        check_choice("use_rslora", self.use_rslora, (True, False))
+        if self.lora_rank == 0 and (self.use_dora or self.use_rslora):
+            raise ValueError(f"use_dora={self.use_dora} / use_rslora={self.use_rslora} need lora_rank >= 1, "
+                             f"got lora_rank=0")
+        from trlax.train.modeling import lora_config_of
+
+        lora_config_of(self)  # checks lora_target_modules
         if self.dataset != "builtin" and not isinstance(self.dataset, str):
             raise ValueError(f"dataset={self.dataset!r} must be 'builtin', a file path or a hub name")
 
@@ -135,6 +152,12 @@ def _grpo_cls():
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
         ("log_kl", bool, dataclasses.field(default=True)),  # with beta=0, still log KL to the initial policy
+        # Skywork-OR1 adaptive entropy control (arXiv 2505.22312, sec. 3.2.3): entropy_coef is the start value
+        ("use_adaptive_entropy", bool, dataclasses.field(default=False)),
+        ("entropy_target", float, dataclasses.field(default=0.2)),
+        ("entropy_coef_delta", float, dataclasses.field(default=0.005)),
+        ("entropy_coef_min", float, dataclasses.field(default=0.0)),
+        ("entropy_coef_max", float, dataclasses.field(default=1.0)),
     ]
     common = [(k, type(v), dataclasses.field(default=v)) for k, v in GRPO_DEFAULTS.items()]
     skip = {"max_completion_length"}  # shared with CommonConfig
@@ -161,6 +184,13 @@ def _validate_grpo(self) -> None:
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
     check_range("num_iterations", self.num_iterations, low=1)
     check_range("steps_per_generation", self.steps_per_generation, low=1)
+    check_choice("use_adaptive_entropy", self.use_adaptive_entropy, (True, False))
+    check_range("entropy_target", self.entropy_target, low=0.0)
+    check_range("entropy_coef_delta", self.entropy_coef_delta, low=0.0)
+    check_range("entropy_coef_min", self.entropy_coef_min, low=0.0)
+    check_range("entropy_coef_max", self.entropy_coef_max, low=self.entropy_coef_min)
+    if self.use_adaptive_entropy:
+        check_range("entropy_coef", self.entropy_coef, low=self.entropy_coef_min, high=self.entropy_coef_max)
     from trlax.train.loops import REWARD_FUNCS
 
     names = [n.strip() for n in self.reward_funcs.split(",")]
@@ -181,7 +211,11 @@ def _dpo_cls():
     from trlax.objectives.preference import PreferenceLossConfig
 
     extra = [("preset", str, dataclasses.field(default="")),  # a PreferenceLossConfig preset
-             ("precompute_ref_logps", bool, dataclasses.field(default=True))]
+             ("precompute_ref_logps", bool, dataclasses.field(default=True)),
+             # TR-DPO (arXiv 2404.09656): theta_ref <- alpha * theta + (1 - alpha) * theta_ref every sync_steps
+             ("sync_ref_model", bool, dataclasses.field(default=False)),
+             ("ref_model_mixup_alpha", float, dataclasses.field(default=0.6)),
+             ("ref_model_sync_steps", int, dataclasses.field(default=512))]
     common = [("batch_size", int, dataclasses.field(default=32)), ("max_steps", int, dataclasses.field(default=60)),
               ("learning_rate", float, dataclasses.field(default=1e-3)),
               ("max_completion_length", int, dataclasses.field(default=4)),
@@ -189,7 +223,17 @@ def _dpo_cls():
     cls = dataclasses.make_dataclass("DPORunConfig", common + extra + _loss_fields(PreferenceLossConfig),
                                      bases=(CommonConfig,))
     cls.__doc__ = "trlax train dpo: preference run (every PreferenceLossConfig field is a flag)."
+    cls.validate = _validate_dpo
     return cls
+
+
+def _validate_dpo(self) -> None:
+    CommonConfig.validate(self)
+    check_choice("sync_ref_model", self.sync_ref_model, (True, False))
+    check_range("ref_model_mixup_alpha", self.ref_model_mixup_alpha, low=0.0, high=1.0, low_inclusive=False)
+    check_range("ref_model_sync_steps", self.ref_model_sync_steps, low=1)
+    if self.sync_ref_model and getattr(self, "reference_free", False):
+        raise ValueError("sync_ref_model=True needs a reference model; got reference_free=True")
 
 
 def _sft_cls():
@@ -200,6 +244,10 @@ def _sft_cls():
         ("loss_type", str, dataclasses.field(default="nll")),  # nll | dft (arXiv 2508.05629)
         ("bema", bool, dataclasses.field(default=False)),  # BEMA weights (arXiv 2508.00180) -> final_bema/
         ("bema_update_freq", int, dataclasses.field(default=10)),
+        ("preset", str, dataclasses.field(default="")),  # bfd_split | t5 (packing presets)
+        # SFT packing (trlax.models.packing): "" (off) | bfd | bfd_split | wrapped; rows of max_length tokens
+        ("packing", str, dataclasses.field(default="")),
+        ("max_length", int, dataclasses.field(default=0)),  # packed row width; 0 = max_prompt + max_completion
     ]
     cls = dataclasses.make_dataclass("SFTRunConfig", extra, bases=(CommonConfig,))
     cls.__doc__ = "trlax train sft: supervised fine-tuning (NLL or DFT, optional BEMA)."
@@ -213,6 +261,12 @@ def _validate_sft(self) -> None:
     CommonConfig.validate(self)
     check_choice("loss_type", self.loss_type, SFT_LOSS_TYPES)
     check_range("bema_update_freq", self.bema_update_freq, low=1)
+    from trlax.models.packing import PACKING_STRATEGIES
+
+    check_choice("packing", self.packing, ("",) + PACKING_STRATEGIES)
+    check_range("max_length", self.max_length, low=0)
+    if self.packing and 0 < self.max_length < 2:
+        raise ValueError(f"max_length={self.max_length} is out of range with packing; allowed: 0 or >= 2")
 
 
 def __getattr__(name):  # ALGORITHMS: every registered trainer (computed on first use)

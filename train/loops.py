@@ -111,13 +111,16 @@ class _Run:
             raise ValueError(f"batch_size={cfg.batch_size} / num_microbatches={cfg.num_microbatches} must be "
                              f"divisible by the data-parallel size mesh_data x mesh_fsdp = {dp}")
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
+        self.policy.place(self.mesh)  # LoRA: the frozen base weights, sharded like the parameters
         self.optimizer = make_optimizer(cfg)
         params = params_fn(self.policy) if params_fn else self.policy.params
         extra = extra_state_fn(params) if extra_state_fn else None
         state = init_train_state(params, self.optimizer, extra)
         self.state_sharding = self.policy.state_sharding(state, self.mesh, self.optimizer)
         self.state = shard_state(state, self.state_sharding)
-        self.frozen_params = _copy(self.state.params)  # initial policy: the reference model
+        # initial policy = the reference model (with LoRA: the initial adapters, i.e. the base model; see
+        # modeling.LoraPolicy; run.policy.reference_logps(run.frozen_params, ...) is the exact adapters-off path)
+        self.frozen_params = _copy(self.state.params)
         self.step_fn = make_train_step(loss_fn_builder(self), self.optimizer, mesh=self.mesh,
                                        state_sharding=self.state_sharding, num_microbatches=cfg.num_microbatches)
         self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
@@ -227,19 +230,43 @@ def _to_float(m) -> Dict[str, float]:
 # --------------------------------------------------------------------------------------------- SFT
 
 
+def pack_examples(P_ids, P_mask, C_ids, C_mask, max_length: int, strategy: str, pad_id: int):
+    """SFT packing (:func:`trlax.models.packing.pack_sequences`; BFD / ``bfd_split``: arXiv 2404.10830,
+    wrapped: T5, arXiv 1910.10683 sec. 3.1.2): each example is its prompt tokens followed by its completion
+    tokens (the same tokens as the unpacked ``[B, P] + [B, C]`` layout), the loss mask on the completion
+    tokens only (completion-only loss); rows get segment ids so packed examples never attend to each other."""
+    from trlax.models.packing import pack_sequences
+
+    seqs, masks = [], []
+    for i in range(P_ids.shape[0]):
+        p, c = P_ids[i][P_mask[i].astype(bool)], C_ids[i][C_mask[i].astype(bool)]
+        seqs.append(np.concatenate([p, c]).astype(np.int32))
+        masks.append(np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)]))
+    return pack_sequences(seqs, max_length, strategy, loss_masks=masks, pad_id=pad_id)
+
+
 def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     """Supervised fine-tuning: NLL or DFT (arXiv 2508.05629, eq. 9) through
-    :func:`trlax.objectives.sft_loss`, normalised by the global token count; optional BEMA
-    (arXiv 2508.00180) weights kept in the train state and exported to ``final_bema``."""
+    :func:`trlax.objectives.sft_loss`, normalised by the global count of target tokens; optional BEMA
+    (arXiv 2508.00180) weights kept in the train state and exported to ``final_bema``.
+
+    ``packing`` (``bfd`` | ``bfd_split`` | ``wrapped``): the data set is packed once up front into rows of
+    ``max_length`` tokens (:func:`pack_examples`); a batch is ``batch_size`` packed rows, the forward is
+    segment-aware (:meth:`Policy.packed_logps`), the loss mask is the completion tokens and the loss is
+    normalised by the batch's real target tokens (TRL: packing changes only which tokens share a row)."""
     from trlax.objectives.supervised import bema, sft_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     bema_tx = bema(update_freq=cfg.bema_update_freq) if cfg.bema else None
+    packing = getattr(cfg, "packing", "")
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
-            logps, _ = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                                                   b["mask"])
+            if packing:
+                logps, _ = run.policy.packed_logps(params, b["input_ids"], b["segment_ids"], b["positions"], b["mask"])
+            else:
+                logps, _ = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"],
+                                                       b["completion_ids"], b["mask"])
             return sft_loss(logps, b["mask"], loss_type=cfg.loss_type, num_items=totals["num_items"])
         return loss_fn
 
@@ -248,21 +275,31 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
     bema_step = jax.jit(lambda p, s: bema_tx.update(p, s)[1]) if bema_tx else None
-    sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
+    if packing:
+        L = cfg.max_length or cfg.max_prompt_length + cfg.max_completion_length
+        packed = pack_examples(P_ids, P_mask, C_ids, C_mask, L, packing, tok.pad_token_id)
+        cols = {"input_ids": packed.input_ids, "segment_ids": packed.segment_ids, "positions": packed.positions,
+                "mask": packed.loss_mask}
+        print(f"packing ({packing}): {len(rows)} examples -> {packed.input_ids.shape[0]} rows of {L} tokens")
+    else:
+        cols = {"prompt_ids": P_ids, "prompt_mask": P_mask, "completion_ids": C_ids, "mask": C_mask}
+    n_rows = len(cols["mask"])
+    sampler = D.EpochSampler(n_rows, cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = sampler.next()
-        batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "completion_ids": C_ids[idx],
-                 "mask": C_mask[idx]}
+        batch = {k: v[idx] for k, v in cols.items()}
         m = run.train_step(batch)
         if bema_step is not None:
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
-        run.logger.log(step, m, tokens=int(C_mask[idx].sum()))
+        run.logger.log(step, m, tokens=int(batch["mask"].sum()))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     losses = [r["loss"] for r in run.logger.history]
     first, last = first_last(losses)
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}")
     summary = {"algorithm": "sft", "loss_type": cfg.loss_type, "steps": cfg.max_steps,
                "loss_first_10pct": first, "loss_last_10pct": last}
+    if packing:
+        summary["packing"] = packing
     if bema_tx is not None and cfg.export:
         path = os.path.join(cfg.output_dir, "final_bema")
         run.export(run.state.extra.bema, path)
@@ -275,13 +312,22 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
 
 def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
     """DPO family (arXiv 2305.18290, eq. 7, and every ``PreferenceLossConfig`` variant) on a preference
-    set; reference log-probs from the frozen initial policy, computed once up front
-    (``precompute_ref_logps``) or on the fly for each batch."""
+    set; reference log-probs from the frozen initial policy (with LoRA: the base model, adapters off),
+    computed once up front (``precompute_ref_logps``) or on the fly for each batch.
+
+    TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656, eqs. 5-6; ``sync_ref_model``): the reference
+    parameters live in ``TrainState.extra`` (so checkpoints hold them and a resumed run is exact); after
+    every optimiser step ``k`` with ``k % ref_model_sync_steps == 0`` they become
+    ``α·θ + (1 − α)·θ_ref`` (``ref_model_mixup_alpha``; :func:`trlax.objectives.trdpo_ref_update`), and
+    the reference log-probs are computed on the fly from them (``precompute_ref_logps`` does not apply).
+    With LoRA the mixed parameters are the adapters."""
     from trlax.objectives.preference import preference_loss
+    from trlax.objectives.unpaired import trdpo_ref_update
 
     lcfg = loss_config(algo, cfg)
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     needs_ref = not lcfg.reference_free
+    sync = bool(getattr(cfg, "sync_ref_model", False)) and needs_ref
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -296,19 +342,28 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
                                    num_pairs=totals["num_sequences"], num_chosen_tokens=totals["num_items"])
         return loss_fn
 
-    run = _Run(algo, cfg, loss_builder)
+    run = _Run(algo, cfg, loss_builder, extra_state_fn=_copy if sync else None)
     tok = run.tokenizer
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     Ch_ids, Ch_mask = D.encode_right_padded(tok, _texts(tok, rows, "chosen"), cfg.max_completion_length)
     Rj_ids, Rj_mask = D.encode_right_padded(tok, _texts(tok, rows, "rejected"), cfg.max_completion_length)
-    ref_params = run.frozen_params
+    frozen = run.frozen_params
 
     @jax.jit
     def ref_logps(p_ids, p_mask, c_ids, c_mask):
-        return run.policy.completion_logps(ref_params, p_ids, p_mask, c_ids, c_mask)[0]
+        return run.policy.reference_logps(frozen, p_ids, p_mask, c_ids, c_mask)[0]
+
+    if sync:
+        alpha, every = float(cfg.ref_model_mixup_alpha), int(cfg.ref_model_sync_steps)
+        ref_sync = jax.jit(lambda ref, p, k: trdpo_ref_update(ref, p, k, alpha=alpha, sync_steps=every),
+                           out_shardings=run.state_sharding.extra)
+        synced_logps = jax.jit(lambda ref, *a: run.policy.completion_logps(ref, *a)[0])
+
+        def ref_logps(p_ids, p_mask, c_ids, c_mask):  # noqa: F811 - the synced reference in TrainState.extra
+            return synced_logps(run.state.extra, p_ids, p_mask, c_ids, c_mask)
 
     ref_ch = ref_rj = None
-    if needs_ref and cfg.precompute_ref_logps:
+    if needs_ref and cfg.precompute_ref_logps and not sync:
         bs = cfg.batch_size
         pad = (-len(rows)) % bs
         order = np.concatenate([np.arange(len(rows)), np.zeros(pad, int)])
@@ -333,6 +388,9 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
                 batch["ref_chosen"] = _host(ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx]))
                 batch["ref_rejected"] = _host(ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx]))
         m = run.train_step(batch)
+        if sync:
+            run.state = run.state._replace(extra=ref_sync(run.state.extra, run.state.params, step))
+            m["ref_synced"] = float(step % every == 0)
         run.logger.log(step, m, tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
@@ -397,11 +455,25 @@ def reward_functions(cfg):
 
 
 def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
-    """GRPO family: every ``PolicyLossConfig`` loss / preset (see the module docstring for the schedule)."""
+    """GRPO family: every ``PolicyLossConfig`` loss / preset (see the module docstring for the schedule).
+
+    Adaptive entropy control (Skywork-OR1, He et al. 2025, arXiv 2505.22312, sec. 3.2.3; TRL
+    ``use_adaptive_entropy``): the entropy-bonus coefficient ``c`` (starting at ``entropy_coef``) is host
+    state saved in the checkpoint meta (a resumed run is exact). At optimiser step ``k`` the loss uses
+    ``c_k`` if the previous step's entropy ``H_{k-1} ≤ entropy_target`` else 0 (no bonus at the first step,
+    ``H_0 = +∞``); after the step ``c_{k+1} = adaptive_entropy_coef(c_k, H_k, ...)`` (``+δ`` if
+    ``H_k ≤ target`` else ``−δ``, clipped to ``[entropy_coef_min, entropy_coef_max]``), with ``H_k`` the
+    step's logged ``entropy`` (token mean over the loss mask). The applied value reaches the jitted loss as
+    the batch column ``entropy_coef``; the loss is ``policy_loss`` with the bonus scaled by it (logged:
+    ``entropy_coef``, ``entropy_coef_applied``)."""
     from trlax.objectives import multi_reward_advantages, policy_loss
+    from trlax.objectives.policy import adaptive_entropy_coef
     from trlax.rollouts import JaxSampler, SamplingConfig
 
     lcfg = loss_config(algo, cfg)
+    adaptive = bool(getattr(cfg, "use_adaptive_entropy", False))
+    if adaptive:  # the bonus is linear in its coefficient: loss(c) = loss(0) + c·(loss(1) − loss(0))
+        lcfg0, lcfg1 = (dataclasses.replace(lcfg, entropy_coef=c) for c in (0.0, 1.0))
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     G = cfg.num_generations
     spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
@@ -418,10 +490,18 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         def loss_fn(params, b, totals):
             logps, ent = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
                                                      b["mask"], temperature=cfg.temperature)
-            return policy_loss(logps, b.get("old_logps"), b["advantages"], b["mask"], lcfg,
-                               ref_logps=b.get("ref_logps"), sampler_logps=b.get("sampler_logps"),
-                               entropies=ent, num_items=totals["num_items"], num_sequences=totals["num_sequences"],
-                               truncated=b.get("truncated"))
+
+            def objective(config):
+                return policy_loss(logps, b.get("old_logps"), b["advantages"], b["mask"], config,
+                                   ref_logps=b.get("ref_logps"), sampler_logps=b.get("sampler_logps"),
+                                   entropies=ent, num_items=totals["num_items"],
+                                   num_sequences=totals["num_sequences"], truncated=b.get("truncated"))
+            if not adaptive:
+                return objective(lcfg)
+            loss0, metrics = objective(lcfg0)
+            loss1, _ = objective(lcfg1)
+            coef = jnp.max(b["entropy_coef"])  # one value per batch, a column so that it is sharded / split
+            return loss0 + coef.astype(loss0.dtype) * (loss1 - loss0), metrics
         return loss_fn
 
     run = _Run(algo, cfg, loss_builder)
@@ -440,6 +520,14 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     @jax.jit
     def forward_logps(params, p_ids, p_mask, c_ids, c_mask):
         return run.policy.completion_logps(params, p_ids, p_mask, c_ids, c_mask, temperature=cfg.temperature)[0]
+
+    @jax.jit
+    def reference_logps(frozen, p_ids, p_mask, c_ids, c_mask):  # LoRA: the base model, adapters off
+        return run.policy.reference_logps(frozen, p_ids, p_mask, c_ids, c_mask, temperature=cfg.temperature)[0]
+
+    if adaptive:  # controller state: (coefficient, previous step's entropy; None = +inf before the first step)
+        ent_coef = float(run.meta.get("entropy_coef", lcfg.entropy_coef))
+        last_ent = run.meta.get("last_entropy")
 
     data = D.EpochSampler(len(rows), n_prompts, cfg.seed, **run.meta.get("data", {}))
     key = jax.random.PRNGKey(cfg.seed) if "key" not in run.meta else jnp.asarray(key_from_meta(run.meta["key"]))
@@ -470,12 +558,12 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             buf["old_logps"] = _host(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
                                                         c_ids, c_mask))
         if ref_params is not None:
-            buf["ref_logps"] = _host(forward_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
-                                                        c_ids, c_mask))
+            buf["ref_logps"] = _host(reference_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
+                                                     c_ids, c_mask))
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
             cur = buf["old_logps"] if off_policy else _host(
                 forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
-            ref = _host(forward_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
+            ref = _host(reference_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
             d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
             kl_tok = np.exp(d) - d - 1.0
             kl_monitor = float(kl_tok[c_mask].mean()) if c_mask.any() else 0.0
@@ -492,11 +580,24 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                 if step >= cfg.max_steps:
                     break
                 sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-                metrics = run.train_step({k: v[sl] for k, v in buf.items()})
+                batch = {k: v[sl] for k, v in buf.items()}
+                if adaptive:
+                    applied = ent_coef if last_ent is not None and last_ent <= cfg.entropy_target else 0.0
+                    batch["entropy_coef"] = np.full(cfg.batch_size, applied)
+                metrics = run.train_step(batch)
                 step += 1
+                if adaptive:
+                    metrics["entropy_coef"], metrics["entropy_coef_applied"] = ent_coef, applied
+                    last_ent = metrics["entropy"]
+                    ent_coef = float(np.asarray(adaptive_entropy_coef(
+                        ent_coef, last_ent, target=cfg.entropy_target, delta=cfg.entropy_coef_delta,
+                        coef_min=cfg.entropy_coef_min, coef_max=cfg.entropy_coef_max)))
                 metrics.update(gen_metrics)
                 run.logger.log(step, metrics, tokens=int(c_mask[sl].sum()))
-        run.maybe_checkpoint(step, {"data": data.state(), "key": key_to_meta(key)}, prev_step=prev)
+        meta = {"data": data.state(), "key": key_to_meta(key)}
+        if adaptive:
+            meta.update(entropy_coef=ent_coef, last_entropy=last_ent)
+        run.maybe_checkpoint(step, meta, prev_step=prev)
     del round_len
     rewards = [r["reward"] for r in run.logger.history]
     first, last = first_last(rewards)
@@ -513,6 +614,25 @@ def run(algo: str, cfg, rows=None) -> Dict[str, Any]:
     return registry.get(algo).run(cfg, rows)
 
 
+# run-level presets (paper settings; the objective configs' own presets are also valid --preset names)
+GRPO_PRESETS = {
+    # Skywork-OR1 (arXiv 2505.22312; TRL paper index): entropy bonus under the adaptive controller (this
+    # replaces PolicyLossConfig.skywork_or1, which sets only the static entropy_coef=0.01 and beta=0)
+    "skywork_or1": dict(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=5.0, entropy_coef_delta=0.005,
+                        beta=0.0),
+}
+DPO_PRESETS = {
+    # TR-DPO (arXiv 2404.09656; TRL paper index #32): soft reference updates alpha=0.6 every 512 steps, beta=0.05
+    "tr_dpo": dict(sync_ref_model=True, ref_model_mixup_alpha=0.6, ref_model_sync_steps=512, beta=0.05),
+}
+SFT_PRESETS = {
+    # Fewer Truncations Improve Language Modeling (arXiv 2404.10830): best-fit packing, long sequences split
+    "bfd_split": dict(packing="bfd_split"),
+    # T5 (arXiv 1910.10683, sec. 3.1.2): concatenate and cut into rows (each piece its own segment here)
+    "t5": dict(packing="wrapped"),
+}
+
+
 def _specs():
     from trlax.objectives.policy import PolicyLossConfig
     from trlax.objectives.preference import PreferenceLossConfig
@@ -521,17 +641,17 @@ def _specs():
 
     return [
         TrainerSpec("grpo", C._grpo_cls, run_grpo, ("prompt",), D.addition_examples,
-                    loss_config_cls=PolicyLossConfig, metric="reward",
+                    loss_config_cls=PolicyLossConfig, metric="reward", presets=GRPO_PRESETS,
                     description="GRPO family: every PolicyLossConfig loss (DAPO, Dr. GRPO, GSPO, CISPO, SAPO ...)"),
         TrainerSpec("dpo", C._dpo_cls, run_dpo, ("prompt", "chosen", "rejected"), D.preference_examples,
-                    loss_config_cls=PreferenceLossConfig, metric="rewards/accuracies",
+                    loss_config_cls=PreferenceLossConfig, metric="rewards/accuracies", presets=DPO_PRESETS,
                     description="DPO family: every PreferenceLossConfig loss (IPO, SLiC, RPO, APO, ...)"),
         TrainerSpec("sft", C._sft_cls, run_sft, ("prompt", "completion"), D.sft_examples, metric="nll",
-                    description="supervised fine-tuning (NLL / DFT, BEMA)"),
+                    presets=SFT_PRESETS, description="supervised fine-tuning (NLL / DFT, BEMA, packing)"),
     ]
 
 
 SPECS = _specs()
 
 
-__all__ = ["first_last", "make_optimizer", "run", "run_dpo", "run_grpo", "run_sft", "save_config"]
+__all__ = ["first_last", "make_optimizer", "pack_examples", "run", "run_dpo", "run_grpo", "run_sft", "save_config"]
