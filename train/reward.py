@@ -237,13 +237,21 @@ def run_prm(cfg, rows=None, algo: str = "prm") -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- configs
 
 
+def _no_lora(self, algo: str) -> None:
+    if getattr(self, "lora_rank", 0):
+        raise ValueError(f"lora_rank={self.lora_rank} is not supported by '{algo}' (the trunk and the score head "
+                         "are fully fine-tuned); use lora_rank=0")
+
+
 def _validate_reward(self) -> None:
+    _no_lora(self, "reward")
     check_range("center_rewards_coefficient", self.center_rewards_coefficient, low=0.0, allow_none=True)
     if not isinstance(self.use_margin, bool):
         raise ValueError(f"use_margin={self.use_margin!r} must be a boolean")
 
 
 def _validate_prm(self) -> None:
+    _no_lora(self, "prm")
     if not isinstance(self.step_separator, str) or not self.step_separator:
         raise ValueError(f"step_separator={self.step_separator!r} must be a non-empty string")
     if not isinstance(self.train_on_last_step_only, bool):
@@ -267,7 +275,7 @@ def _prm_cls():
     return make_run_config(
         "prm",
         [("preset", str, ""), ("step_separator", str, "\n"), ("train_on_last_step_only", bool, False)],
-        defaults=dict(_SMALL, max_steps=150, max_completion_length=16), validate=_validate_prm,
+        defaults=dict(_SMALL, max_steps=300, max_completion_length=16), validate=_validate_prm,
         doc="trlax train prm: process reward model (token classification at step ends).")
 
 
