@@ -268,8 +268,8 @@ def _warm_start(cfg) -> Optional[str]:
     tiny model can act as its own teacher. Returns the checkpoint dir, or None."""
     mode = cfg.warm_start
     if mode == "auto":
-        mode = "builtin" if cfg.model == "tiny" and cfg.dataset == "builtin" else "none"
-    if mode == "none":
+        mode = "builtin" if cfg.model == "tiny" and cfg.dataset == "builtin" else "off"
+    if mode == "off":
         return None
     rows = [{"prompt": cfg.teacher_template.format(prompt=e["prompt"], demonstration=e["answer"]),
              "completion": e["answer"]} for e in D.addition_examples(1024, cfg.seed + 7)]
@@ -351,6 +351,7 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
                    for r, d in zip(group_rows, demos)]
         tp_ids, tp_mask = D.encode_left_padded(tok, t_texts, _teacher_width(cfg))
         b["teacher_logits"] = L._host(t_logits(run.state.extra, tp_ids, tp_mask, b["completion_ids"], b["mask"]))
+        b["teacher_prompt_ids"], b["teacher_prompt_mask"] = tp_ids, tp_mask  # (for the record / tests)
         b["old_logps"] = L._host(roll.logps)
         m = run.train_step(b)
         run.state = run.state._replace(extra=ema(run.state.params, run.state.extra))
@@ -475,7 +476,7 @@ def _validate_self(self) -> None:
     check_range("distillation_topk", self.distillation_topk, low=1)
     check_range("distillation_is_clip", self.distillation_is_clip, low=0.0, low_inclusive=False, allow_none=True)
     check_range("teacher_update_rate", self.teacher_update_rate, low=0.0, high=1.0)
-    check_choice("warm_start", self.warm_start, ("auto", "builtin", "none"))
+    check_choice("warm_start", self.warm_start, ("auto", "builtin", "off"))
     check_range("warm_start_steps", self.warm_start_steps, low=1)
     try:
         self.teacher_template.format(prompt="", demonstration="")
@@ -498,7 +499,7 @@ def _self_cls(name: str, topk: int, G: int, is_clip):
         ("distillation_is_clip", Optional[float], is_clip),
         ("teacher_update_rate", float, 0.05),  # EMA rate of the teacher's weights (1: the current policy)
         ("teacher_template", str, "{prompt}{demonstration} {prompt}"),
-        ("warm_start", str, "auto"),  # auto | builtin | none (see the module docstring)
+        ("warm_start", str, "auto"),  # auto | builtin | off (see the module docstring)
         ("warm_start_steps", int, 60),
     ], defaults=_COMMON, validate=_validate_self, doc=f"trlax train {name}: self-distillation")
 
