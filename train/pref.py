@@ -183,7 +183,7 @@ def run_bco(cfg, rows=None, algo: str = "bco") -> Dict[str, Any]:
             r = cfg.beta * jax.lax.stop_gradient(
                 jnp.sum(jnp.where(b["completion_mask"], lp - b["ref_completion"], 0.0), axis=-1))
             n = jnp.asarray(r.shape[0], jnp.float32)
-            metrics.update({"bco/reward": Mean(jnp.sum(r), n), "bco/reward_sq": Mean(jnp.sum(r * r), n)})
+            metrics.update({"rewards/mean": Mean(jnp.sum(r), n), "bco/reward_sq": Mean(jnp.sum(r * r), n)})
             return loss, metrics
         return loss_fn
 
@@ -197,7 +197,7 @@ def run_bco(cfg, rows=None, algo: str = "bco") -> Dict[str, Any]:
         # Chan's parallel merge of the stored moments with the whole batch's rewards (bco_update_moments,
         # fed the batch mean / variance instead of the rewards themselves)
         mean, var, count = (float(_host(v)) for v in run.state.extra)
-        n, b_mean = float(cfg.batch_size), m.pop("bco/reward")
+        n, b_mean = float(cfg.batch_size), m["rewards/mean"]
         b_var = max(m.pop("bco/reward_sq") - b_mean ** 2, 0.0)
         tot, d = count + n, b_mean - mean
         new = U.BCOState(*(np.float32(x) for x in (mean + d * n / tot, (var * count + d * d * count * n / tot
