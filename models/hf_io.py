@@ -209,7 +209,7 @@ def save_pretrained(model: Decoder, path: str, *, tokenizer=None, dtype=None,
     cfg = model.config
     tensors = {k: jnp.asarray(v) for k, v in to_hf_state(model, dtype).items()}
     dt = jnp.dtype(dtype or model.param_dtype)
-    hf = cfg.hf_config or {}
+    hf = dict(cfg.hf_config or {})  # a copy: the model's config is left as it was
     hf.update({
         "model_type": cfg.model_type,
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
