@@ -124,7 +124,7 @@ def _offline_loop(algo: str, cfg, rows, cols: Sequence[str], loss_builder, *, ma
     first, last = first_last([r["loss"] for r in hist])
     m_first, m_last = first_last([r.get(metric, np.nan) for r in hist])
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}")
-    tag = metric.split("/")[-1]
+    tag = {"rewards/accuracies": "accuracy", "rewards/margins": "margin"}.get(metric, metric)  # as run_dpo
     return run.finish({"algorithm": algo, "loss_type": getattr(cfg, "loss_type", algo), "steps": cfg.max_steps,
                        "loss_first_10pct": first, "loss_last_10pct": last,
                        f"{tag}_first_10pct": m_first, f"{tag}_last_10pct": m_last})
