@@ -114,9 +114,12 @@ class _Rollouts:
         return out
 
 
-def _logps_fn(run, temperature):
-    """Jitted ``(policy_params, p_ids, p_mask, c_ids, c_mask) -> logps`` (old / reference log-probs)."""
-    return jax.jit(lambda p, a, b, c, d: run.policy.completion_logps(p, a, b, c, d, temperature=temperature)[0])
+def _logps_fn(run, temperature, reference=False):
+    """Jitted ``(policy_params, p_ids, p_mask, c_ids, c_mask) -> logps``: the policy's (old log-probs) or,
+    with ``reference=True``, the reference model's for ``run.frozen_params`` (``Policy.reference_logps``:
+    with LoRA the base model, adapters off)."""
+    fn = run.policy.reference_logps if reference else run.policy.completion_logps
+    return jax.jit(lambda p, a, b, c, d: fn(p, a, b, c, d, temperature=temperature)[0])
 
 
 def _rounds(run, cfg, rows, n_prompts, do_round, extra_meta=lambda: {}):
@@ -217,7 +220,7 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
 
     run = L._Run(algo, cfg, loss_builder)
     ro = _Rollouts(run, cfg, rows)
-    logps = _logps_fn(run, cfg.temperature)
+    logps, ref_logps = _logps_fn(run, cfg.temperature), _logps_fn(run, cfg.temperature, reference=True)
 
     def do_round(idx, key, step):
         s = ro.sample(run.state.params, idx, key, G)
@@ -226,7 +229,7 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
         if off_policy or cfg.beta > 0:
             old = L._host(logps(run.state.params, p_ids, p_mask, c_ids, c_mask))
         if cfg.beta > 0:
-            ref = L._host(logps(run.frozen_params, p_ids, p_mask, c_ids, c_mask))
+            ref = L._host(ref_logps(run.frozen_params, p_ids, p_mask, c_ids, c_mask))
         adv, kl = rloo_advantages_from_rewards(s["reward"], old, ref, c_mask, cfg.beta, G, cfg.normalize_advantages)
         mask = c_mask & ~s["truncated"][:, None] if cfg.mask_truncated_completions else c_mask
         buf = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": mask,
@@ -282,7 +285,10 @@ def _ppo_cls():
 
 class ValueModel:
     """Per-token values ``V(s_t)`` (``[B, C]``) of the completion block: a scalar ``nnx.Linear`` head on the
-    final hidden states of a decoder (the state that predicts token ``t``, as :func:`completion_logps`)."""
+    final hidden states of a decoder (the state that predicts token ``t``, as :func:`completion_logps`).
+
+    The trunk is a full copy of the initial policy decoder (with LoRA: the merged plain decoder,
+    ``Policy.sampler_graphdef`` / ``sampler_params``), trained in full; params ``{"trunk", "head"}``."""
 
     def __init__(self, policy, seed: int):
         from flax import nnx
@@ -290,8 +296,8 @@ class ValueModel:
         head = nnx.Linear(policy.config.hidden_size, 1, kernel_init=nnx.initializers.normal(0.02),
                           rngs=nnx.Rngs(seed + 1))
         self.head_graphdef, head_params = nnx.split(head)
-        self.trunk_graphdef = policy.graphdef
-        self.init_params = {"trunk": L._copy(policy.params), "head": head_params}
+        self.trunk_graphdef = policy.sampler_graphdef
+        self.init_params = {"trunk": L._copy(policy.sampler_params(policy.params)), "head": head_params}
 
     def __call__(self, params, prompt_ids, prompt_mask, completion_ids, completion_mask):
         from flax import nnx
@@ -364,7 +370,7 @@ def run_ppo(cfg, rows=None, algo: str = "ppo") -> Dict[str, Any]:
     run = L._Run(algo, cfg, loss_builder, params_fn=params_fn)
     run.export_params = lambda p: p["policy"]
     ro = _Rollouts(run, cfg, rows)
-    logps = _logps_fn(run, cfg.temperature)
+    logps, ref_logps = _logps_fn(run, cfg.temperature), _logps_fn(run, cfg.temperature, reference=True)
     values = jax.jit(lambda p, a, b, c, d: vm["model"](p, a, b, c, d))
     ctl = adaptive_kl_controller if cfg.kl_ctl == "adaptive" else fixed_kl_controller
     kl_state = {"coef": float(run.meta.get("kl_coef", cfg.kl_coef))}
@@ -375,7 +381,7 @@ def run_ppo(cfg, rows=None, algo: str = "ppo") -> Dict[str, Any]:
         s = ro.sample(pol, idx, key, 1)
         p_ids, p_mask, c_ids, c_mask = s["prompt_ids"], s["prompt_mask"], s["completion_ids"], s["completion_mask"]
         old = L._host(logps(pol, p_ids, p_mask, c_ids, c_mask))
-        ref = L._host(logps(run.frozen_params["policy"], p_ids, p_mask, c_ids, c_mask))
+        ref = L._host(ref_logps(run.frozen_params["policy"], p_ids, p_mask, c_ids, c_mask))
         old_v = L._host(values(run.state.params["value"], p_ids, p_mask, c_ids, c_mask))
         coef = kl_state["coef"]
         tok_r, kl = ppo_token_rewards(np.nan_to_num(s["reward"]), old, ref, c_mask, coef, cfg.kl_estimator)
@@ -435,7 +441,7 @@ def run_a2po(cfg, rows=None, algo: str = "a2po") -> Dict[str, Any]:
 
     run = L._Run(algo, cfg, loss_builder)
     ro = _Rollouts(run, cfg, rows)
-    logps = _logps_fn(run, 1.0)
+    ref_logps = _logps_fn(run, 1.0, reference=True)
     cache = {int(k): float(v) for k, v in run.meta.get("values", {}).items()}
     N = cfg.num_value_samples
 
@@ -450,7 +456,7 @@ def run_a2po(cfg, rows=None, algo: str = "a2po") -> Dict[str, Any]:
         s = ro.sample(run.state.params, idx, key, 1)
         p_ids, p_mask, c_ids, c_mask = s["prompt_ids"], s["prompt_mask"], s["completion_ids"], s["completion_mask"]
         batch = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": c_mask,
-                 "ref_logps": L._host(logps(run.frozen_params, p_ids, p_mask, c_ids, c_mask)),
+                 "ref_logps": L._host(ref_logps(run.frozen_params, p_ids, p_mask, c_ids, c_mask)),
                  "rewards": np.nan_to_num(s["reward"]), "values": np.asarray([cache[int(i)] for i in idx])}
         m = run.train_step(batch)
         run.logger.log(step + 1, {**m, **ro.gen_metrics(s), "value_star": float(np.mean(batch["values"]))},
