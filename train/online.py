@@ -96,6 +96,9 @@ def _validate(algo: str):
         if self.reward_model and not needs_rm:
             raise ValueError(f"reward_model={self.reward_model!r} is set but judge={self.judge!r} does not use it; "
                              "add 'reward_model' to judge or use judge=pairwise")
+        if "pairwise" in names and self.missing_eos_penalty:
+            raise ValueError(f"missing_eos_penalty={self.missing_eos_penalty} applies to reward judges only, "
+                             "not judge='pairwise'")
         if self.reward_model and not os.path.isfile(os.path.join(self.reward_model, "config.json")):
             raise ValueError(f"reward_model={self.reward_model!r} is not a checkpoint directory with config.json")
 
@@ -307,8 +310,11 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id) if algo == "nash_md" else None)
 
     @jax.jit
-    def forward_logps(params, p_ids, p_mask, c_ids, c_mask):
-        return run.policy.completion_logps(params, p_ids, p_mask, c_ids, c_mask)[0]
+    def _ref_logps(frozen, p_ids, p_mask, c_ids, c_mask):  # the initial policy (LoRA: adapters off)
+        return run.policy.reference_logps(frozen, p_ids, p_mask, c_ids, c_mask)[0]
+
+    def ref_logps(*arrays):
+        return _ref_logps(run.frozen_params, *arrays)
 
     def decode(ids, mask):
         comp = [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
@@ -356,11 +362,11 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
         batch = {"prompt_ids": p_ids, "prompt_mask": p_mask}
         if algo == "nash_md":
             batch.update(completion_ids=first[0], mask=first[1], preference=pref.astype(np.float32),
-                         ref_logps=_host(forward_logps(run.frozen_params, p_ids, p_mask, first[0], first[1])),
+                         ref_logps=_host(ref_logps(p_ids, p_mask, first[0], first[1])),
                          mixture_ids=second[0], mixture_mask=second[1])  # (the mixture sample: logs only)
         else:
-            ref1 = _host(forward_logps(run.frozen_params, p_ids, p_mask, first[0], first[1]).sum(-1))
-            ref2 = _host(forward_logps(run.frozen_params, p_ids, p_mask, second[0], second[1]).sum(-1))
+            ref1 = _host(ref_logps(p_ids, p_mask, first[0], first[1]).sum(-1))
+            ref2 = _host(ref_logps(p_ids, p_mask, second[0], second[1]).sum(-1))
             a = {"ids": first[0], "mask": first[1], "ref": ref1, "is_policy": np.ones(len(idx), bool)}
             b = {"ids": second[0], "mask": second[1], "ref": ref2, "is_policy": np.full(len(idx), algo != "xpo")}
             # chosen = first where its reward >= second's (pairwise judge: P(first ≻ second) >= 1/2)

@@ -193,6 +193,22 @@ def test_mixture_sampler_draws_from_the_geometric_mixture(tmp_path):
     assert np.all(mask[~stopped, 1]) and np.array_equal(trunc[~stopped], ids[~stopped, 1] != tok.eos_token_id)
 
 
+# ------------------------------------------------------------------------------------ beta schedule
+
+
+def test_per_epoch_schedules(tmp_path):
+    """TRL's per-epoch beta / alpha lists: 16 prompts, 8 per step -> a new epoch every 2 steps; the last
+    value holds once the list runs out."""
+    from trlax.train.online import run_online
+
+    cfg = build_config("xpo", dict(TINY_RUN, output_dir=str(tmp_path), max_steps=5, batch_size=8,
+                                   beta_schedule="0.1,0.5", alpha_schedule="0,1"))
+    run_online(cfg, D.addition_examples(16), algo="xpo")
+    rows = read_metrics(tmp_path)
+    assert [(r["beta"], r["alpha"]) for r in rows] == [(0.1, 0.0)] * 2 + [(0.5, 1.0)] * 3
+    assert all(r["loss/xpo"] == 0.0 for r in rows[:2]) and all(r["loss/xpo"] < -1.0 for r in rows[2:])
+
+
 # ---------------------------------------------------------------------------------------- bad fields
 
 
@@ -206,6 +222,7 @@ def test_mixture_sampler_draws_from_the_geometric_mixture(tmp_path):
     ("online_dpo", "judge", "oracle"),
     ("xpo", "judge", "pairwise"),  # needs reward_model
     ("nash_md", "reward_model", "/nonexistent"),
+    ("xpo", "alpha_schedule", "1,-1"),
 ])
 def test_bad_field_raises_naming_it(tmp_path, algo, field, value):
     with pytest.raises(ValueError, match=field):
