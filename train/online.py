@@ -145,8 +145,8 @@ DESCRIPTIONS = {
 
 
 class _Judge:
-    """Scores pairs: ``rewards(texts, ...)`` -> ``([N] total, [N, R] columns, names)`` for reward judges;
-    ``prefer(prompts, a, b)`` -> ``[N]`` P(a ≻ b) for the pairwise judge."""
+    """The pair judge of ``cfg.judge``: :meth:`rewards` (per-completion rewards, summed, minus the missing-EOS
+    penalty) and :meth:`prefer` (``P(a ≻ b)``: the pairwise reward-model judge, or σ of the reward gap)."""
 
     def __init__(self, cfg, tokenizer):
         self.names = _judge_names(cfg.judge)
