@@ -296,7 +296,7 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     losses = [r["loss"] for r in run.logger.history]
     first, last = first_last(losses)
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}")
-    summary = {"algorithm": "sft", "loss_type": cfg.loss_type, "steps": cfg.max_steps,
+    summary = {"algorithm": algo, "loss_type": cfg.loss_type, "steps": cfg.max_steps,
                "loss_first_10pct": first, "loss_last_10pct": last}
     if packing:
         summary["packing"] = packing
@@ -398,7 +398,7 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
     a_first, a_last = first_last([r.get("rewards/accuracies", np.nan) for r in hist])
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; "
           f"reward accuracy {a_first:.3f} -> {a_last:.3f}")
-    return run.finish({"algorithm": "dpo", "loss_type": list(lcfg.loss_types) if hasattr(lcfg, "loss_types")
+    return run.finish({"algorithm": algo, "loss_type": list(lcfg.loss_types) if hasattr(lcfg, "loss_types")
                        else lcfg.loss_type, "steps": cfg.max_steps, "loss_first_10pct": first,
                        "loss_last_10pct": last, "accuracy_first_10pct": a_first, "accuracy_last_10pct": a_last})
 
@@ -602,7 +602,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     rewards = [r["reward"] for r in run.logger.history]
     first, last = first_last(rewards)
     print(f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}")
-    return run.finish({"algorithm": "grpo", "loss_type": lcfg.loss_type, "steps": cfg.max_steps,
+    return run.finish({"algorithm": algo, "loss_type": lcfg.loss_type, "steps": cfg.max_steps,
                        "reward_first_10pct": first, "reward_last_10pct": last})
 
 
