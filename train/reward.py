@@ -21,6 +21,10 @@ Both export to ``<output_dir>/final`` a Hugging Face ``*ForSequenceClassificatio
 ``*ForTokenClassification`` checkpoint (transformers ``AutoModelFor...`` loads it; so do
 :func:`trlax.rollouts.load_reward_model` / :func:`~trlax.rollouts.load_process_reward_model`).
 
+LoRA / DoRA (``lora_rank > 0``, ``use_dora``; as PEFT + TRL with ``modules_to_save=["score"]``): adapters
+on the trunk's linear layers, the score head fully trained, the base weights frozen; the export is the
+merged trunk + head, the same checkpoint as without LoRA.
+
 Built-in data: the addition preference set (right sum chosen, a wrong one rejected; ``margin`` grows with
 how far off the wrong sum is) and addition chains ``"3+4+2="`` -> steps ``["3+4=7", "7+2=9"]`` of which
 half contain one corrupted result; a step is correct iff it and every step before it are right (Math-
@@ -87,27 +91,58 @@ def step_examples(n: int, seed: int = 0, num_terms: int = 3) -> List[Dict[str, A
 # ------------------------------------------------------------------------------------------- runner
 
 
+def _trainable(path, value) -> bool:
+    """The LoRA run's trainable leaves: the trunk's adapters (``nnx.LoRAParam``) and the score head
+    (PEFT's ``modules_to_save=["score"]``)."""
+    return isinstance(value, nnx.LoRAParam) or path[0] in ("score", "score_bias")
+
+
 class _ClassifierRun(_Run):
     """A :class:`~trlax.train.loops._Run` whose trainable tree is a classifier built from the run's
     decoder (``make_model(decoder) -> nnx.Module``; ``self.graphdef`` is its graph) and whose export writes
-    it with ``save(model, path, tokenizer=)`` instead of the causal-LM ``policy.save``."""
+    it with ``save(model, path, tokenizer=)`` instead of the causal-LM ``policy.save``.
+
+    With ``lora_rank > 0`` (PEFT + TRL ``RewardTrainer`` / ``PRMTrainer`` with a ``peft_config``): the
+    classifier's trunk becomes a :class:`trlax.models.lora.LoraDecoder` (LoRA / DoRA adapters on its
+    linear layers, arXiv 2106.09685 eq. 3 / 2402.09353 eq. 5, seeded like the policy's: ``seed + 1``); the
+    trainable tree is the adapters plus the score head, the base weights ``self.frozen`` stay fixed (merged
+    in at every forward), and the export folds the adapters into the trunk (:func:`trlax.models.merge_lora`):
+    the same Hugging Face checkpoint as a full fine-tune."""
 
     def __init__(self, algo, cfg, loss_builder, make_model, save):
-        self._save = save
+        from trlax.models.lora import LoraDecoder, adapters_off
+        from trlax.models.sharding import param_shardings, sharding_rules
+        from trlax.train.modeling import lora_config_of
+
+        self._save, self.frozen = save, None
+        lcfg = lora_config_of(cfg)
 
         def params_fn(policy):
-            self.graphdef, params = nnx.split(make_model(policy.model()))
+            model = make_model(adapters_off(policy.model()))  # LoRA policy: its base decoder
+            if lcfg is None:
+                self.graphdef, params = nnx.split(model)
+                return params
+            model.backbone = LoraDecoder(model.backbone, lcfg, rngs=nnx.Rngs(cfg.seed + 1))
+            self.graphdef, params, frozen = nnx.split(model, _trainable, ...)
+            self.frozen = jax.device_put(frozen, param_shardings(frozen, self.mesh, sharding_rules("fsdp_tp")))
             return params
 
         super().__init__(algo, cfg, loss_builder, params_fn=params_fn)
 
     def model(self, params):
-        return nnx.merge(self.graphdef, params)
+        """The classifier for trainable ``params`` (with LoRA: adapters + head, merged with the frozen base)."""
+        return nnx.merge(self.graphdef, params) if self.frozen is None else nnx.merge(self.graphdef, params,
+                                                                                        self.frozen)
 
     def export(self, params, path: str) -> None:
+        from trlax.models.lora import merge_lora
+
         params = jax.tree_util.tree_map(_host, params)  # collective on multi-host
         if self.is_main:
-            self._save(self.model(jax.device_get(params)), path, tokenizer=self.tokenizer)
+            model = self.model(jax.device_get(params))
+            if self.frozen is not None:
+                model.backbone = merge_lora(model.backbone)
+            self._save(model, path, tokenizer=self.tokenizer)
 
 
 def _join(tok, prompt, completion) -> str:
@@ -237,21 +272,13 @@ def run_prm(cfg, rows=None, algo: str = "prm") -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- configs
 
 
-def _no_lora(self, algo: str) -> None:
-    if getattr(self, "lora_rank", 0):
-        raise ValueError(f"lora_rank={self.lora_rank} is not supported by '{algo}' (the trunk and the score head "
-                         "are fully fine-tuned); use lora_rank=0")
-
-
 def _validate_reward(self) -> None:
-    _no_lora(self, "reward")
     check_range("center_rewards_coefficient", self.center_rewards_coefficient, low=0.0, allow_none=True)
     if not isinstance(self.use_margin, bool):
         raise ValueError(f"use_margin={self.use_margin!r} must be a boolean")
 
 
 def _validate_prm(self) -> None:
-    _no_lora(self, "prm")
     if not isinstance(self.step_separator, str) or not self.step_separator:
         raise ValueError(f"step_separator={self.step_separator!r} must be a non-empty string")
     if not isinstance(self.train_on_last_step_only, bool):

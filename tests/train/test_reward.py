@@ -2,6 +2,7 @@
 the captured batch and the initial parameters; a short built-in run improves pairwise / step accuracy
 clearly; the exported checkpoints load in trlax and in transformers with the same scores."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,12 +137,79 @@ def test_prm_toy_run_and_export(tmp_path):
     np.testing.assert_allclose(ours[att], theirs[att], rtol=1e-5, atol=1e-5)
 
 
+def _check_lora_run(run, before, path, ids, mask, token=False):
+    """Base weights bit-unchanged (equal to a fresh copy of the policy's base decoder), only adapters + head
+    trainable, both moved, and the merged export scores like the trlax adapter model in transformers."""
+    from flax import nnx
+
+    from trlax.models.lora import adapters_off
+    from trlax.rollouts.reward_model import classifier_from_decoder
+
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(run.state.params))]
+    keys = {str(getattr(p[0], "key", p[0])) for p in paths}
+    assert keys == ({"backbone", "score", "score_bias"} if token else {"backbone", "score"}), keys
+    lora = run.state.params["backbone"]
+    variables = jax.tree_util.tree_leaves(lora, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert variables and all(isinstance(v, nnx.LoRAParam) for v in variables)  # trunk: adapters only
+    fresh = classifier_from_decoder(adapters_off(run.policy.model()), 2 if token else 1,
+                                    kind="token" if token else "sequence")
+    want = nnx.to_pure_dict(nnx.state(fresh.backbone))
+    got = nnx.to_pure_dict(run.frozen["backbone"]["base"])
+    w_leaves, g_leaves = jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)
+    assert len(w_leaves) == len(g_leaves) > 0
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(w_leaves, g_leaves))
+    old, new = nnx.to_pure_dict(before.params), nnx.to_pure_dict(run.state.params)
+    assert not np.array_equal(np.asarray(old["score"]), np.asarray(new["score"]))
+    b0 = np.asarray(old["backbone"]["adapters"][0]["q_proj"]["b"])
+    b1 = np.asarray(new["backbone"]["adapters"][0]["q_proj"]["b"])
+    assert not b0.any() and np.abs(b1).max() > 1e-4  # B starts at zero (LoRA / DoRA) and moved
+    ours = np.asarray(run.model(run.state.params)(jnp.asarray(ids), jnp.asarray(mask)))
+    theirs = _hf_scores(path, ids, mask, token=token)
+    sel = np.asarray(mask, bool) if token else slice(None)
+    np.testing.assert_allclose(theirs[sel], ours[sel], rtol=1e-5, atol=1e-5)
+    return ours
+
+
+def test_reward_lora_first_step_frozen_base_and_export(tmp_path, monkeypatch):
+    import json
+
+    box = capture_first_step(monkeypatch)
+    s = run_trainer("reward", tmp_path, max_steps=3, batch_size=8, lora_rank=4, export=True)
+    run, b = box["run"], box["batch"]
+    model = run.model(box["state"].params)
+    r_w = model(jnp.asarray(b["chosen_ids"]), jnp.asarray(b["chosen_mask"]))
+    r_l = model(jnp.asarray(b["rejected_ids"]), jnp.asarray(b["rejected_mask"]))
+    np.testing.assert_allclose(box["metrics"]["loss"], float(reward_model_loss(r_w, r_l)[0]), rtol=1e-5)
+    with open(f"{s['exported_to']}/config.json") as fh:
+        assert json.load(fh)["architectures"] == ["LlamaForSequenceClassification"]
+    ids = np.concatenate([b["chosen_ids"], b["rejected_ids"]])
+    mask = np.concatenate([b["chosen_mask"], b["rejected_mask"]])
+    _check_lora_run(run, box["state"], s["exported_to"], ids, mask)
+
+
+def test_prm_dora_first_step_frozen_base_and_export(tmp_path, monkeypatch):
+    import json
+
+    box = capture_first_step(monkeypatch)
+    s = run_trainer("prm", tmp_path, max_steps=3, batch_size=8, lora_rank=4, use_dora=True, export=True,
+                    max_prompt_length=6, max_completion_length=12)
+    run, b = box["run"], box["batch"]
+    assert "magnitude" in run.state.params["backbone"]["adapters"][0]["q_proj"]  # DoRA really is on
+    logits = run.model(box["state"].params)(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
+    loss, _ = process_reward_loss(logits, b["labels"], b["labels"] >= 0)
+    np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5)
+    with open(f"{s['exported_to']}/config.json") as fh:
+        assert json.load(fh)["architectures"] == ["LlamaForTokenClassification"]
+    _check_lora_run(run, box["state"], s["exported_to"], b["input_ids"], b["attention_mask"], token=True)
+
+
 @pytest.mark.parametrize("name,values,field", [
     ("reward", {"center_rewards_coefficient": -0.1}, "center_rewards_coefficient"),
     ("reward", {"use_margin": "maybe"}, "use_margin"),
     ("reward", {"preset": "nope"}, "preset"),
     ("prm", {"step_separator": ""}, "step_separator"),
-    ("prm", {"lora_rank": 4}, "lora_rank"),
+    ("prm", {"lora_rank": 4, "lora_target_modules": "score"}, "lora_target_modules"),
+    ("reward", {"lora_rank": 4, "lora_alpha": 0.0}, "lora_alpha"),
     ("prm", {"train_on_last_step_only": "sometimes"}, "train_on_last_step_only"),
 ])
 def test_bad_fields(name, values, field):
