@@ -69,26 +69,32 @@ class RewardModel(nnx.Module):
         return jnp.einsum("bh,lh->bl", h_last.astype(acc), self.score[...].astype(acc))
 
 
+def _read_classifier(path: str, archs_by_type, what: str, kind: str):
+    """``(DecoderConfig, tensors)`` of a Hugging Face classifier checkpoint directory whose architecture is
+    ``archs_by_type[model_type]``; checks the architecture and that ``score.weight`` is present."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no config.json in {what} directory {path!r}")
+    with open(cfg_file) as fh:
+        hf = json.load(fh)
+    mt = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    if mt not in archs_by_type or any(a != archs_by_type[mt] for a in archs):
+        raise ValueError(f"unsupported {what} architecture model_type={mt!r} architectures={archs}; "
+                         f"supported: {sorted(archs_by_type.values())}")
+    cfg = DecoderConfig.from_hf(dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]]))
+    tensors = read_safetensors(path, framework="numpy")
+    if "score.weight" not in tensors:
+        raise ValueError(f"checkpoint is missing tensor 'score.weight' (not a {kind} model?)")
+    return cfg, tensors
+
+
 def load_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> RewardModel:
     """Load a Hugging Face ``*ForSequenceClassification`` checkpoint (Llama / Qwen2 / Qwen3) from ``path``.
 
     Reads ``config.json`` (``num_labels`` from ``id2label``), the trunk tensors ``model.*`` and the head
     ``score.weight`` ``[num_labels, H]`` from ``model.safetensors`` (or shards + index)."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"no config.json in reward model directory {path!r}")
-    with open(cfg_file) as fh:
-        hf = json.load(fh)
-    mt = hf.get("model_type")
-    archs = hf.get("architectures") or []
-    if mt not in _SEQ_CLS or any(a != _SEQ_CLS[mt] for a in archs):
-        raise ValueError(f"unsupported reward model architecture model_type={mt!r} architectures={archs}; "
-                         f"supported: {sorted(_SEQ_CLS.values())}")
-    hf = dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]])
-    cfg = DecoderConfig.from_hf(hf)
-    tensors = read_safetensors(path, framework="numpy")
-    if "score.weight" not in tensors:
-        raise ValueError("checkpoint is missing tensor 'score.weight' (not a sequence-classification model?)")
+    cfg, tensors = _read_classifier(path, _SEQ_CLS, "reward model", "sequence-classification")
     score = tensors.pop("score.weight")
     tensors.pop("lm_head.weight", None)
     num_labels = int(score.shape[0])
@@ -304,20 +310,7 @@ def save_process_reward_model(model: ProcessRewardModel, path: str, *, tokenizer
 def load_process_reward_model(path: str, dtype=jnp.float32, *, compute_dtype=None) -> ProcessRewardModel:
     """Load a Hugging Face ``*ForTokenClassification`` checkpoint (Llama / Qwen2 / Qwen3; ``score.weight``
     and, if present, ``score.bias``) into a :class:`ProcessRewardModel`."""
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"no config.json in process reward model directory {path!r}")
-    with open(cfg_file) as fh:
-        hf = json.load(fh)
-    mt = hf.get("model_type")
-    archs = hf.get("architectures") or []
-    if mt not in _TOK_CLS or any(a != _TOK_CLS[mt] for a in archs):
-        raise ValueError(f"unsupported process reward model architecture model_type={mt!r} architectures={archs}; "
-                         f"supported: {sorted(_TOK_CLS.values())}")
-    cfg = DecoderConfig.from_hf(dict(hf, architectures=[SUPPORTED_ARCHITECTURES[mt]]))
-    tensors = read_safetensors(path, framework="numpy")
-    if "score.weight" not in tensors:
-        raise ValueError("checkpoint is missing tensor 'score.weight' (not a token-classification model?)")
+    cfg, tensors = _read_classifier(path, _TOK_CLS, "process reward model", "token-classification")
     score = tensors.pop("score.weight")
     bias = tensors.pop("score.bias", None)
     tensors.pop("lm_head.weight", None)
