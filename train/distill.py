@@ -27,8 +27,9 @@ the run first trains one — :func:`trlax.train.loops.run_sft` of the student's 
 addition task for ``teacher_steps`` steps into ``<output_dir>/teacher`` — so the untrained tiny student has
 something real to learn. Self-distillation on the built-in task needs a model that can *read* a
 demonstration: ``warm_start=auto`` (tiny model + built-in data) first fine-tunes the tiny model to copy the
-answer shown in the teacher prompt (``<output_dir>/warm_start``), never to add without it; the trainer then
-distils that in-context behaviour into the bare-prompt policy.
+answer shown in the teacher prompt (``<output_dir>/warm_start``) and to guess a uniformly random digit
+without one (it is never taught to add); the trainer then distils that in-context behaviour into the
+bare-prompt policy.
 """
 
 from __future__ import annotations
@@ -264,15 +265,21 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
 
 def _warm_start(cfg) -> Optional[str]:
     """``warm_start``: fine-tune ``cfg.model`` to answer teacher prompts by copying their demonstration
-    (``{prompt}{answer} {prompt}`` -> ``answer`` on the built-in task; never a bare prompt), so that the
-    tiny model can act as its own teacher. Returns the checkpoint dir, or None."""
+    (``{prompt}{answer} {prompt}`` -> ``answer`` on the built-in task) and bare prompts with a uniformly
+    random digit (it knows no addition), so that the tiny model can act as its own teacher and its
+    bare-prompt samples are diverse — SDPO learns only from groups that hold both a success and a failure.
+    Returns the checkpoint dir, or None."""
     mode = cfg.warm_start
     if mode == "auto":
         mode = "builtin" if cfg.model == "tiny" and cfg.dataset == "builtin" else "off"
     if mode == "off":
         return None
-    rows = [{"prompt": cfg.teacher_template.format(prompt=e["prompt"], demonstration=e["answer"]),
-             "completion": e["answer"]} for e in D.addition_examples(1024, cfg.seed + 7)]
+    rng = np.random.default_rng(cfg.seed + 7)
+    rows = []
+    for e in D.addition_examples(1024, cfg.seed + 7):
+        rows.append({"prompt": cfg.teacher_template.format(prompt=e["prompt"], demonstration=e["answer"]),
+                     "completion": e["answer"]})
+        rows.append({"prompt": e["prompt"], "completion": str(rng.integers(10))})  # no demonstration: a guess
     return _sub_run("sft", dict(
         model=cfg.model, seed=cfg.seed, output_dir=os.path.join(cfg.output_dir, "warm_start"),
         max_steps=cfg.warm_start_steps, batch_size=32, learning_rate=3e-3, max_prompt_length=_teacher_width(cfg),
@@ -323,8 +330,8 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
     tok = run.tokenizer
     P_ids, P_mask = _prompts(run, cfg, rows)
     sampler = _sampler(run, cfg, temperature=cfg.temperature, num_generations=G)
-    graphdef, rate = run.policy.graphdef, cfg.teacher_update_rate
-    t_logits = jax.jit(lambda p, *a: completion_logits(nnx.merge(graphdef, p), *a) / cfg.temperature)
+    rate = cfg.teacher_update_rate  # (with LoRA the EMA is of the adapters; policy.model adds the frozen base)
+    t_logits = jax.jit(lambda p, *a: completion_logits(run.policy.model(p), *a) / cfg.temperature)
     ema = jax.jit(lambda p, e: jax.tree_util.tree_map(lambda x, y: (1 - rate) * y + rate * x, p, e))
     data = D.EpochSampler(len(rows), cfg.batch_size // G, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
@@ -500,7 +507,7 @@ def _self_cls(name: str, topk: int, G: int, is_clip):
         ("teacher_update_rate", float, 0.05),  # EMA rate of the teacher's weights (1: the current policy)
         ("teacher_template", str, "{prompt}{demonstration} {prompt}"),
         ("warm_start", str, "auto"),  # auto | builtin | off (see the module docstring)
-        ("warm_start_steps", int, 60),
+        ("warm_start_steps", int, 120),
     ], defaults=_COMMON, validate=_validate_self, doc=f"trlax train {name}: self-distillation")
 
 
