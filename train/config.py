@@ -339,13 +339,16 @@ def build_config(algo: str, values: Dict[str, Any]):
     explicit = set(kwargs)
     preset = kwargs.get("preset", "") if "preset" in fields else ""
     if preset:
-        if preset in spec.presets:
-            for k, v in spec.presets[preset].items():
-                kwargs.setdefault(k, v)
-            kwargs["preset"] = ""
-        elif spec.loss_config_cls is None or preset not in getattr(spec.loss_config_cls, "PRESETS", ()):
+        loss_level = spec.loss_config_cls is not None and preset in getattr(spec.loss_config_cls, "PRESETS", ())
+        if preset not in spec.presets and not loss_level:
             raise ValueError(f"preset={preset!r} is not a preset of '{algo}'; allowed: "
                              f"{', '.join(spec.preset_names()) or '(none)'}")
+        # run-level settings of the paper (sampling, rewards, trainer options) refine the objective's preset
+        # of the same name, if any; explicit fields win over both
+        for k, v in spec.presets.get(preset, {}).items():
+            kwargs.setdefault(k, v)
+        explicit = set(kwargs)
+        kwargs["preset"] = preset if loss_level else ""
     cfg = cls(**kwargs)
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{algo}"

@@ -615,11 +615,26 @@ def run(algo: str, cfg, rows=None) -> Dict[str, Any]:
 
 
 # run-level presets (paper settings; the objective configs' own presets are also valid --preset names)
+# Run-level settings of the paper-index entries (TRL paper index, ../shared/research/trl-inventory.md sec. 1);
+# a name that is also a PolicyLossConfig preset gets that preset's loss fields too (build_config).
 GRPO_PRESETS = {
-    # Skywork-OR1 (arXiv 2505.22312; TRL paper index): entropy bonus under the adaptive controller (this
-    # replaces PolicyLossConfig.skywork_or1, which sets only the static entropy_coef=0.01 and beta=0)
+    # Skywork-OR1 (arXiv 2505.22312): entropy bonus under the adaptive controller (on top of
+    # PolicyLossConfig.skywork_or1, which sets only the static entropy_coef=0.01 and beta=0)
     "skywork_or1": dict(use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=5.0, entropy_coef_delta=0.005,
                         beta=0.0),
+    # DAPO (arXiv 2503.14476, sec. 3.4) and Beyond the 80/20 Rule (arXiv 2506.01939): soft overlong punishment
+    "dapo": dict(reward_funcs="builtin,soft_overlong"),
+    "high_entropy": dict(reward_funcs="builtin,soft_overlong"),
+    # Tricks or Traps? Lite PPO (arXiv 2508.08221): batch-level reward scale and its sampling settings
+    "lite_ppo": dict(scale_rewards="batch", top_p=0.99, top_k=100, temperature=0.99),
+    # ScaleRL (arXiv 2510.13786): CISPO with batch-level reward scale
+    "cispo": dict(scale_rewards="batch"),
+    # GDPO (arXiv 2601.05242): normalise each reward within its group, then sum
+    "gdpo": dict(multi_objective_aggregation="normalize_then_sum"),
+    # Demystifying Long CoT (arXiv 2502.03373): cosine length scaling + n-gram repetition penalty
+    "long_cot": dict(reward_funcs="builtin,cosine,repetition"),
+    # It Takes Two: Your GRPO Is Secretly DPO (arXiv 2510.00977): two completions per prompt
+    "two_grpo": dict(num_generations=2, loss_type="grpo"),
 }
 DPO_PRESETS = {
     # TR-DPO (arXiv 2404.09656; TRL paper index #32): soft reference updates alpha=0.6 every 512 steps, beta=0.05

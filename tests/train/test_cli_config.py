@@ -100,3 +100,18 @@ def test_example_config_file_parses(monkeypatch):
     cfg = seen["cfg"]
     assert cfg.max_steps == 7 and cfg.importance_sampling_level == "sequence" and cfg.beta == 0.02
     assert cfg.save_every == 50
+
+
+def test_run_level_preset_refines_the_loss_preset():
+    """`--preset dapo` sets DAPO's loss fields (PolicyLossConfig.dapo) and its run-level reward shaping
+    (soft overlong punishment); explicit flags win over both; run-level-only presets (gdpo) work."""
+    cfg = build_config("grpo", {"preset": "dapo"})
+    lc = loss_config("grpo", cfg)
+    assert lc.loss_type == "dapo" and lc.epsilon_high == 0.28 and lc.mask_truncated_completions
+    assert cfg.reward_funcs == "builtin,soft_overlong"
+    cfg = build_config("grpo", {"preset": "dapo", "reward_funcs": "builtin", "epsilon_high": "0.3"})
+    assert cfg.reward_funcs == "builtin" and loss_config("grpo", cfg).epsilon_high == 0.3
+    cfg = build_config("grpo", {"preset": "skywork_or1"})
+    assert cfg.use_adaptive_entropy and loss_config("grpo", cfg).entropy_coef == 0.01
+    assert build_config("grpo", {"preset": "gdpo"}).multi_objective_aggregation == "normalize_then_sum"
+    assert build_config("grpo", {"preset": "lite_ppo"}).scale_rewards == "batch"
