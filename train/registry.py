@@ -24,6 +24,7 @@ TRAINER_MODULES = (
     "trlax.train.online",
     "trlax.train.reward",
     "trlax.train.distill",
+    "trlax.train.minillm",
 )
 
 
