@@ -10,11 +10,11 @@ from _trainer_utils import read_metrics, run_trainer
 from trlax.train import loops
 
 CASES = {
-    "ppo": dict(kl_ctl="adaptive", batch_size=8, num_mini_batches=1, num_ppo_epochs=2),
-    "a2po": dict(batch_size=8, num_value_samples=4),
-    "dpo": dict(preset="tr_dpo", batch_size=8, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
-    "grpo": dict(preset="skywork_or1", batch_size=8, num_generations=4, entropy_target=5.0),
-    "sdft": dict(batch_size=8),
+    "ppo": dict(kl_ctl="adaptive", batch_size=4, num_mini_batches=1, num_ppo_epochs=2),
+    "a2po": dict(batch_size=4, num_value_samples=2),
+    "dpo": dict(preset="tr_dpo", batch_size=4, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+    "grpo": dict(preset="skywork_or1", batch_size=4, num_generations=2, entropy_target=5.0),
+    "sdft": dict(batch_size=4),
 }
 
 
