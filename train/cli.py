@@ -10,7 +10,6 @@ the run before any compute, with a message naming the field.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from typing import Dict, List, Optional

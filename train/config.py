@@ -149,6 +149,8 @@ def _grpo_cls():
         # think_format, cosine, repetition, soft_overlong (trlax.rollouts.rewards)
         ("reward_funcs", str, dataclasses.field(default="builtin")),
         ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward column
+        # reward_funcs=reward_model: a local sequence-classification checkpoint (e.g. `trlax train reward`'s export)
+        ("reward_model", str, dataclasses.field(default="")),
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
         ("log_kl", bool, dataclasses.field(default=True)),  # with beta=0, still log KL to the initial policy
@@ -191,20 +193,9 @@ def _validate_grpo(self) -> None:
     check_range("entropy_coef_max", self.entropy_coef_max, low=self.entropy_coef_min)
     if self.use_adaptive_entropy:
         check_range("entropy_coef", self.entropy_coef, low=self.entropy_coef_min, high=self.entropy_coef_max)
-    from trlax.train.loops import REWARD_FUNCS
+    from trlax.train.loops import check_reward_fields
 
-    names = [n.strip() for n in self.reward_funcs.split(",")]
-    for n in names:
-        check_choice("reward_funcs", n, REWARD_FUNCS)
-    if self.reward_weights:
-        try:
-            [float(w) for w in self.reward_weights.split(",")]
-        except ValueError:
-            raise ValueError(f"reward_weights={self.reward_weights!r} must be comma-separated numbers") from None
-        n_cols = sum(2 if n == "builtin" else 1 for n in names)
-        if len(self.reward_weights.split(",")) != n_cols:
-            raise ValueError(f"reward_weights={self.reward_weights!r} must have {n_cols} values, one per reward "
-                             f"column of reward_funcs={self.reward_funcs!r} (builtin has two: accuracy, format)")
+    check_reward_fields(self)
 
 
 def _dpo_cls():

@@ -154,17 +154,11 @@ class _Judge:
         self.penalty = cfg.missing_eos_penalty
         self.scorer = None
         if cfg.reward_model:
-            from trlax.rollouts import RewardModelJudge, RewardModelScorer, load_reward_model
+            from trlax.rollouts import RewardModelJudge
+            from trlax.train.loops import reward_model_scorer
 
-            rm_tok = tokenizer
-            if any(os.path.isfile(os.path.join(cfg.reward_model, f)) for f in ("tokenizer.json",
-                                                                               "tokenizer_config.json")):
-                from transformers import AutoTokenizer
-
-                rm_tok = AutoTokenizer.from_pretrained(cfg.reward_model)
-            pad = rm_tok.pad_token_id if rm_tok.pad_token_id is not None else 0
-            self.scorer = RewardModelScorer(load_reward_model(cfg.reward_model), rm_tok, pad_token_id=pad,
-                                            max_length=cfg.max_prompt_length + cfg.max_completion_length)
+            self.scorer = reward_model_scorer(cfg.reward_model, tokenizer,
+                                              cfg.max_prompt_length + cfg.max_completion_length)
             self.judge = RewardModelJudge(self.scorer) if self.pairwise else None
         funcs = [n for n in self.names if n not in ("reward_model", "pairwise")]
         self.fn, self.col_names = (reward_functions(types.SimpleNamespace(

@@ -49,6 +49,7 @@ _SAMPLING_FIELDS = [
     ("temperature", float, 1.0), ("top_p", float, 1.0), ("top_k", int, 0), ("min_p", float, 0.0),
     # comma-separated reward functions (see trlax.train.loops.reward_functions) and optional weights
     ("reward_funcs", str, "builtin"), ("reward_weights", str, ""),
+    ("reward_model", str, ""),  # reward_funcs=reward_model: a local sequence-classification checkpoint
 ]
 
 
@@ -57,18 +58,7 @@ def _validate_sampling(self) -> None:
     check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
     check_range("top_k", self.top_k, low=0)
     check_range("min_p", self.min_p, low=0.0, high=1.0, high_inclusive=False)
-    names = [n.strip() for n in self.reward_funcs.split(",")]
-    for n in names:
-        check_choice("reward_funcs", n, L.REWARD_FUNCS)
-    if self.reward_weights:
-        try:
-            w = [float(x) for x in self.reward_weights.split(",")]
-        except ValueError:
-            raise ValueError(f"reward_weights={self.reward_weights!r} must be comma-separated numbers") from None
-        n_cols = sum(2 if n == "builtin" else 1 for n in names)
-        if len(w) != n_cols:
-            raise ValueError(f"reward_weights={self.reward_weights!r} must have {n_cols} values, one per reward "
-                             f"column of reward_funcs={self.reward_funcs!r}")
+    L.check_reward_fields(self)
 
 
 class _Rollouts:
@@ -87,7 +77,7 @@ class _Rollouts:
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
             top_p=cfg.top_p, min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id,
             prompt_multiple=cfg.max_prompt_length), mesh=run.mesh)
-        self.reward_fn, self.reward_names = L.reward_functions(cfg)
+        self.reward_fn, self.reward_names = L.reward_functions(cfg, tok)
         w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights else None
         self.weights = np.ones(len(self.reward_names)) if w is None else np.asarray(w)
 
