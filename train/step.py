@@ -186,7 +186,8 @@ def state_sharding_from_params(
 ) -> TrainState:
     """Sharding tree for a ``TrainState``: params as ``param_sharding``; optimiser-state leaves that
     mirror the parameters (Adam moments ...) follow their parameter's sharding (found with
-    ``optax.tree_map_params``); counts and other scalars are replicated."""
+    ``optax.tree_map_params``); counts and other scalars are replicated; ``extra`` sub-trees shaped like
+    the parameters follow the parameters' sharding, the rest of ``extra`` is replicated."""
     replicated = NamedSharding(mesh, P())
     opt = optax.tree_map_params(
         optimizer,
@@ -199,8 +200,29 @@ def state_sharding_from_params(
         step=replicated,
         params=param_sharding,
         opt_state=opt,
-        extra=jax.tree_util.tree_map(lambda _: replicated, state.extra),
+        extra=_extra_sharding(state.extra, state.params, param_sharding, replicated),
     )
+
+
+def _extra_sharding(extra, params, param_sharding, replicated):
+    """Objective state: every sub-tree shaped like the parameters (an EMA / BEMA copy, a TR-DPO reference)
+    is sharded like them; everything else (counters, running moments) is replicated."""
+    target = jax.tree_util.tree_structure(params)
+
+    def go(x):
+        if x is None:
+            return None
+        if jax.tree_util.tree_structure(x) == target:
+            return param_sharding
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # NamedTuple state (BEMAState, BCOState ...)
+            return type(x)(*(go(c) for c in x))
+        if isinstance(x, (tuple, list)):
+            return type(x)(go(c) for c in x)
+        if isinstance(x, dict):
+            return {k: go(v) for k, v in x.items()}
+        return jax.tree_util.tree_map(lambda _: replicated, x)
+
+    return go(extra)
 
 
 __all__ = [
