@@ -201,7 +201,7 @@ class RewardModelJudge(PairwiseJudge):
 _TOK_CLS = {mt: arch.replace("ForCausalLM", "ForTokenClassification") for mt, arch in SUPPORTED_ARCHITECTURES.items()}
 
 
-class ProcessRewardModel(nnx.Module):
+class ProcessRewardModel(RewardModel):
     """Decoder trunk + per-token linear head ``score: [num_labels, H]`` with bias ``[num_labels]`` — the
     layout of Hugging Face's ``LlamaForTokenClassification`` (``token_classification_bias=True``), used as a
     process reward model (Uesato et al. 2022, arXiv 2211.14275; Math-Shepherd, arXiv 2312.08935): class
@@ -212,13 +212,7 @@ class ProcessRewardModel(nnx.Module):
 
     def __init__(self, config: DecoderConfig, num_labels: int = 2, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  dtype=None):
-        if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or num_labels < 1:
-            raise ValueError(f"num_labels={num_labels!r} is out of range; allowed: integers >= 1")
-        self.backbone = Decoder(dataclasses.replace(config, tie_word_embeddings=True), rngs=rngs,
-                                param_dtype=param_dtype, dtype=dtype)
-        self.score = nnx.Param(0.02 * jax.random.normal(rngs.params(), (num_labels, config.hidden_size),
-                                                        jnp.float32).astype(param_dtype),
-                               out_sharding=(None, "embed"), eager_sharding=False)
+        super().__init__(config, num_labels, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.score_bias = nnx.Param(jnp.zeros((num_labels,), param_dtype), out_sharding=(None,),
                                     eager_sharding=False)
 
