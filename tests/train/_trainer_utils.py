@@ -3,7 +3,10 @@ from, the host batch, the logged metrics) so a test can recompute the objective 
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from trlax.train import loops
 from trlax.train.config import build_config
@@ -40,3 +43,18 @@ def first_last(values, n=None):
     values = np.asarray(values, float)
     n = n or max(1, len(values) // 5)
     return float(np.nanmean(values[:n])), float(np.nanmean(values[-n:]))
+
+
+def plain_completion_logits(graphdef, params, p_ids, p_mask, c_ids, c_mask):
+    """``[B, C, V]`` completion logits by a plain forward of the whole sequence (independent of the trainers'
+    fused log-prob helpers)."""
+    P, C = p_ids.shape[1], c_ids.shape[1]
+    ids = jnp.concatenate([jnp.asarray(p_ids), jnp.where(c_mask, c_ids, 0)], 1)
+    mask = jnp.concatenate([jnp.asarray(p_mask), jnp.asarray(c_mask)], 1)
+    return nnx.merge(graphdef, params)(ids, attention_mask=mask)[:, P - 1:P + C - 1]
+
+
+def gather_logps(logits, ids, mask):
+    """``[B, C]`` log-probs of ``ids`` under ``logits`` (or log-probs: log-softmax is idempotent), 0 off mask."""
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.where(mask, ids, 0)[..., None], -1)[..., 0]
+    return jnp.where(mask, lp, 0.0)

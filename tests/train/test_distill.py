@@ -8,12 +8,11 @@ the addition task) and the self-distillation warm start once (the tiny model tau
 demonstration shown in its prompt)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from _trainer_utils import TINY_RUN, first_last, read_metrics, run_trainer
+from _trainer_utils import TINY_RUN, first_last, gather_logps, plain_completion_logits, read_metrics, run_trainer
 from trlax.models import load_pretrained
 from trlax.train import distill, loops
 from trlax.train.config import build_config
@@ -69,28 +68,15 @@ _TOY = {
 }
 
 
-def _logits(graphdef, params, p_ids, p_mask, c_ids, c_mask):
-    """Completion logits by a plain forward of the whole sequence (independent of the trainer's helper)."""
-    P, C = p_ids.shape[1], c_ids.shape[1]
-    ids = jnp.concatenate([jnp.asarray(p_ids), jnp.where(c_mask, c_ids, 0)], 1)
-    mask = jnp.concatenate([jnp.asarray(p_mask), jnp.asarray(c_mask)], 1)
-    return nnx.merge(graphdef, params)(ids, attention_mask=mask)[:, P - 1:P + C - 1]
-
-
-def _gather(logits, ids, mask):
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.where(mask, ids, 0)[..., None], -1)[..., 0]
-    return jnp.where(mask, lp, 0.0)
-
-
 def _student(box):
     b = box["batch"]
-    return _logits(box["run"].policy.graphdef, box["state"].params, b["prompt_ids"], b["prompt_mask"],
+    return plain_completion_logits(box["run"].policy.graphdef, box["state"].params, b["prompt_ids"], b["prompt_mask"],
                    b["completion_ids"], b["mask"])
 
 
 def _teacher(built, b):
     graphdef, params = nnx.split(load_pretrained(built["teacher"]))
-    return _logits(graphdef, params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
+    return plain_completion_logits(graphdef, params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
 
 
 def _check(box, loss):
@@ -119,9 +105,9 @@ def test_opd_first_step(runs, built, name):
 
     box, _ = runs(name)
     b = box["batch"]
-    t_logps = _gather(_teacher(built, b), b["completion_ids"], b["mask"])
+    t_logps = gather_logps(_teacher(built, b), b["completion_ids"], b["mask"])
     np.testing.assert_allclose(b["teacher_logps"], t_logps, rtol=1e-5, atol=1e-5)
-    s_logps = _gather(_student(box), b["completion_ids"], b["mask"])
+    s_logps = gather_logps(_student(box), b["completion_ids"], b["mask"])
     if name == "opd":
         loss, _ = on_policy_distillation_loss(s_logps, t_logps, b["mask"], kl_coef=1.0)
     else:
@@ -134,7 +120,7 @@ def test_ssd_first_step(runs):
 
     box, _ = runs("ssd")
     b = box["batch"]
-    loss, _ = sft_loss(_gather(_student(box), b["completion_ids"], b["mask"]), b["mask"])
+    loss, _ = sft_loss(gather_logps(_student(box), b["completion_ids"], b["mask"]), b["mask"])
     _check(box, loss)
 
 
@@ -155,13 +141,13 @@ def test_self_distillation_first_step(runs, name):
             f"{prompt}{int(a) + int(c)} {prompt}"
     # first step: the EMA teacher is the initial policy
     jax.tree_util.tree_map(np.testing.assert_array_equal, st.extra, st.params)
-    t = _logits(run.policy.graphdef, st.params, b["teacher_prompt_ids"], b["teacher_prompt_mask"],
+    t = plain_completion_logits(run.policy.graphdef, st.params, b["teacher_prompt_ids"], b["teacher_prompt_mask"],
                 b["completion_ids"], b["mask"])
     np.testing.assert_allclose(b["teacher_logits"], t / run.cfg.temperature, rtol=1e-5, atol=1e-5)  # logits / tau
     s = _student(box) / run.cfg.temperature
     topk = 5 if name == "sdft" else run.policy.config.vocab_size  # SDPO's 100 > the tiny vocabulary
     loss, _ = self_distillation_loss(s, t / run.cfg.temperature, b["mask"], mode="topk_logits", alpha=0.5, topk=topk,
-                                     logps=_gather(s, b["completion_ids"], b["mask"]), old_logps=b["old_logps"],
+                                     logps=gather_logps(s, b["completion_ids"], b["mask"]), old_logps=b["old_logps"],
                                      is_clip=None if name == "sdft" else 2.0, aggregation="dapo")
     _check(box, loss)
 
@@ -234,8 +220,8 @@ def test_sdft_with_lora_runs_and_its_teacher_is_the_adapted_policy(built, tmp_pa
     run, st, b = box["run"], box["state"], box["batch"]
     size = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     assert size(st.params) < size(nnx.split(load_pretrained(built["warm"]))[1]) / 2  # adapters, not the decoder
-    t = _logits(*nnx.split(run.policy.model(st.params)), b["teacher_prompt_ids"], b["teacher_prompt_mask"],
-                b["completion_ids"], b["mask"])
+    t = plain_completion_logits(*nnx.split(run.policy.model(st.params)), b["teacher_prompt_ids"],
+                                b["teacher_prompt_mask"], b["completion_ids"], b["mask"])
     np.testing.assert_allclose(b["teacher_logits"], t / run.cfg.temperature, rtol=1e-5, atol=1e-5)
     rows = read_metrics(tmp_path)
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _trainer_utils import TINY_RUN, capture_first_step, first_last, read_metrics, run_trainer
+from _trainer_utils import (TINY_RUN, capture_first_step, first_last, gather_logps,
+                            plain_completion_logits, read_metrics, run_trainer)
 from trlax.models import load_pretrained
 from trlax.train import distill
 from trlax.train.config import build_config
@@ -23,39 +24,27 @@ def teacher(tmp_path_factory):
     return distill.builtin_teacher(cfg)
 
 
-def _logits(graphdef, params, p_ids, p_mask, c_ids, c_mask):
-    """Completion logits by a plain forward of the whole sequence (independent of the trainer's helper)."""
-    P, C = p_ids.shape[1], c_ids.shape[1]
-    ids = jnp.concatenate([jnp.asarray(p_ids), jnp.where(c_mask, c_ids, 0)], 1)
-    mask = jnp.concatenate([jnp.asarray(p_mask), jnp.asarray(c_mask)], 1)
-    return nnx.merge(graphdef, params)(ids, attention_mask=mask)[:, P - 1:P + C - 1]
-
-
-def _gather(logp, ids, mask):
-    return jnp.where(mask, jnp.take_along_axis(logp, jnp.where(mask, ids, 0)[..., None], -1)[..., 0], 0.0)
-
-
 def _expected_first_loss(box, teacher_dir):
     from trlax.objectives import minillm_loss, sft_loss
 
-    b, run, cfg = box["batch"], box["run"], box["run"].cfg
+    b, cfg = box["batch"], box["run"].cfg
     gd, params = box["run"].policy.graphdef, box["state"].params
-    s = _logits(gd, params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
-    t = _logits(*nnx.split(load_pretrained(teacher_dir)), b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                b["mask"])
+    s = plain_completion_logits(gd, params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
+    t = plain_completion_logits(*nnx.split(load_pretrained(teacher_dir)), b["prompt_ids"], b["prompt_mask"],
+                                b["completion_ids"], b["mask"])
     np.testing.assert_allclose(b["teacher_logits"], t, rtol=1e-5, atol=1e-5)
     # importance weights q / (a p_T + (1 - a) q) of the sampled tokens (1 for student samples)
     a = cfg.teacher_mix_alpha
-    lq = _gather(jax.nn.log_softmax(s / cfg.temperature, -1), b["completion_ids"], b["mask"])
-    lp = _gather(jax.nn.log_softmax(t / cfg.temperature, -1), b["completion_ids"], b["mask"])
+    lq = gather_logps(jax.nn.log_softmax(s / cfg.temperature, -1), b["completion_ids"], b["mask"])
+    lp = gather_logps(jax.nn.log_softmax(t / cfg.temperature, -1), b["completion_ids"], b["mask"])
     w = np.where(b["mask"], np.exp(lq) / (a * np.exp(lp) + (1 - a) * np.exp(lq)), 0.0)
     np.testing.assert_allclose(b["is_weight"], w, rtol=1e-4, atol=1e-6)
     loss, _ = minillm_loss(s, t, b["completion_ids"], b["mask"], gamma=cfg.gamma,
                            length_normalize=cfg.length_normalize, single_step_coef=cfg.single_step_coef,
                            temperature=cfg.kd_temperature)
     if cfg.pt_coef > 0:
-        pt = _logits(gd, params, b["pt_prompt_ids"], b["pt_prompt_mask"], b["pt_ids"], b["pt_mask"])
-        pt_loss, _ = sft_loss(_gather(jax.nn.log_softmax(pt, -1), b["pt_ids"], b["pt_mask"]), b["pt_mask"])
+        pt = plain_completion_logits(gd, params, b["pt_prompt_ids"], b["pt_prompt_mask"], b["pt_ids"], b["pt_mask"])
+        pt_loss, _ = sft_loss(gather_logps(jax.nn.log_softmax(pt, -1), b["pt_ids"], b["pt_mask"]), b["pt_mask"])
         loss = loss + cfg.pt_coef * pt_loss
     return float(loss)
 
@@ -124,8 +113,8 @@ def test_importance_weights_scale_each_positions_gradient(paper_run):
 
     box, _ = paper_run
     b, run = box["batch"], box["run"]
-    s = _logits(run.policy.graphdef, box["state"].params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                b["mask"])
+    s = plain_completion_logits(run.policy.graphdef, box["state"].params, b["prompt_ids"], b["prompt_mask"],
+                                b["completion_ids"], b["mask"])
     w = jnp.asarray(b["is_weight"])[..., None]
 
     def f(z):

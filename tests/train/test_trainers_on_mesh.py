@@ -17,7 +17,8 @@ from _trainer_utils import read_metrics, run_trainer
 COMPARED = {"kto": {}, "bco": {}, "cpo": {"preset": "simpo"}, "reward": {},
             "prm": {"max_prompt_length": 8, "max_completion_length": 16}}
 RUN_ONLY = {"ppo": {"num_mini_batches": 1, "num_ppo_epochs": 1}, "a2po": {"num_value_samples": 2},
-            "online_dpo": {}, "nash_md": {}, "gkd": {"lmbda": 1.0}, "sdft": {}, "sft": {"bema": True, "bema_update_freq": 1},
+            "online_dpo": {}, "nash_md": {}, "gkd": {"lmbda": 1.0}, "sdft": {},
+            "sft": {"bema": True, "bema_update_freq": 1},
             "dpo": {"preset": "tr_dpo", "ref_model_sync_steps": 1}}
 COMMON = {"batch_size": 8, "max_prompt_length": 4, "max_completion_length": 3, "progress": False,
           "export": False}
