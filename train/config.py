@@ -89,6 +89,19 @@ class CommonConfig:
             raise ValueError(f"dataset={self.dataset!r} must be 'builtin', a file path or a hub name")
 
 
+def check_sampling(cfg) -> None:
+    """The sampling fields a run config has (``temperature``, ``top_p``, ``top_k``, ``min_p``) are in range;
+    errors name the field."""
+    if hasattr(cfg, "temperature"):
+        check_range("temperature", cfg.temperature, low=0.0, low_inclusive=False)
+    if hasattr(cfg, "top_p"):
+        check_range("top_p", cfg.top_p, low=0.0, high=1.0, low_inclusive=False)
+    if hasattr(cfg, "top_k"):
+        check_range("top_k", cfg.top_k, low=0)
+    if hasattr(cfg, "min_p"):
+        check_range("min_p", cfg.min_p, low=0.0, high=1.0, high_inclusive=False)
+
+
 def _loss_fields(loss_cls, skip=()) -> list:
     out = []
     for f in dataclasses.fields(loss_cls):
@@ -122,6 +135,7 @@ def make_run_config(name: str, fields, *, defaults: Optional[Dict[str, Any]] = N
 
     def _validate(self) -> None:
         CommonConfig.validate(self)
+        check_sampling(self)
         if validate is not None:
             validate(self)
 
@@ -178,10 +192,7 @@ def _validate_grpo(self) -> None:
     if self.batch_size % self.num_generations:
         raise ValueError(f"num_generations={self.num_generations} must divide batch_size={self.batch_size} "
                          "(completions per optimiser step)")
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
-    check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
-    check_range("top_k", self.top_k, low=0)
-    check_range("min_p", self.min_p, low=0.0, high=1.0, high_inclusive=False)
+    check_sampling(self)
     check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
     check_range("num_iterations", self.num_iterations, low=1)
@@ -376,4 +387,4 @@ def loss_config(algo: str, cfg, explicit=None):
     return L(**kw)
 
 
-__all__ = ["CommonConfig", "build_config", "config_class", "loss_config", "make_run_config", "parse_value"]
+__all__ = ["CommonConfig", "build_config", "config_class", "loss_config", "check_sampling", "make_run_config", "parse_value"]

@@ -431,7 +431,6 @@ _TEACHER = [("preset", str, ""), ("teacher_model", str, "builtin"), ("teacher_st
 
 def _validate_gkd(self) -> None:
     _check_teacher(self)
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
     check_range("lmbda", self.lmbda, low=0.0, high=1.0)
     check_range("beta", self.beta, low=0.0, high=1.0)
     check_range("kd_temperature", self.kd_temperature, low=0.0, low_inclusive=False)
@@ -448,7 +447,6 @@ def _gkd_cls():
 
 def _validate_opd(self) -> None:
     _check_teacher(self)
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
     check_range("kl_coef", self.kl_coef, low=0.0)
 
 
@@ -459,7 +457,6 @@ def _opd_cls():
 
 def _validate_iw(self) -> None:
     _check_teacher(self)
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
     check_range("iw_opd_gamma", self.iw_opd_gamma, low=0.0)
 
 
@@ -471,7 +468,6 @@ def _iw_cls():
 def _validate_self(self) -> None:
     from trlax.objectives.distillation import SELF_DISTILLATION_MODES
 
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
     check_range("num_generations", self.num_generations, low=1)
     if self.batch_size % self.num_generations:
         raise ValueError(f"num_generations={self.num_generations} must divide batch_size={self.batch_size}")
@@ -511,15 +507,9 @@ def _self_cls(name: str, topk: int, G: int, is_clip):
     ], defaults=_COMMON, validate=_validate_self, doc=f"trlax train {name}: self-distillation")
 
 
-def _validate_ssd(self) -> None:
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
-    check_range("top_k", self.top_k, low=0)
-    check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
-
-
 def _ssd_cls():
     return make_run_config("ssd", [("preset", str, ""), ("temperature", float, 0.6), ("top_k", int, 20),
-                                   ("top_p", float, 0.95)], defaults=_COMMON, validate=_validate_ssd,
+                                   ("top_p", float, 0.95)], defaults=_COMMON,
                            doc="trlax train ssd: simple self-distillation (cross-entropy on own samples)")
 
 

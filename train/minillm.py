@@ -152,7 +152,6 @@ def run_minillm(cfg, rows=None, algo: str = "minillm") -> Dict[str, Any]:
 
 def _validate(self) -> None:
     KD._check_teacher(self)
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
     check_range("kd_temperature", self.kd_temperature, low=0.0, low_inclusive=False)
     check_range("gamma", self.gamma, low=0.0, high=1.0)
     check_range("single_step_coef", self.single_step_coef, low=0.0)

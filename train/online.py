@@ -66,9 +66,6 @@ def _validate(algo: str):
         from trlax.objectives._checks import check_choice, check_range
         from trlax.train.loops import REWARD_FUNCS
 
-        check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
-        check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
-        check_range("top_k", self.top_k, low=0)
         check_range("missing_eos_penalty", self.missing_eos_penalty, low=0.0)
         # Nash-MD allows beta = 0 (no KL term); the DPO losses need beta > 0
         nash = algo == "nash_md"

@@ -54,10 +54,6 @@ _SAMPLING_FIELDS = [
 
 
 def _validate_sampling(self) -> None:
-    check_range("temperature", self.temperature, low=0.0, low_inclusive=False)
-    check_range("top_p", self.top_p, low=0.0, high=1.0, low_inclusive=False)
-    check_range("top_k", self.top_k, low=0)
-    check_range("min_p", self.min_p, low=0.0, high=1.0, high_inclusive=False)
     L.check_reward_fields(self)
 
 
