@@ -58,6 +58,7 @@ __all__ = [
     "JaxSampler",
     "process_logits",
     "left_pad",
+    "make_two_model_sampler",
 ]
 
 
@@ -529,3 +530,43 @@ class JaxSampler(Sampler):
         return Rollout(prompt_ids=ids_d, prompt_mask=mask_d, completion_ids=c_ids, completion_mask=c_mask,
                        logps=lps, truncated=trunc,
                        group_ids=jnp.asarray(np.arange(ids.shape[0], dtype=np.int32) // g))
+
+
+def make_two_model_sampler(graphdef_a, graphdef_b, max_new_tokens: int, mix, *, eos_id: int, pad_id: int):
+    """Jitted token-by-token sampling from a mixture of two models (Nash-MD's geometric mixture, MiniLLM's
+    teacher-mixed sampling): ``(params_a, params_b, prompt_ids [B, P], prompt_mask [B, P], key) -> (ids
+    [B, C], mask [B, C], truncated [B], weights [B, C])``.
+
+    ``mix(z_a, z_b) -> (logp_sample, logp_target)`` maps the two models' next-token logits ``[B, V]`` to the
+    log-probs sampled from and a target distribution; ``weights[b, t] = p_target(y_t) / p_sample(y_t)`` is
+    the importance weight of each sampled token (0 after EOS). A completion stops at ``eos_id``; later
+    positions hold ``pad_id`` and are masked. Each token is one full forward of both models (no KV cache:
+    meant for short completions)."""
+    C = max_new_tokens
+
+    def generate(params_a, params_b, p_ids, p_mask, key):
+        model_a, model_b = nnx.merge(graphdef_a, params_a), nnx.merge(graphdef_b, params_b)
+        b, P = p_ids.shape
+        ids = jnp.concatenate([p_ids, jnp.full((b, C), pad_id, p_ids.dtype)], axis=1)
+        mask = jnp.concatenate([p_mask.astype(bool), jnp.zeros((b, C), bool)], axis=1)
+
+        def body(t, carry):
+            ids, mask, w, done = carry
+            pos = P + t - 1  # the state at pos predicts token P + t
+            z_a, z_b = (jax.lax.dynamic_index_in_dim(m(ids, attention_mask=mask), pos, axis=1, keepdims=False)
+                        for m in (model_a, model_b))
+            logp, target = mix(z_a, z_b)
+            tok = jax.random.categorical(jax.random.fold_in(key, t), logp, axis=-1).astype(ids.dtype)
+            ratio = jnp.exp(jnp.take_along_axis(target - logp, tok[:, None].astype(jnp.int32), axis=-1)[:, 0])
+            emit = ~done
+            tok = jnp.where(emit, tok, pad_id)
+            ids = jax.lax.dynamic_update_slice_in_dim(ids, tok[:, None], P + t, axis=1)
+            mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], P + t, axis=1)
+            w = w.at[:, t].set(jnp.where(emit, ratio, 0.0))
+            return ids, mask, w, done | (emit & (tok == eos_id))
+
+        init = (ids, mask, jnp.zeros((b, C), jnp.float32), jnp.zeros((b,), bool))
+        ids, mask, w, done = jax.lax.fori_loop(0, C, body, init)
+        return ids[:, P:], mask[:, P:], ~done, w
+
+    return jax.jit(generate)

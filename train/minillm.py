@@ -28,7 +28,6 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from trlax.objectives._checks import check_range
 from trlax.train import data as D
@@ -43,41 +42,24 @@ def make_teacher_mixed_sampler(student_graphdef, teacher_graphdef, max_new_token
                                temperature: float, eos_id: int, pad_id: int):
     """Jitted ``(student_params, teacher_params, prompt_ids, prompt_mask, key) -> (ids [B, C], mask [B, C],
     weights [B, C])``: tokens sampled from ``p̃ = α·p_T + (1 − α)·q_θ`` (both at ``temperature``; MiniLLM
-    eq. 8) and the importance weights ``q_θ(y_t) / p̃(y_t)`` (0 on padding). One full forward of each model
-    per token (no KV cache; fine for short completions)."""
-    C = max_new_tokens
+    eq. 8) and the importance weights ``q_θ(y_t) / p̃(y_t)`` (0 on padding), through
+    :func:`trlax.rollouts.make_two_model_sampler`."""
+    from trlax.rollouts import make_two_model_sampler
+
     log_a, log_1a = float(np.log(alpha)), float(np.log1p(-alpha))  # 0 < alpha < 1 (validated)
 
-    def generate(s_params, t_params, p_ids, p_mask, key):
-        stu, tea = nnx.merge(student_graphdef, s_params), nnx.merge(teacher_graphdef, t_params)
-        b, P = p_ids.shape
-        ids = jnp.concatenate([p_ids, jnp.full((b, C), pad_id, p_ids.dtype)], axis=1)
-        mask = jnp.concatenate([p_mask.astype(bool), jnp.zeros((b, C), bool)], axis=1)
+    def mix(z_student, z_teacher):
+        lq, lp = (jax.nn.log_softmax(z.astype(jnp.float32) / temperature, axis=-1) for z in (z_student, z_teacher))
+        return jnp.logaddexp(log_a + lp, log_1a + lq), lq
 
-        def body(t, carry):
-            ids, mask, w, done = carry
-            pos = P + t - 1  # the state at pos predicts token P + t
+    gen = make_two_model_sampler(student_graphdef, teacher_graphdef, max_new_tokens, mix, eos_id=eos_id,
+                                 pad_id=pad_id)
 
-            def logp(model):
-                z = jax.lax.dynamic_index_in_dim(model(ids, attention_mask=mask), pos, axis=1, keepdims=False)
-                return jax.nn.log_softmax(z.astype(jnp.float32) / temperature, axis=-1)
+    def generate(*args):
+        ids, mask, _, w = gen(*args)
+        return ids, mask, w
 
-            lq, lp = logp(stu), logp(tea)
-            lmix = jnp.logaddexp(log_a + lp, log_1a + lq)
-            tok = jax.random.categorical(jax.random.fold_in(key, t), lmix, axis=-1).astype(ids.dtype)
-            ratio = jnp.exp(jnp.take_along_axis(lq - lmix, tok[:, None].astype(jnp.int32), axis=-1)[:, 0])
-            emit = ~done
-            tok = jnp.where(emit, tok, pad_id)
-            ids = jax.lax.dynamic_update_slice_in_dim(ids, tok[:, None], P + t, axis=1)
-            mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], P + t, axis=1)
-            w = w.at[:, t].set(jnp.where(emit, ratio, 0.0))
-            return ids, mask, w, done | (emit & (tok == eos_id))
-
-        init = (ids, mask, jnp.zeros((b, C), jnp.float32), jnp.zeros((b,), bool))
-        ids, mask, w, _ = jax.lax.fori_loop(0, C, body, init)
-        return ids[:, P:], mask[:, P:], w
-
-    return jax.jit(generate)
+    return generate
 
 
 def run_minillm(cfg, rows=None, algo: str = "minillm") -> Dict[str, Any]:

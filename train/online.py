@@ -193,38 +193,17 @@ def make_mixture_sampler(graphdef, max_new_tokens: int, *, mixture_coef: float, 
     """Jitted ``(policy_params, ref_params, prompt_ids, prompt_mask, key) -> (ids [B, C], mask [B, C],
     truncated [B])``: token-by-token sampling from Nash-MD's geometric mixture (arXiv 2312.00886, eq. 9)
     ``softmax(κ·z_ref + (1 − κ)·z_θ)`` (:func:`trlax.objectives.nash_md_mixture_logits`), then temperature /
-    top-k / top-p (:func:`trlax.rollouts.process_logits`). Each token is one full forward of both models
-    (no KV cache; fine for short completions)."""
-    from flax import nnx
-
+    top-k / top-p (:func:`trlax.rollouts.process_logits`), through
+    :func:`trlax.rollouts.make_two_model_sampler`."""
     from trlax.objectives import nash_md_mixture_logits
-    from trlax.rollouts import process_logits
+    from trlax.rollouts import make_two_model_sampler, process_logits
 
-    C = max_new_tokens
+    def mix(z, z_ref):
+        logp = process_logits(nash_md_mixture_logits(z, z_ref, mixture_coef), temperature, top_k, top_p)
+        return logp, logp
 
-    def generate(pol_params, ref_params, p_ids, p_mask, key):
-        pol, ref = nnx.merge(graphdef, pol_params), nnx.merge(graphdef, ref_params)
-        b, P = p_ids.shape
-        ids = jnp.concatenate([p_ids, jnp.full((b, C), pad_id, p_ids.dtype)], axis=1)
-        mask = jnp.concatenate([p_mask.astype(bool), jnp.zeros((b, C), bool)], axis=1)
-
-        def body(t, carry):
-            ids, mask, done = carry
-            pos = P + t - 1  # the state at pos predicts token P + t
-            z = jax.lax.dynamic_index_in_dim(pol(ids, attention_mask=mask), pos, axis=1, keepdims=False)
-            zr = jax.lax.dynamic_index_in_dim(ref(ids, attention_mask=mask), pos, axis=1, keepdims=False)
-            logp = process_logits(nash_md_mixture_logits(z, zr, mixture_coef), temperature, top_k, top_p)
-            tok = jax.random.categorical(jax.random.fold_in(key, t), logp, axis=-1).astype(ids.dtype)
-            emit = ~done
-            tok = jnp.where(emit, tok, pad_id)
-            ids = jax.lax.dynamic_update_slice_in_dim(ids, tok[:, None], P + t, axis=1)
-            mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], P + t, axis=1)
-            return ids, mask, done | (emit & (tok == eos_id))
-
-        ids, mask, done = jax.lax.fori_loop(0, C, body, (ids, mask, jnp.zeros((b,), bool)))
-        return ids[:, P:], mask[:, P:], ~done
-
-    return jax.jit(generate)
+    gen = make_two_model_sampler(graphdef, graphdef, max_new_tokens, mix, eos_id=eos_id, pad_id=pad_id)
+    return lambda *args: gen(*args)[:3]
 
 
 # --------------------------------------------------------------------------------------------- loop
