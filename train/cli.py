@@ -1,6 +1,7 @@
 """The ``trlax`` command.
 
     trlax train NAME [--config file.yaml] [--key value ...]      (trlax train --help: every NAME)
+    trlax launch --nproc 2 --devices_per_proc 4 -- train NAME ...   (local multi-process run; train/launch.py)
 
 Every field of the algorithm's run config (train/config.py) is a flag; ``--help`` lists them with
 their defaults. Values from ``--config`` are overridden by flags. The resolved config is written to
@@ -60,7 +61,17 @@ def _parse_overrides(tokens: List[str]) -> Dict[str, str]:
 def initialize_distributed(values: Dict[str, object]) -> None:
     """Multi-host runs: ``jax.distributed.initialize`` with the config's coordinator address / process
     count / process id (auto-detected on Cloud TPU, SLURM and Open MPI when left empty). Every host
-    runs the same command; the mesh then spans the devices of all hosts."""
+    runs the same command; the mesh then spans the devices of all hosts.
+
+    Must run before anything touches the XLA backend (importing :mod:`trlax.objectives` does), so
+    :func:`main` calls it before importing the trainers. Failure detection: a process that misses
+    heartbeats for ``heartbeat_timeout_s`` seconds (default 15) is declared dead by the coordinator and
+    every other process is terminated with an error naming the dead task (a SIGKILLed peer's sockets also
+    break any gloo collective in flight at once); start-up waits ``init_timeout_s`` (default 120) for all
+    processes; the shutdown barrier waits at most ``2 x heartbeat_timeout_s``. On CPU (``JAX_PLATFORMS=cpu``)
+    cross-process collectives use gloo."""
+    import os
+
     import jax
 
     kw: Dict[str, object] = {}
@@ -68,16 +79,38 @@ def initialize_distributed(values: Dict[str, object]) -> None:
         kw["coordinator_address"] = str(values["coordinator_address"])
     try:
         n, pid = _int(values.get("num_processes"), 0), _int(values.get("process_id"), -1)
+        hb = _int(values.get("heartbeat_timeout_s"), 15)
+        init = _int(values.get("init_timeout_s"), 120)
     except ValueError:
-        raise ValueError(f"num_processes={values.get('num_processes')!r} / process_id={values.get('process_id')!r} "
-                         "must be integers") from None
+        raise ValueError(f"num_processes={values.get('num_processes')!r} / process_id={values.get('process_id')!r} / "
+                         f"heartbeat_timeout_s={values.get('heartbeat_timeout_s')!r} / init_timeout_s="
+                         f"{values.get('init_timeout_s')!r} must be integers") from None
+    if hb < 1 or init < 1:
+        raise ValueError(f"heartbeat_timeout_s={hb} / init_timeout_s={init} must be >= 1")
     if n > 0:
         kw["num_processes"] = n
     if pid >= 0:
         kw["process_id"] = pid
-    jax.distributed.initialize(**kw)
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw, initialization_timeout=init, heartbeat_timeout_seconds=hb,
+                               shutdown_timeout_seconds=2 * hb)
     print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local / "
-          f"{jax.device_count()} global devices")
+          f"{jax.device_count()} global devices", flush=True)
+
+
+def _read_values(rest: List[str]) -> Dict[str, object]:
+    """``--config`` file values overridden by the ``--name value`` flags (plain Python: no JAX yet)."""
+    overrides = _parse_overrides(rest)
+    values: Dict[str, object] = {}
+    cfg_file = overrides.pop("config", None)
+    if cfg_file:
+        import yaml
+
+        with open(cfg_file) as fh:
+            values.update(yaml.safe_load(fh) or {})
+    values.update(overrides)
+    return values
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -85,9 +118,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
+    if argv[0] == "launch":
+        from trlax.train import launch
+
+        return launch.main(argv[1:])
     if argv[0] != "train":
-        print(f"error: unknown command {argv[0]!r}; the command is `trlax train ALGO`", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; the commands are `trlax train ALGO` and `trlax launch`",
+              file=sys.stderr)
         return 2
+    rest = argv[2:]
+    wants_help = len(argv) < 2 or argv[1] in ("-h", "--help") or "-h" in rest or "--help" in rest
+    values: Dict[str, object] = {}
+    if not wants_help:
+        try:
+            values = _read_values(rest)
+            if _truthy(values.get("distributed", False)):
+                # before anything touches the XLA backend: importing the trainers / objectives does
+                initialize_distributed(values)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from trlax.train import registry
 
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -101,8 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if algo not in registry.names():
         print(f"error: unknown algorithm {algo!r}; allowed: {', '.join(registry.names())}", file=sys.stderr)
         return 2
-    rest = argv[2:]
-    if "-h" in rest or "--help" in rest:
+    if wants_help:
         print(f"usage: trlax train {algo} [--config file.yaml] [--name value ...]\n")
         from trlax.train.config import config_class
 
@@ -113,18 +162,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_field_help(algo))
         return 0
     try:
-        overrides = _parse_overrides(rest)
-        values: Dict[str, object] = {}
-        cfg_file = overrides.pop("config", None)
-        if cfg_file:
-            import yaml
-
-            with open(cfg_file) as fh:
-                values.update(yaml.safe_load(fh) or {})
-        values.update(overrides)
-        if _truthy(values.get("distributed", False)):
-            # before anything touches the XLA backend (importing the objectives / config does)
-            initialize_distributed(values)
         from trlax.train.config import build_config
 
         cfg = build_config(algo, values)

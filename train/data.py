@@ -168,6 +168,98 @@ def encode_right_padded(tokenizer, texts: Sequence[str], max_length: int, add_eo
     return ids, mask
 
 
+# ------------------------------------------------------------------------------ multi-host batches
+#
+# Every process draws the same global batch order (same seed, same :class:`EpochSampler`); process ``i``
+# then tokenises only the rows its devices hold (:func:`local_slice`) and contributes them with
+# ``jax.make_array_from_process_local_data`` (:func:`global_batch`). With one process the slice is the
+# whole batch, so a multi-host run sees exactly the batches of a one-process run of the same config.
+
+
+def local_slice(sharding, n: int) -> slice:
+    """The rows ``[start, stop)`` of a global batch of ``n`` rows (split on axis 0 by ``sharding``) that this
+    process's devices hold: a contiguous block, the whole batch with one process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return slice(0, n)
+    spans = set()
+    for index in sharding.addressable_devices_indices_map((n,)).values():
+        a, b, _ = index[0].indices(n) if index else (0, n, 1)
+        spans.add((a, b))
+    spans = sorted(spans)
+    start, stop = spans[0][0], max(b for _, b in spans)
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start:
+        raise ValueError(f"the rows this process holds of a batch of {n} are not one contiguous block ({spans}); "
+                         "order the mesh's devices by process")
+    return slice(start, stop)
+
+
+def global_batch(sharding, local: Dict[str, Any], n: int) -> Dict[str, Any]:
+    """Global arrays of ``n`` rows from this process's rows ``local`` (each ``[n_local, ...]``, the rows of
+    :func:`local_slice`); with one process the arrays are returned unchanged (jit places them)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return dict(local)
+    out = {}
+    for k, v in local.items():
+        if isinstance(v, jax.Array) and not v.is_fully_addressable:
+            out[k] = v  # already global
+            continue
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(sharding, v, (n,) + v.shape[1:])
+    return out
+
+
+def local_rows(x, rows: slice) -> np.ndarray:
+    """Rows ``rows`` of the global array ``x`` as a host NumPy array, read from this process's shards only
+    (no communication); ``x`` is a NumPy / fully addressable array with one process."""
+    import jax
+
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)[rows]
+    n = x.shape[0]
+    out = np.empty((rows.stop - rows.start,) + tuple(x.shape[1:]), x.dtype)
+    filled = np.zeros(rows.stop - rows.start, bool)
+    for shard in x.addressable_shards:
+        a, b, _ = shard.index[0].indices(n) if shard.index else (0, n, 1)
+        lo, hi = max(a, rows.start), min(b, rows.stop)
+        if lo < hi and not filled[lo - rows.start:hi - rows.start].all():
+            out[lo - rows.start:hi - rows.start] = np.asarray(shard.data)[lo - a:hi - a]
+            filled[lo - rows.start:hi - rows.start] = True
+    if not filled.all():
+        raise ValueError(f"rows {rows.start}:{rows.stop} of an array of {n} rows are not all on this process")
+    return out
+
+
+def gather_rows(sharding, local, n: int) -> np.ndarray:
+    """The global ``[n, ...]`` host array whose rows :func:`local_slice` are ``local`` on each process
+    (``process_allgather``: every process gets every row); ``local`` itself with one process."""
+    import jax
+
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    g = jax.make_array_from_process_local_data(sharding, local, (n,) + local.shape[1:])
+    return np.asarray(multihost_utils.process_allgather(g, tiled=True))
+
+
+def all_sum(*values: float) -> np.ndarray:
+    """Per-process numbers summed over all processes (``values`` themselves with one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return np.asarray(values, np.float64)
+    from jax.experimental import multihost_utils
+
+    x = np.asarray(values, np.float32)
+    return np.asarray(multihost_utils.process_allgather(x), np.float64).reshape(jax.process_count(), -1).sum(0)
+
+
 class EpochSampler:
     """Deterministic shuffled batches of row indices; the position (epoch, offset) is part of the
     checkpoint so a resumed run sees the same batches as an uninterrupted one."""
@@ -194,6 +286,11 @@ class EpochSampler:
 __all__ = [
     "CHAT_TEMPLATE",
     "EpochSampler",
+    "all_sum",
+    "gather_rows",
+    "global_batch",
+    "local_rows",
+    "local_slice",
     "required_columns",
     "addition_examples",
     "REWARD_NAMES",

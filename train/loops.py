@@ -133,7 +133,8 @@ class _Run:
         if cfg.resume and self.ckpt.latest_step() is not None:
             step, self.state, self.meta = self.ckpt.restore(self.state)
             self.start_step = int(step)
-            history = _read_history(os.path.join(cfg.output_dir, "metrics.jsonl"), self.start_step)
+            history = _read_history(os.path.join(cfg.output_dir, "metrics.jsonl"), self.start_step,
+                                    rewrite=self.is_main)
             print(f"resumed from step {self.start_step} in {self.ckpt.directory}")
         elif not cfg.resume and self.ckpt.latest_step() is not None:
             raise ValueError(f"output_dir={cfg.output_dir!r} already holds checkpoints; pass --resume to continue "
@@ -141,24 +142,56 @@ class _Run:
         self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
                                 history=history, enabled=self.is_main)
 
-    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
-        """One optimiser step on the host ``batch``: updates ``self.state``, returns the metrics as floats."""
+    def train_step(self, batch: Dict[str, Any], local: bool = False) -> Dict[str, float]:
+        """One optimiser step on ``batch``: updates ``self.state``, returns the metrics as floats (global:
+        the step reduces over the whole mesh). ``local=True``: the batch holds only this process's rows
+        (:meth:`rows`) of a global batch of ``batch_size`` rows; otherwise it is the global batch (every
+        process holds it; each contributes its own rows). Global ``jax.Array`` columns pass through."""
         hook = _on_first_step if not getattr(self, "_stepped", False) else None
         before = _copy(self.state) if hook is not None else None
-        self.state, m = self.step_fn(self.state, self.place(batch))
+        self.state, m = self.step_fn(self.state, self.place(batch, local=local))
         metrics = _to_float(m)
         self._stepped = True
         if hook is not None:
             hook(self, before, batch, metrics)
         return metrics
 
-    def place(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """Host batch -> step input. One process: unchanged (jit places it). Multi-host: every process
-        holds the same global batch (same seed, same data order); each contributes its devices' shards."""
+    def rows(self, n: Optional[int] = None) -> slice:
+        """The rows of a global batch of ``n`` rows (default ``batch_size``) this process loads and feeds:
+        everything with one process, a contiguous block per process on a multi-host run."""
+        return D.local_slice(self.batch_sharding, self.cfg.batch_size if n is None else n)
+
+    def place(self, batch: Dict[str, Any], local: bool = False, n: Optional[int] = None) -> Dict[str, Any]:
+        """Host batch -> step input. One process: unchanged (jit places it). Multi-host: global arrays built
+        with ``jax.make_array_from_process_local_data`` from this process's rows only: ``local=True``: the
+        batch *is* those rows (of a global batch of ``n`` rows, default ``batch_size``); else the batch is
+        global and only its :meth:`rows` are transferred."""
         if jax.process_count() == 1:
             return batch
-        return {k: jax.make_array_from_callback(np.shape(v), self.batch_sharding,
-                                                lambda idx, v=v: np.asarray(v)[idx]) for k, v in batch.items()}
+        out, local_cols = {}, {}
+        for k, v in batch.items():
+            if isinstance(v, jax.Array) and not v.is_fully_addressable:
+                out[k] = v
+            elif local:
+                local_cols[k] = v
+            else:
+                rows = np.shape(v)[0]
+                out.update(D.global_batch(self.batch_sharding, {k: np.asarray(v)[self.rows(rows)]}, rows))
+        if local_cols:
+            out.update(D.global_batch(self.batch_sharding, local_cols, self.cfg.batch_size if n is None else n))
+        return out
+
+    def local(self, x, n: Optional[int] = None) -> np.ndarray:
+        """This process's :meth:`rows` of the global array ``x`` (``n`` rows, default ``x.shape[0]``) as
+        NumPy, read from its own shards (all of ``x`` with one process)."""
+        n = x.shape[0] if n is None else n
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and x.sharding != self.batch_sharding:
+            x = jax.device_put(x, self.batch_sharding)
+        return D.local_rows(x, self.rows(n))
+
+    def gather(self, local, n: int) -> np.ndarray:
+        """The global ``[n, ...]`` host array from every process's :meth:`rows` ``local`` (all processes get it)."""
+        return D.gather_rows(self.batch_sharding, local, n)
 
     def export(self, params, path: str) -> None:
         params = jax.tree_util.tree_map(_host, params)  # collective on multi-host: every process calls it
@@ -194,7 +227,7 @@ class _Run:
         return summary
 
 
-def _read_history(path: str, upto: int) -> List[Dict[str, float]]:
+def _read_history(path: str, upto: int, rewrite: bool = True) -> List[Dict[str, float]]:
     if not os.path.exists(path):
         return []
     rows = {}
@@ -206,6 +239,8 @@ def _read_history(path: str, upto: int) -> List[Dict[str, float]]:
                 continue
             if r.get("step", upto + 1) <= upto:
                 rows[r["step"]] = r
+    if not rewrite:  # multi-host: process 0 owns the file
+        return [rows[k] for k in sorted(rows)]
     with open(path, "w") as fh:  # drop rows of steps that will be redone
         for k in sorted(rows):
             fh.write(json.dumps(rows[k]) + "\n")
@@ -272,26 +307,36 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
 
     run = _Run(algo, cfg, loss_builder, extra_state_fn=(lambda p: _copy(bema_tx.init(p))) if bema_tx else None)
     tok = run.tokenizer
-    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
-    C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
     bema_step = jax.jit(lambda p, s: bema_tx.update(p, s)[1]) if bema_tx else None
-    if packing:
+    if packing:  # packing needs the whole data set: every process packs it (same rows), then feeds its block
+        P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
+        C_ids, C_mask = D.encode_right_padded(tok, _texts(tok, rows, "completion"), cfg.max_completion_length)
         L = cfg.max_length or cfg.max_prompt_length + cfg.max_completion_length
         packed = pack_examples(P_ids, P_mask, C_ids, C_mask, L, packing, tok.pad_token_id)
         cols = {"input_ids": packed.input_ids, "segment_ids": packed.segment_ids, "positions": packed.positions,
                 "mask": packed.loss_mask}
         print(f"packing ({packing}): {len(rows)} examples -> {packed.input_ids.shape[0]} rows of {L} tokens")
+        n_rows = len(cols["mask"])
     else:
-        cols = {"prompt_ids": P_ids, "prompt_mask": P_mask, "completion_ids": C_ids, "mask": C_mask}
-    n_rows = len(cols["mask"])
+        n_rows = len(rows)
+
+    def local_batch(idx):
+        """This process's rows of the global batch ``idx`` (tokenised here, only those rows)."""
+        loc = idx[run.rows()]
+        if packing:
+            return {k: v[loc] for k, v in cols.items()}
+        sel = [rows[i] for i in loc]
+        p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
+        c_ids, c_mask = D.encode_right_padded(tok, _texts(tok, sel, "completion"), cfg.max_completion_length)
+        return {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": c_mask}
+
     sampler = D.EpochSampler(n_rows, cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
-        idx = sampler.next()
-        batch = {k: v[idx] for k, v in cols.items()}
-        m = run.train_step(batch)
+        batch = local_batch(sampler.next())
+        m = run.train_step(batch, local=True)
         if bema_step is not None:
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
-        run.logger.log(step, m, tokens=int(batch["mask"].sum()))
+        run.logger.log(step, m, tokens=int(D.all_sum(batch["mask"].sum())[0]))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     losses = [r["loss"] for r in run.logger.history]
     first, last = first_last(losses)
@@ -344,10 +389,16 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
 
     run = _Run(algo, cfg, loss_builder, extra_state_fn=_copy if sync else None)
     tok = run.tokenizer
-    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
-    Ch_ids, Ch_mask = D.encode_right_padded(tok, _texts(tok, rows, "chosen"), cfg.max_completion_length)
-    Rj_ids, Rj_mask = D.encode_right_padded(tok, _texts(tok, rows, "rejected"), cfg.max_completion_length)
     frozen = run.frozen_params
+
+    def encode(idx):
+        """The token columns of rows ``idx`` (a process tokenises only the rows it feeds)."""
+        sel = [rows[i] for i in idx]
+        p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
+        ch_ids, ch_mask = D.encode_right_padded(tok, _texts(tok, sel, "chosen"), cfg.max_completion_length)
+        rj_ids, rj_mask = D.encode_right_padded(tok, _texts(tok, sel, "rejected"), cfg.max_completion_length)
+        return {"prompt_ids": p_ids, "prompt_mask": p_mask, "chosen_ids": ch_ids, "chosen_mask": ch_mask,
+                "rejected_ids": rj_ids, "rejected_mask": rj_mask, "mask": ch_mask}
 
     @jax.jit
     def ref_logps(p_ids, p_mask, c_ids, c_mask):
@@ -362,36 +413,43 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
         def ref_logps(p_ids, p_mask, c_ids, c_mask):  # noqa: F811 - the synced reference in TrainState.extra
             return synced_logps(run.state.extra, p_ids, p_mask, c_ids, c_mask)
 
+    def refs(b):
+        """Reference log-probs of this process's rows ``b`` (a global forward over every process's rows)."""
+        g = run.place(b, local=True)
+        return (ref_logps(g["prompt_ids"], g["prompt_mask"], g["chosen_ids"], g["chosen_mask"]),
+                ref_logps(g["prompt_ids"], g["prompt_mask"], g["rejected_ids"], g["rejected_mask"]))
+
     ref_ch = ref_rj = None
     if needs_ref and cfg.precompute_ref_logps and not sync:
+        # the whole table, in global batches of batch_size (each process tokenises its block of each),
+        # gathered on every process: any row may land in any process's block in a later epoch
         bs = cfg.batch_size
         pad = (-len(rows)) % bs
         order = np.concatenate([np.arange(len(rows)), np.zeros(pad, int)])
         outs_c, outs_r = [], []
         for i in range(0, len(order), bs):
-            j = order[i:i + bs]
-            outs_c.append(_host(ref_logps(P_ids[j], P_mask[j], Ch_ids[j], Ch_mask[j])))
-            outs_r.append(_host(ref_logps(P_ids[j], P_mask[j], Rj_ids[j], Rj_mask[j])))
+            c, r = refs(encode(order[i:i + bs][run.rows()]))
+            outs_c.append(_host(c))
+            outs_r.append(_host(r))
         ref_ch = np.concatenate(outs_c)[: len(rows)]
         ref_rj = np.concatenate(outs_r)[: len(rows)]
 
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
-        idx = sampler.next()
-        batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "chosen_ids": Ch_ids[idx],
-                 "chosen_mask": Ch_mask[idx], "rejected_ids": Rj_ids[idx], "rejected_mask": Rj_mask[idx],
-                 "mask": Ch_mask[idx]}
+        loc = sampler.next()[run.rows()]
+        batch = encode(loc)
         if needs_ref:
             if ref_ch is not None:
-                batch["ref_chosen"], batch["ref_rejected"] = ref_ch[idx], ref_rj[idx]
+                batch["ref_chosen"], batch["ref_rejected"] = ref_ch[loc], ref_rj[loc]
             else:
-                batch["ref_chosen"] = _host(ref_logps(P_ids[idx], P_mask[idx], Ch_ids[idx], Ch_mask[idx]))
-                batch["ref_rejected"] = _host(ref_logps(P_ids[idx], P_mask[idx], Rj_ids[idx], Rj_mask[idx]))
-        m = run.train_step(batch)
+                c, r = refs(batch)
+                batch["ref_chosen"], batch["ref_rejected"] = run.local(c), run.local(r)
+        m = run.train_step(batch, local=True)
         if sync:
             run.state = run.state._replace(extra=ref_sync(run.state.extra, run.state.params, step))
             m["ref_synced"] = float(step % every == 0)
-        run.logger.log(step, m, tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
+        tokens = D.all_sum(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())[0]
+        run.logger.log(step, m, tokens=int(tokens))
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
     first, last = first_last([r["loss"] for r in hist])
@@ -551,10 +609,13 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         raise ValueError(f"reward_weights={cfg.reward_weights!r} must have {len(reward_names)} values "
                          f"({', '.join(reward_names)})")
     w_arr = np.ones(len(reward_names)) if weights is None else np.asarray(weights)
-    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
-    empty = np.flatnonzero(P_mask.sum(1) == 0)
-    if empty.size:
-        raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {empty[:5].tolist()} tokenise to nothing")
+    multi = jax.process_count() > 1
+    gen_sl = run.rows(gen_rows)  # this process's rows of a generation: whole groups of G completions
+    if gen_sl.start % G or gen_sl.stop % G:
+        raise ValueError(f"batch_size x steps_per_generation = {gen_rows} completions split over {jax.process_count()} "
+                         f"processes give {gen_sl.stop - gen_sl.start} per process, not a multiple of "
+                         f"num_generations={G}")
+    p_sl = slice(gen_sl.start // G, gen_sl.stop // G)  # ... and of its prompts
     sampler = JaxSampler(run.policy.sampler_graphdef, SamplingConfig(
         max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, num_generations=G,
@@ -570,6 +631,19 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     def reference_logps(frozen, p_ids, p_mask, c_ids, c_mask):  # LoRA: the base model, adapters off
         return run.policy.reference_logps(frozen, p_ids, p_mask, c_ids, c_mask, temperature=cfg.temperature)[0]
 
+    slicers: Dict[int, Any] = {}
+
+    def step_rows(gbuf, s):
+        """Multi-host: rows ``[s·B, (s+1)·B)`` of the global generation buffer as the step's global batch (the
+        rows move between processes on the devices; no host gathers)."""
+        if spg == 1:
+            return gbuf
+        if s not in slicers:
+            lo = s * cfg.batch_size
+            slicers[s] = jax.jit(lambda t: {k: v[lo:lo + cfg.batch_size] for k, v in t.items()},
+                                 out_shardings=run.batch_sharding)
+        return slicers[s](gbuf)
+
     if adaptive:  # controller state: (coefficient, previous step's entropy; None = +inf before the first step)
         ent_coef = float(run.meta.get("entropy_coef", lcfg.entropy_coef))
         last_ent = run.meta.get("last_entropy")
@@ -580,55 +654,68 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     step = run.start_step
     while step < cfg.max_steps:
         key, gen_key = jax.random.split(key)
-        idx = data.next()
-        roll = sampler.generate(run.policy.sampler_params(run.state.params), (P_ids[idx], P_mask[idx]), gen_key)
-        c_ids, c_mask = _host(roll.completion_ids), _host(roll.completion_mask)
-        truncated = _host(roll.truncated)
+        loc = data.next()[p_sl]  # this process's prompts of the global draw (all of them with one process)
+        p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, [rows[i] for i in loc], "prompt"), cfg.max_prompt_length)
+        empty = np.flatnonzero(p_mask.sum(1) == 0)
+        if empty.size:
+            raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {loc[empty[:5]].tolist()} tokenise to nothing")
+        sp = run.policy.sampler_params(run.state.params)
+        if multi:  # one global sampling program over every process's prompts (tokens as with one process)
+            g = run.place({"ids": np.repeat(p_ids, G, 0), "mask": np.repeat(p_mask, G, 0)}, local=True, n=gen_rows)
+            roll = sampler.generate_global(sp, g["ids"], g["mask"], gen_key)
+        else:
+            roll = sampler.generate(sp, (p_ids, p_mask), gen_key)
+        c_ids, c_mask = run.local(roll.completion_ids), run.local(roll.completion_mask)
+        truncated = run.local(roll.truncated)
         comp_ids = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
-        texts = tok.batch_decode(comp_ids, skip_special_tokens=True)
-        group_rows = [rows[i] for i in np.repeat(idx, G)]
-        R = reward_fn(texts, comp_ids, [str(r["prompt"]) for r in group_rows], group_rows, truncated)
+        texts = tok.batch_decode(comp_ids, skip_special_tokens=True)  # rewards where the text is
+        group_rows = [rows[i] for i in np.repeat(loc, G)]
+        R_loc = reward_fn(texts, comp_ids, [str(r["prompt"]) for r in group_rows], group_rows, truncated)
+        # [R | length | truncated] of every completion on every process: group / batch statistics are global
+        allc = run.gather(np.concatenate([R_loc, c_mask.sum(1)[:, None], truncated[:, None]], 1), gen_rows)
+        R, lengths, trunc_all = allc[:, :-2], allc[:, -2], allc[:, -1] > 0.5
         adv = np.asarray(multi_reward_advantages(jnp.asarray(R), weights, G,
                                                  aggregation=cfg.multi_objective_aggregation,
-                                                 scale_rewards=cfg.scale_rewards))
+                                                 scale_rewards=cfg.scale_rewards))[gen_sl]
         total = np.nansum(R * w_arr, axis=1)
         # the loss mask: truncated rows leave it *before* the step so the global token count that
         # normalises the loss excludes them too (TRL #6439; see trlax.train.step.batch_totals)
         loss_mask = c_mask & ~truncated[:, None] if lcfg.mask_truncated_completions else c_mask
-        buf = {"prompt_ids": _host(roll.prompt_ids), "prompt_mask": _host(roll.prompt_mask),
+        buf = {"prompt_ids": run.local(roll.prompt_ids), "prompt_mask": run.local(roll.prompt_mask),
                "completion_ids": c_ids, "mask": loss_mask, "advantages": adv, "truncated": truncated}
+        fwd_in = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)  # global arrays
         if lcfg.sampler_correction is not None:
-            buf["sampler_logps"] = _host(roll.logps)
+            buf["sampler_logps"] = run.local(roll.logps)
         if off_policy:
-            buf["old_logps"] = _host(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
-                                                        c_ids, c_mask))
+            buf["old_logps"] = run.local(forward_logps(run.state.params, *fwd_in))
         if ref_params is not None:
-            buf["ref_logps"] = _host(reference_logps(ref_params, buf["prompt_ids"], buf["prompt_mask"],
-                                                     c_ids, c_mask))
+            buf["ref_logps"] = run.local(reference_logps(ref_params, *fwd_in))
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
-            cur = buf["old_logps"] if off_policy else _host(
-                forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
-            ref = _host(reference_logps(run.frozen_params, buf["prompt_ids"], buf["prompt_mask"], c_ids, c_mask))
+            cur = buf["old_logps"] if off_policy else run.local(forward_logps(run.state.params, *fwd_in))
+            ref = run.local(reference_logps(run.frozen_params, *fwd_in))
             d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
             kl_tok = np.exp(d) - d - 1.0
-            kl_monitor = float(kl_tok[c_mask].mean()) if c_mask.any() else 0.0
+            kl_sum, kl_n = D.all_sum(float(kl_tok[c_mask].sum()), float(c_mask.sum()))
+            kl_monitor = float(kl_sum / kl_n) if kl_n else 0.0
         gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
-                       "completion_length": float(np.mean(c_mask.sum(1))),
-                       "truncated_frac": float(np.mean(truncated))}
+                       "completion_length": float(np.mean(lengths)),
+                       "truncated_frac": float(np.mean(trunc_all))}
         if lcfg.beta == 0 and cfg.log_kl:
             gen_metrics["kl"] = kl_monitor
         for j, name in enumerate(reward_names):
             gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
+        gbuf = run.place(buf, local=True, n=gen_rows) if multi else None
         prev = step
         for it in range(n_iter):
             for s in range(spg):
                 if step >= cfg.max_steps:
                     break
                 sl = slice(s * cfg.batch_size, (s + 1) * cfg.batch_size)
-                batch = {k: v[sl] for k, v in buf.items()}
+                batch = step_rows(gbuf, s) if multi else {k: v[sl] for k, v in buf.items()}
                 if adaptive:
                     applied = ent_coef if last_ent is not None and last_ent <= cfg.entropy_target else 0.0
-                    batch["entropy_coef"] = np.full(cfg.batch_size, applied)
+                    col = np.full(cfg.batch_size, applied)
+                    batch = dict(batch, **run.place({"entropy_coef": col})) if multi else dict(batch, entropy_coef=col)
                 metrics = run.train_step(batch)
                 step += 1
                 if adaptive:
@@ -638,7 +725,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                         ent_coef, last_ent, target=cfg.entropy_target, delta=cfg.entropy_coef_delta,
                         coef_min=cfg.entropy_coef_min, coef_max=cfg.entropy_coef_max)))
                 metrics.update(gen_metrics)
-                run.logger.log(step, metrics, tokens=int(c_mask[sl].sum()))
+                run.logger.log(step, metrics, tokens=int(lengths[sl].sum()))
         meta = {"data": data.state(), "key": key_to_meta(key)}
         if adaptive:
             meta.update(entropy_coef=ent_coef, last_entropy=last_ent)
