@@ -531,6 +531,28 @@ class JaxSampler(Sampler):
                        logps=lps, truncated=trunc,
                        group_ids=jnp.asarray(np.arange(ids.shape[0], dtype=np.int32) // g))
 
+    def generate_global(self, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
+                        num_generations: Optional[int] = None, **overrides) -> Rollout:
+        """:meth:`generate` for prompts that are already device arrays, e.g. global arrays of a multi-host
+        run whose processes each built their rows with ``jax.make_array_from_process_local_data``: one row
+        per completion (each prompt repeated ``num_generations`` times by the caller), left-padded to the
+        final width, ``int32`` ids and ``bool`` mask sharded over the batch axes. No host-side checks or
+        re-padding; the same jitted program as :meth:`generate`, so the same key and rows give the same
+        tokens. The rollout's arrays stay on the devices (global, sharded over the batch)."""
+        cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        g = cfg.num_generations if num_generations is None else num_generations
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        if self.mesh is not None:
+            from trlax.models.sharding import param_shardings
+            if self._shardings is None:
+                self._shardings = param_shardings(params, self.mesh, self.rules)
+            params = jax.device_put(params, self._shardings)
+        c_ids, c_mask, lps, trunc = self._fn(cfg)(params, prompt_ids, prompt_mask, key)
+        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=c_ids, completion_mask=c_mask,
+                       logps=lps, truncated=trunc,
+                       group_ids=jnp.asarray(np.arange(prompt_ids.shape[0], dtype=np.int32) // g))
+
 
 def make_two_model_sampler(graphdef_a, graphdef_b, max_new_tokens: int, mix, *, eos_id: int, pad_id: int):
     """Jitted token-by-token sampling from a mixture of two models (Nash-MD's geometric mixture, MiniLLM's

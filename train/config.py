@@ -47,6 +47,9 @@ class CommonConfig:
     coordinator_address: str = ""  # host:port of process 0 ("" = auto-detect on TPU / SLURM / Open MPI)
     num_processes: int = 0  # 0 = auto-detect
     process_id: int = -1  # -1 = auto-detect
+    # a process that misses heartbeats this long is dead: every other process then exits with an error
+    heartbeat_timeout_s: int = 15
+    init_timeout_s: int = 120  # how long processes wait for each other at start-up
     # LoRA / DoRA adapters (arXiv 2106.09685 / 2402.09353; trlax.models.lora): lora_rank 0 = off (full fine-
     # tuning). On: only the adapters train, the reference is the base model (adapters off), the export is merged.
     lora_rank: int = 0
