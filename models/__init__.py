@@ -6,6 +6,7 @@ checkpoint io and sharding rules (see DESIGN.md).
 - ``sharding``  logical axis names -> mesh axes for data-parallel, FSDP and tensor-parallel layouts.
 - ``lora``      LoRA / DoRA adapters (:class:`LoraConfig`, :class:`LoraDecoder`, :func:`merge_lora`).
 - ``packing``   SFT packing (BFD, ``bfd_split``, wrapped) with segment ids for segment-aware attention.
+- ``layout``    :func:`stack_layers` / :func:`unstack_layers`: per-layer <-> scanned (stacked) parameter trees.
 """
 
 if __name__ != "trlax.models":  # pragma: no cover - guard against importing the bare folder
@@ -16,3 +17,4 @@ from trlax.models.hf_io import *  # noqa: F401,F403,E402
 from trlax.models.sharding import *  # noqa: F401,F403,E402
 from trlax.models.lora import *  # noqa: F401,F403,E402
 from trlax.models.packing import *  # noqa: F401,F403,E402
+from trlax.models.layout import *  # noqa: F401,F403,E402

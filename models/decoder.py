@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from trlax.objectives.logprobs import fused_logps_and_entropy
@@ -273,7 +274,12 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps), rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is not None:
+        if kv is not None and len(kv) == 3:  # stacked (k, v) [L, B, S, K, D] + this layer: write in place, read
+            at = tuple(jnp.asarray(i, jnp.int32) for i in (kv[2], 0, index, 0, 0))
+            ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype)[None], at)
+            kv, k, v = (ck, cv, kv[2]), ck[kv[2]].astype(dt), cv[kv[2]].astype(dt)
+        elif kv is not None:
             ck = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv, k, v = (ck, cv), ck.astype(dt), cv.astype(dt)
@@ -341,7 +347,60 @@ def _block_call(block, x, positions, inv_freq, key_mask, kv, index):
     return block(x, positions, inv_freq, key_mask, kv, index)
 
 
-_remat_block_call = nnx.remat(_block_call)
+# remat option -> jax.checkpoint policy (None: no rematerialisation). "full" saves nothing (every activation of a
+# layer is recomputed in the backward pass); "dots" saves the outputs of the weight matmuls (dot_generals without
+# batch dimensions: the q/k/v/o and MLP projections) and recomputes the rest (norms, RoPE, attention, SwiGLU).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+_BLOCK_CALLS = {name: _block_call if pol is None else nnx.remat(_block_call, policy=pol)
+                for name, pol in REMAT_POLICIES.items()}
+_remat_block_call = _BLOCK_CALLS["full"]
+
+
+def _remat_name(r) -> str:
+    if isinstance(r, str):
+        if r in REMAT_POLICIES:
+            return r
+    elif r is None or isinstance(r, (bool, np.bool_)):
+        return "full" if r else "none"
+    raise ValueError(f"remat entry {r!r} is not allowed; allowed values: False, True, 'none', 'full', 'dots'")
+
+
+def remat_policies(remat, num_layers: int) -> Tuple[str, ...]:
+    """One remat option per layer (``"none"``, ``"full"`` or ``"dots"``) from ``remat``: ``False`` / ``"none"``,
+    ``True`` / ``"full"``, ``"dots"``, or a sequence with one such entry per layer."""
+    if remat is None or isinstance(remat, (bool, np.bool_, str)):
+        return (_remat_name(remat),) * num_layers
+    names = tuple(_remat_name(r) for r in remat)
+    if len(names) != num_layers:
+        raise ValueError(f"remat must be a bool, 'full', 'dots' or have one entry per layer ({num_layers}), "
+                         f"got {len(names)}")
+    return names
+
+
+def _runs(names: Sequence[str]):
+    """``[(start, stop, name)]``: the maximal runs of equal consecutive entries of ``names``."""
+    out = []
+    for i, n in enumerate(names):
+        if out and out[-1][2] == n:
+            out[-1] = (out[-1][0], i + 1, n)
+        else:
+            out.append((i, i + 1, n))
+    return out
+
+
+def _stack_modules(modules):
+    """One module of the same type whose every variable is the stack of the ``modules``' variables along a new
+    leading axis (logical sharding name ``"layers"``)."""
+    graphdef, first = nnx.split(modules[0])
+    states = [first] + [nnx.state(m) for m in modules[1:]]
+
+    def stack(*vs):
+        names = vs[0].get_metadata().get("out_sharding")
+        meta = {} if names is None else {"out_sharding": ("layers",) + tuple(names)}
+        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **meta)
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 class Decoder(nnx.Module):
@@ -352,22 +411,33 @@ class Decoder(nnx.Module):
       rngs: ``nnx.Rngs`` for the (random normal, std 0.02) initialisation.
       param_dtype: storage dtype of the parameters (float32 master weights by default).
       dtype: compute dtype of activations and matmuls (defaults to ``param_dtype``; bf16 for training).
-      remat: ``True`` to rematerialise every layer, or a per-layer sequence of bools.
+      remat: rematerialisation of the layers in the backward pass (``jax.checkpoint``): ``False`` / ``"none"``
+        (keep every activation), ``True`` / ``"full"`` (keep only each layer's input, recompute the rest),
+        ``"dots"`` (also keep the outputs of the weight matmuls, policy
+        ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``; recompute norms, RoPE, attention and
+        SwiGLU), or a sequence with one such entry per layer. With ``scan_layers`` a per-layer sequence runs
+        one scan per run of equal consecutive entries (compile time grows with the number of runs, not the
+        depth); the parameter layout does not depend on ``remat``.
+      scan_layers: ``True`` (default): the layers are one :class:`Block` whose every parameter has a leading
+        layer axis ``[L, ...]`` (logical sharding name ``"layers"``, replicated by the default rules), run with
+        ``jax.lax.scan``, so compile time and program size do not grow with depth; parameter paths are
+        ``layers/attn/q`` etc. ``False``: an ``nnx.List`` of ``L`` blocks (paths ``layers/{i}/attn/q``) run by
+        a Python loop. Both layouts are initialised identically from the same ``rngs`` and compute the same
+        function; :func:`trlax.models.stack_layers` / :func:`trlax.models.unstack_layers` convert state trees
+        (e.g. checkpoints saved before scanned layers) between them.
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
-                 remat: Union[bool, Sequence[bool]] = False):
+                 remat: Union[bool, str, Sequence[Union[bool, str]]] = False, scan_layers: bool = True):
         cfg = config
         dtype = param_dtype if dtype is None else dtype
-        if isinstance(remat, bool):
-            remat = (remat,) * cfg.num_layers
-        remat = tuple(bool(r) for r in remat)
-        if len(remat) != cfg.num_layers:
-            raise ValueError(f"remat must be a bool or have one entry per layer ({cfg.num_layers}), got {len(remat)}")
+        remat = remat_policies(remat, cfg.num_layers)
         self.config, self.dtype, self.param_dtype, self.remat = cfg, jnp.dtype(dtype), jnp.dtype(param_dtype), remat
+        self.scan_layers = bool(scan_layers)
         self.embed = _param(_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed"))
-        self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        # The blocks are built one by one in both layouts (same random stream, same initial weights).
+        blocks = [Block(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.layers = _stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
         self.final_norm = _param(jnp.ones((cfg.hidden_size,), param_dtype), ("norm",))
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_init(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed"))
@@ -443,18 +513,45 @@ class Decoder(nnx.Module):
                 key_mask = mask[:, None, :] & (seg[:, :, None] == seg[:, None, :])
         inv_freq = rope_inv_freq(self.config)
         x = jnp.take(self.embed[...], ids, axis=0, mode="clip").astype(self.dtype)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            call = _remat_block_call if self.remat[i] else _block_call
-            x, kv = call(layer, x, positions, inv_freq, key_mask, kv, index)
-            if cache is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+        kv = None if cache is None else (cache.k, cache.v)
+        x, kv = self.run_layers(x, positions, inv_freq, key_mask, kv, index)
         x = rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
         if cache is None:
             return x
-        return x, KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), mask=key_mask, index=index + t)
+        return x, KVCache(k=kv[0], v=kv[1], mask=key_mask, index=index + t)
+
+    def run_layers(self, x, positions, inv_freq, key_mask, kv=None, index=0):
+        """The transformer layers on embedded inputs ``x`` ``[B, T, H]`` (compute dtype); ``key_mask`` as in
+        :meth:`Attention.__call__`; ``kv``: None or the stacked ``(k, v)`` cache, each ``[L, B, S, K, D]``, whose
+        slots ``[index, index + T)`` receive the new keys / values of every layer (only those slots are written:
+        inside a jitted decode loop the cache is updated in place, not copied).
+
+        Scanned layers run one ``jax.lax.scan`` per run of equal remat entries; the whole cache travels in the
+        scan's carry and each layer writes its slots and reads its ``[B, S, K, D]`` slice at its layer index.
+        Returns ``(x, kv)``."""
+        index = jnp.asarray(index, jnp.int32)
+        if not self.scan_layers:
+            for i, layer in enumerate(self.layers):
+                kv_l = None if kv is None else (kv[0], kv[1], jnp.asarray(i, jnp.int32))
+                x, kv_l = _BLOCK_CALLS[self.remat[i]](layer, x, positions, inv_freq, key_mask, kv_l, index)
+                kv = None if kv is None else kv_l[:2]
+            return x, kv
+        graphdef, state = nnx.split(self.layers)
+        n_layers = self.config.num_layers
+        for start, stop, name in _runs(self.remat):
+
+            def body(carry, xs):
+                x, kv = carry
+                params, i = xs
+                kv_l = None if kv is None else (kv[0], kv[1], i)
+                x, kv_l = nnx.merge(graphdef, params)(x, positions, inv_freq, key_mask, kv_l, index)
+                return (x, None if kv is None else kv_l[:2]), None
+
+            if REMAT_POLICIES[name] is not None:
+                body = jax.checkpoint(body, policy=REMAT_POLICIES[name], prevent_cse=False)
+            part = state if (start, stop) == (0, n_layers) else jax.tree.map(lambda a: a[start:stop], state)
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (part, jnp.arange(start, stop, dtype=jnp.int32)))
+        return x, kv
 
     def __call__(self, input_ids, *, attention_mask=None, positions=None, cache: Optional[KVCache] = None,
                  segment_ids=None):
@@ -506,6 +603,8 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     mask = jnp.concatenate([p_mask, c_mask], axis=1)
     hidden = model.hidden_states(ids, attention_mask=mask)
     h = hidden[:, P - 1:P + C - 1]  # the state at t predicts token t + 1
-    logps, ent = fused_logps_and_entropy(h, model.lm_head_weight(), jnp.where(c_mask, c_ids, 0), temperature,
+    # the LM head in the compute dtype (bf16 matmul, float32 accumulation and softmax), not upcast to float32
+    w = model.lm_head_weight().astype(model.dtype)
+    logps, ent = fused_logps_and_entropy(h, w, jnp.where(c_mask, c_ids, 0), temperature,
                                          chunk_size=chunk_size)
     return jnp.where(c_mask, logps, 0.0), jnp.where(c_mask, ent, 0.0)

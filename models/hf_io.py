@@ -126,21 +126,35 @@ def _get(module, path):
     return module
 
 
+def _var(model: Decoder, path):
+    """``(variable, layer)`` of a ``_param_map`` path: with scanned layers (``model.scan_layers``) a per-layer
+    path ``("layers", i, ...)`` names row ``i`` of the stacked variable ``layers/...``; else ``layer`` is None."""
+    if path[0] == "layers" and getattr(model, "scan_layers", False):
+        return _get(model, ("layers",) + tuple(path[2:])), path[1]
+    return _get(model, path), None
+
+
 def from_hf_state(model: Decoder, tensors: Dict[str, Any]) -> Decoder:
     """Copy Hugging Face-named ``tensors`` into ``model`` in place (cast to its ``param_dtype``).
     Missing or wrongly shaped tensors raise ``ValueError`` naming the tensor; unknown extra tensors are
     ignored only if they are known-derived (``rotary_emb.inv_freq``, tied ``lm_head.weight``)."""
     cfg = model.config
     used = set()
+    stacked = {}  # scanned layers: path -> (variable, {layer: array}), written once per variable
     for path, name, (to_trlax, _) in _param_map(cfg):
         if name not in tensors:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
-        var = _get(model, path)
+        var, layer = _var(model, path)
         w = to_trlax(jnp.asarray(tensors[name]))
-        if w.shape != var[...].shape:
+        if w.shape != var[...].shape[0 if layer is None else 1:]:
             raise ValueError(f"tensor {name!r}: shape {tuple(tensors[name].shape)} does not match the config")
-        var[...] = w.astype(model.param_dtype)
+        if layer is None:
+            var[...] = w.astype(model.param_dtype)
+        else:
+            stacked.setdefault(path[2:], (var, {}))[1][layer] = w.astype(model.param_dtype)
         used.add(name)
+    for var, rows in stacked.values():
+        var[...] = jnp.stack([rows[i] for i in range(len(rows))])
     extra = [k for k in tensors if k not in used and "rotary_emb" not in k
              and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if extra:
@@ -152,12 +166,13 @@ def to_hf_state(model: Decoder, dtype=None) -> Dict[str, jnp.ndarray]:
     """Hugging Face-named ``{name: array}`` of ``model``'s parameters (in ``dtype``, default param dtype)."""
     out = {}
     for path, name, (_, to_hf) in _param_map(model.config):
-        w = to_hf(_get(model, path)[...])
+        var, layer = _var(model, path)
+        w = to_hf(var[...] if layer is None else var[...][layer])
         out[name] = w if dtype is None else w.astype(dtype)
     return out
 
 
-def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, remat=False,
+def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, remat=False, scan_layers: bool = True,
                     return_tokenizer: bool = False):
     """Load a local Hugging Face checkpoint directory into a :class:`Decoder`.
 
@@ -166,7 +181,10 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, remat=F
         tokenizer files are optional.
       dtype: parameter (storage) dtype, e.g. float32 master weights.
       compute_dtype: activation / matmul dtype (default ``dtype``), e.g. bf16.
-      remat: per-layer rematerialisation (``bool`` or one bool per layer).
+      remat: rematerialisation (``False``, ``True`` / ``"full"``, ``"dots"`` or one entry per layer; see
+        :class:`~trlax.models.Decoder`).
+      scan_layers: stacked layers run with ``lax.scan`` (default) or an unrolled list of blocks (the
+        Hugging Face tensors are per layer either way: ``model.layers.{i}.*`` fill row ``i`` of the stack).
       return_tokenizer: also return ``load_tokenizer(path)`` (None when there are no tokenizer files).
 
     Returns:
@@ -175,7 +193,7 @@ def load_pretrained(path: str, dtype=jnp.float32, *, compute_dtype=None, remat=F
     cfg = load_config(path)
     tensors = read_safetensors(path)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=compute_dtype,
-                                           remat=remat))
+                                           remat=remat, scan_layers=scan_layers))
     # Materialise without running the random initialiser: every parameter is overwritten below.
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)

@@ -17,7 +17,11 @@ not adapted (and not rescaled by DoRA).
 
 Layout: the decoder keeps heads as separate axes (``q: [H, N, D]``, ``o: [N, D, H]``, in-features first),
 so an adapter stores ``a: in_shape + (r,)`` and ``b: (r,) + out_shape`` (``B A`` of PEFT is
-``tensordot(a, b, 1)`` transposed) and ``magnitude: out_shape``. All adapter parameters are
+``tensordot(a, b, 1)`` transposed) and ``magnitude: out_shape``. Adapters follow the decoder's layer layout:
+with scanned layers (``Decoder(scan_layers=True)``, the default) each target has one stacked adapter,
+``adapters/q_proj/a`` ``[L, ...]`` (logical axis ``"layers"`` first), applied with ``jax.vmap`` over the layer
+axis; with ``scan_layers=False`` one per layer, ``adapters/{i}/q_proj/a``. Both layouts draw the same initial
+values (:func:`trlax.models.stack_layers` converts between them). All adapter parameters are
 ``nnx.LoRAParam`` (a subclass of ``nnx.Param``), the filter that selects the trainable state::
 
     model = LoraDecoder(base, LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(0))
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trlax.models.decoder import Decoder
+from trlax.models.decoder import Decoder, _stack_modules
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "LoraAdapter", "LoraDecoder", "adapters_off", "merge_lora",
            "lora_params", "base_params"]
@@ -194,16 +198,25 @@ class LoraDecoder(nnx.Module):
         self.base, self.lora_config = base, config
         self.config, self.dtype, self.param_dtype = base.config, base.dtype, base.param_dtype
         pdt = jnp.promote_types(base.param_dtype, jnp.float32)
+        self.scan_layers = bool(getattr(base, "scan_layers", False))
         layers = []
-        for block in base.layers:
+        for i in range(base.config.num_layers):  # same random stream in both layouts: layer by layer
             ad = {}
             for name in config.target_modules:
                 sub, leaf, n_in = _TARGETS[name]
-                var = getattr(getattr(block, sub), leaf)
-                ad[name] = LoraAdapter(var[...], n_in, var.get_metadata().get("out_sharding"), config, rngs=rngs,
-                                       param_dtype=pdt)
-            layers.append(nnx.Dict(ad))
-        self.adapters = nnx.List(layers)
+                if self.scan_layers:
+                    var = getattr(getattr(base.layers, sub), leaf)
+                    w, names = var[...][i], (var.get_metadata().get("out_sharding") or (None,) * var[...].ndim)[1:]
+                else:
+                    var = getattr(getattr(base.layers[i], sub), leaf)
+                    w, names = var[...], var.get_metadata().get("out_sharding")
+                ad[name] = LoraAdapter(w, n_in, names, config, rngs=rngs, param_dtype=pdt)
+            layers.append(ad)
+        if self.scan_layers:  # one stacked adapter per target, leading layer axis (logical name "layers")
+            self.adapters = nnx.Dict({name: _stack_modules([ad[name] for ad in layers])
+                                      for name in config.target_modules})
+        else:
+            self.adapters = nnx.List([nnx.Dict(ad) for ad in layers])
 
     def adapted_decoder(self) -> Decoder:
         """A :class:`Decoder` view whose targeted weights are the adapted ``W'`` and whose other parameters
@@ -211,6 +224,17 @@ class LoraDecoder(nnx.Module):
         graphdef, state = nnx.split(self.base)
         pure = nnx.to_pure_dict(state)
         cfg = self.lora_config
+        if self.scan_layers:
+            for name, adapter in self.adapters.items():
+                sub, leaf, _ = _TARGETS[name]
+                slot = pure["layers"][sub]
+                a_graphdef, a_state = nnx.split(adapter)
+
+                def one(a_state, w, a_graphdef=a_graphdef):
+                    return nnx.merge(a_graphdef, a_state).adapted(w, cfg.scaling, cfg.use_dora)
+
+                slot[leaf] = jax.vmap(one)(a_state, slot[leaf])  # over the layer axis
+            return nnx.merge(graphdef, pure)
         for i, ad in enumerate(self.adapters):
             for name, adapter in ad.items():
                 sub, leaf, _ = _TARGETS[name]

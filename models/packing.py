@@ -242,7 +242,8 @@ def packed_logps(model, batch: PackedBatch, temperature: float = 1.0, chunk_size
             raise ValueError(f"`batch.{name}` must have shape {tuple(ids.shape)}, got {tuple(a.shape)}")
     hidden = model.hidden_states(ids, segment_ids=seg, positions=pos)
     tmask = lm[:, 1:]
-    logps, ent = fused_logps_and_entropy(hidden[:, :-1], model.lm_head_weight(), jnp.where(tmask, ids[:, 1:], 0),
+    logps, ent = fused_logps_and_entropy(hidden[:, :-1], model.lm_head_weight().astype(model.dtype),
+                                         jnp.where(tmask, ids[:, 1:], 0),
                                          temperature, chunk_size=chunk_size)
     zero = jnp.zeros((ids.shape[0], 1), logps.dtype)
     logps = jnp.concatenate([zero, jnp.where(tmask, logps, 0.0)], axis=1)

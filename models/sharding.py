@@ -1,9 +1,10 @@
 """Logical axis names -> mesh axes: data-parallel, FSDP and tensor-parallel layouts.
 
 Every decoder parameter carries logical axis names (``nnx.Param`` metadata ``out_sharding``):
-``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm``; activations use
-``batch`` and ``length``. A rules table maps each logical name to a mesh axis (or None = replicated).
-The mesh axes are ``data``, ``fsdp`` and ``tensor`` (DESIGN.md), in the style of MaxText /
+``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm``, and ``layers`` for
+the leading layer axis of scanned layers (``Decoder(scan_layers=True)``; no mesh axis in every layout: each
+device holds all layers of its shard, as MaxText's default); activations use ``batch`` and ``length``.
+A rules table maps each logical name to a mesh axis (or None = replicated). The mesh axes are ``data``, ``fsdp`` and ``tensor`` (DESIGN.md), in the style of MaxText /
 ``flax.linen.logical_axis_rules``:
 
 - ``dp``       parameters replicated, batch split over ``data`` (and ``fsdp``);
@@ -30,7 +31,7 @@ __all__ = ["LAYOUTS", "sharding_rules", "logical_to_spec", "param_specs", "param
 MeshAxes = Union[None, str, Tuple[str, ...]]
 LAYOUTS = ("dp", "fsdp", "tp", "fsdp_tp")
 _BASE = {"batch": ("data", "fsdp"), "length": None, "vocab": None, "embed": None, "heads": None,
-         "kv_heads": None, "head_dim": None, "mlp": None, "norm": None}
+         "kv_heads": None, "head_dim": None, "mlp": None, "norm": None, "layers": None}
 
 
 def sharding_rules(layout: str = "fsdp_tp") -> Tuple[Tuple[str, MeshAxes], ...]:

@@ -188,8 +188,10 @@ def _fused_bwd(chunk, res, cts):
         gz = p * (-glc[:, None] - gec[:, None] * (logp_all + entc[:, None]))
         gz = gz.at[jnp.arange(yc.shape[0]), yc].add(glc)
         gz = gz * inv_t.astype(gz.dtype)
-        dh = jax.lax.dot_general(gz, w, (((1,), (0,)), ((), ())), preferred_element_type=gz.dtype)
-        dw = dw + jax.lax.dot_general(gz, hc, (((0,), (0,)), ((), ())), preferred_element_type=gz.dtype)
+        # the two matmuls in the inputs' dtype (bf16 inputs: bf16 matmuls), accumulated in float32 (or wider)
+        gzc = gz.astype(jnp.result_type(hc.dtype, w.dtype))
+        dh = jax.lax.dot_general(gzc, w, (((1,), (0,)), ((), ())), preferred_element_type=gz.dtype)
+        dw = dw + jax.lax.dot_general(gzc, hc, (((0,), (0,)), ((), ())), preferred_element_type=gz.dtype)
         return dw, dh.astype(h.dtype)
 
     acc = ent.dtype

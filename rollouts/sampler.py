@@ -313,18 +313,16 @@ def _as_prompt_arrays(prompts, pad_token_id: int):
 
 
 def _layers_forward(model: Decoder, ids, positions, key_mask, kvs, index):
-    """The decoder's layers with a per-layer KV cache: ``kvs`` is a tuple of ``(k, v)`` pairs, each
-    ``[B, S, K, D]``, updated in place by ``dynamic_update_slice`` inside the decode loop. Same maths as
-    :meth:`Decoder.hidden_states` with a cache (which keeps one stacked ``[L, B, S, K, D]`` array and so
-    copies the whole cache every step). Returns (final normed hidden ``[B, T, H]``, new kvs)."""
+    """The decoder's layers (:meth:`Decoder.run_layers`: one ``lax.scan`` over stacked layers, or the
+    unrolled loop) with the stacked KV cache ``kvs = (k, v)``, each ``[L, B, S, K, D]``, carried through the
+    layers so that only the new slots ``[index, index + T)`` of each layer are written
+    (``dynamic_update_slice``, in place inside the decode loop). Same maths as :meth:`Decoder.hidden_states`
+    with a cache. Returns (final normed hidden ``[B, T, H]``, new kvs)."""
     cfg = model.config
     inv_freq = rope_inv_freq(cfg)
     x = jnp.take(model.embed[...], ids, axis=0, mode="clip").astype(model.dtype)
-    new = []
-    for layer, kv in zip(model.layers, kvs):
-        x, kv = layer(x, positions, inv_freq, key_mask, kv, index)
-        new.append(kv)
-    return rms_norm(x, model.final_norm[...], cfg.rms_norm_eps), tuple(new)
+    x, kvs = model.run_layers(x, positions, inv_freq, key_mask, kvs, index)
+    return rms_norm(x, model.final_norm[...], cfg.rms_norm_eps), kvs
 
 
 def _sample_inverse_cdf(key, logp):
@@ -373,8 +371,8 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
             tok = _sample_inverse_cdf(jax.random.fold_in(key, i), logp)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0].astype(jnp.float32)
 
-    shape = (b, s, mc.num_kv_heads, mc.head_dim)
-    kvs = tuple((jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype)) for _ in range(mc.num_layers))
+    shape = (mc.num_layers, b, s, mc.num_kv_heads, mc.head_dim)
+    kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
     prompt_mask = prompt_mask.astype(bool)
     key_mask = jnp.zeros((b, s), bool).at[:, :p].set(prompt_mask)
     h, kvs = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), key_mask, kvs,

@@ -45,15 +45,39 @@ class Checkpointer:
         return list(self._mgr.all_steps())
 
     def restore(self, target_state: Any, step: Optional[int] = None) -> Tuple[int, Any, Dict[str, Any]]:
-        """Restore into the structure (and shardings) of ``target_state``."""
+        """Restore into the structure (and shardings) of ``target_state``. A checkpoint whose decoder layers
+        are in the other layout (per-layer ``layers/{i}/...``, e.g. saved before scanned layers existed, vs
+        stacked ``layers/...`` of ``Decoder(scan_layers=True)``; LoRA ``adapters`` alike) is restored in its
+        own layout and converted (:func:`trlax.models.stack_layers` / :func:`~trlax.models.unstack_layers`)."""
         step = self._mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no finalised checkpoint in {self.directory}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
-        out = self._mgr.restore(
+        try:
+            out = self._restore(step, abstract)
+            return step, out["state"], dict(out["meta"])
+        except (ValueError, KeyError, TypeError) as err:
+            # A checkpoint of the other decoder layer layout (per-layer ``layers/{i}/...`` as saved before
+            # scanned layers, or stacked ``layers/...``): restore it in its own layout, then convert.
+            from trlax.models.layout import stack_layers, unstack_layers
+
+            for to_saved, to_target in ((unstack_layers, stack_layers), (stack_layers, unstack_layers)):
+                alt = to_saved(abstract)
+                if jax.tree_util.tree_structure(alt) == jax.tree_util.tree_structure(abstract):
+                    continue
+                try:
+                    out = self._restore(step, alt)
+                except (ValueError, KeyError, TypeError):
+                    continue
+                state = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding),
+                                               to_target(out["state"]), abstract)
+                return step, state, dict(out["meta"])
+            raise err
+
+    def _restore(self, step: int, abstract: Any):
+        return self._mgr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
-        return step, out["state"], dict(out["meta"])
 
     def close(self) -> None:
         self._mgr.wait_until_finished()

@@ -33,8 +33,8 @@ class CommonConfig:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    param_dtype: str = "float32"  # master weights, gradients and optimiser state
+    compute_dtype: str = "float32"  # "bfloat16": bf16 activations / matmuls, float32 norms, softmax and log-probs
     max_prompt_length: int = 32
     max_completion_length: int = 16
     save_every: int = 0  # 0: only the final checkpoint

@@ -67,10 +67,26 @@ def _np_tree(state):
     return jax.tree.map(np.array, nnx.to_pure_dict(state))
 
 
+def _adapter_groups(model):
+    """The adapter dicts ``{target: LoraAdapter}``: one stacked dict (scanned layers) or one per layer."""
+    return [model.adapters] if model.scan_layers else list(model.adapters)
+
+
+def _layer_arrays(model):
+    """Per layer ``{target: (a, b, magnitude or None)}`` arrays, whatever the layout."""
+    out = []
+    for i in range(model.config.num_layers):
+        ad = model.adapters if model.scan_layers else model.adapters[i]
+        pick = (lambda x: x[...][i]) if model.scan_layers else (lambda x: x[...])
+        out.append({name: (pick(a.a), pick(a.b), pick(a.magnitude) if hasattr(a, "magnitude") else None)
+                    for name, a in ad.items()})
+    return out
+
+
 def _randomise_adapters(model, seed):
     """Non-zero B (and a magnitude away from ||W||) so that every adapter matters."""
     rng = np.random.RandomState(seed)
-    for ad in model.adapters:
+    for ad in _adapter_groups(model):
         for a in ad.values():
             a.b[...] = jnp.asarray(0.3 * rng.randn(*a.b[...].shape), a.b[...].dtype)
             if hasattr(a, "magnitude"):
@@ -143,7 +159,8 @@ def test_training_changes_only_adapters(variant):
     assert len(jax.tree.leaves(original)) == len(jax.tree.leaves(nnx.state(base, nnx.Param)))
     # every B moved (the update reached every adapter)
     after = _np_tree(lora_params(model))
-    for ad_b, ad_a in zip(before["adapters"].values(), after["adapters"].values()):
+    groups = (lambda t: [t["adapters"]]) if model.scan_layers else (lambda t: list(t["adapters"].values()))
+    for ad_b, ad_a in zip(groups(before), groups(after)):
         for name in ad_b:
             assert np.abs(ad_a[name]["b"]).max() > 0 and not np.array_equal(ad_a[name]["b"], ad_b[name]["b"])
     # adapters off == the original base model (rebuilt from the snapshot); adapters on differ
@@ -166,16 +183,16 @@ def _expected_merged_hf(base, model, cfg):
              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
              "down_proj": "mlp.down_proj"}
     s = cfg.alpha / (np.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)
-    for i, ad in enumerate(model.adapters):
-        for name, a in ad.items():
+    for i, ad in enumerate(_layer_arrays(model)):
+        for name, (a, b, mag) in ad.items():
             key = f"model.layers.{i}.{names[name]}.weight"
             w = hf[key]
             out_dim, in_dim = w.shape
-            A = np.asarray(a.a[...], np.float64).reshape(in_dim, cfg.rank).T  # [r, in]
-            B = np.asarray(a.b[...], np.float64).reshape(cfg.rank, out_dim).T  # [out, r]
+            A = np.asarray(a, np.float64).reshape(in_dim, cfg.rank).T  # [r, in]
+            B = np.asarray(b, np.float64).reshape(cfg.rank, out_dim).T  # [out, r]
             v = w + s * B @ A
             if cfg.use_dora:
-                m = np.asarray(a.magnitude[...], np.float64).reshape(out_dim)
+                m = np.asarray(mag, np.float64).reshape(out_dim)
                 v = m[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
             hf[key] = v
     return hf

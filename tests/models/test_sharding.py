@@ -33,20 +33,26 @@ def test_layouts(state):
     mesh = AbstractMesh((2, 2, 4), ("data", "fsdp", "tensor"))
     dp = _specs(state, "dp", mesh)
     assert all(s == P(*(None,) * len(s)) for s in dp.values())
+    # scanned layers: a leading layer axis (logical name "layers", no mesh axis in any layout)
     fsdp = _specs(state, "fsdp", mesh)
-    assert fsdp["embed"] == P(None, "fsdp") and fsdp["layers/0/attn/q"] == P("fsdp", None, None)
-    assert fsdp["layers/0/mlp/down"] == P(None, "fsdp") and fsdp["final_norm"] == P(None)
+    assert fsdp["embed"] == P(None, "fsdp") and fsdp["layers/attn/q"] == P(None, "fsdp", None, None)
+    assert fsdp["layers/mlp/down"] == P(None, None, "fsdp") and fsdp["final_norm"] == P(None)
     tp = _specs(state, "fsdp_tp", mesh)
     assert tp["embed"] == P("tensor", "fsdp") and tp["lm_head"] == P("tensor", "fsdp")
-    assert tp["layers/0/attn/q"] == P("fsdp", "tensor", None)
-    assert tp["layers/0/attn/o"] == P("tensor", None, "fsdp")
-    assert tp["layers/0/mlp/gate"] == P("fsdp", "tensor") and tp["layers/0/mlp/down"] == P("tensor", "fsdp")
+    assert tp["layers/attn/q"] == P(None, "fsdp", "tensor", None)
+    assert tp["layers/attn/o"] == P(None, "tensor", None, "fsdp")
+    assert tp["layers/mlp/gate"] == P(None, "fsdp", "tensor") and tp["layers/mlp/down"] == P(None, "tensor", "fsdp")
     # 2 KV heads cannot be split 4 ways: replicated on that dim instead of failing
-    assert tp["layers/0/attn/k"] == P("fsdp", None, None) and tp["layers/0/attn/k_bias"] == P(None, None)
-    assert tp["layers/0/attn/q_norm"] == P(None)
+    assert tp["layers/attn/k"] == P(None, "fsdp", None, None) and tp["layers/attn/k_bias"] == P(None, None, None)
+    assert tp["layers/attn/q_norm"] == P(None, None)
     # axes absent from the mesh are dropped
     small = _specs(state, "fsdp_tp", AbstractMesh((2,), ("tensor",)))
-    assert small["layers/0/attn/q"] == P(None, "tensor", None)
+    assert small["layers/attn/q"] == P(None, None, "tensor", None)
+    # the unrolled layout (scan_layers=False): per-layer paths, no layer axis
+    unrolled = _specs(nnx.state(nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0), scan_layers=False))),
+                      "fsdp_tp", mesh)
+    assert unrolled["layers/0/attn/q"] == P("fsdp", "tensor", None)
+    assert all(dict(sharding_rules(layout))["layers"] is None for layout in LAYOUTS)
     assert batch_spec(sharding_rules("fsdp")) == P(("data", "fsdp"), None)
 
 
@@ -77,7 +83,7 @@ _SCRIPT = textwrap.dedent("""
         sh = jax.device_put(state, param_shardings(state, mesh, rules))
         b = NamedSharding(mesh, batch_spec(rules))
         out = fwd(graphdef, sh, jax.device_put(ids, b), jax.device_put(mask, b))
-        q = sh["layers"][0]["attn"]["q"][...]
+        q = sh["layers"]["attn"]["q"][...]
         n_shards = len({tuple((s.start, s.stop) for s in idx) for idx in q.sharding.devices_indices_map(q.shape).values()})
         assert n_shards == {"dp": 1, "fsdp": 2, "tp": 2, "fsdp_tp": 4}[layout], (layout, n_shards)
         err = float(np.abs(np.asarray(out) - ref)[mask].max())
