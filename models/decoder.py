@@ -14,8 +14,11 @@ One module family, config-driven variants:
 Parameters are stored in ``param_dtype`` (float32 master weights by default) and cast to the compute
 ``dtype`` (e.g. bf16) inside the forward; norms, softmax and RoPE run in float32. Every parameter
 carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
-``norm``) that :mod:`trlax.models.sharding` maps to mesh axes. ``remat`` rematerialises chosen layers
-in the backward pass (``jax.checkpoint``).
+``norm``; ``layers`` for the leading axis of scanned layers) that :mod:`trlax.models.sharding` maps to
+mesh axes. The layers are scanned by default (``scan_layers=True``: stacked ``[L, ...]`` parameters run by
+``jax.lax.scan``, compile time flat in depth) or unrolled (``scan_layers=False``); ``remat`` (``False``,
+``True`` / ``"full"``, ``"dots"`` or one entry per layer) rematerialises them in the backward pass
+(``jax.checkpoint``).
 
 Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``H`` hidden, ``N`` query heads,
 ``K`` key/value heads, ``D`` head dim, ``I`` MLP width, ``V`` vocabulary, ``L`` layers.
