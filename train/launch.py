@@ -195,12 +195,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "--" in argv:
         k = argv.index("--")
         own, train_args = argv[:k], argv[k + 1:]
+    elif "-h" in argv or "--help" in argv:
+        own, train_args = argv, []
     else:
-        own, train_args = [], argv
-        if argv and argv[0] not in ("-h", "--help"):
-            print("error: usage: trlax launch [--nproc N] [--devices_per_proc D] -- train NAME ...", file=sys.stderr)
-            return 2
-    ap = argparse.ArgumentParser(prog="trlax launch", description=__doc__.split("\n\n")[0],
+        print("error: usage: trlax launch [--nproc N] [--devices_per_proc D] -- train NAME ...", file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(prog="trlax launch", description=__doc__.replace("``", "`"),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  usage="trlax launch [options] -- train NAME [--name value ...]")
     ap.add_argument("--nproc", type=int, default=2, help="processes (simulated hosts); default 2")
     ap.add_argument("--devices_per_proc", type=int, default=4, help="simulated CPU devices per process; default 4")

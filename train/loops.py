@@ -1,9 +1,15 @@
 """The GRPO, DPO and SFT loops behind ``trlax train``.
 
 Each loop: resolve the run config -> build / load the policy (:mod:`trlax.train.modeling`) and tokenizer
--> data (tokenised once, up front) -> ``make_train_step`` over the mesh -> steps with logging and orbax
-checkpoints (resumable bit for bit: params, optimiser state, objective state, data position and PRNG key
-are saved) -> export of the final policy in Hugging Face format -> summary.
+-> ``make_train_step`` over the mesh -> steps (each global batch drawn in the same order on every process,
+tokenised per batch, by each process only for the rows it feeds: :meth:`_Run.rows`, :mod:`trlax.train.data`)
+with logging and orbax checkpoints (resumable bit for bit: params, optimiser state, objective state, data
+position and PRNG key are saved) -> export of the final policy in Hugging Face format -> summary.
+
+Multi-host (``trlax launch`` / ``--distributed``): every process runs the same loop; batches become global
+arrays from process-local rows (:meth:`_Run.place`); GRPO samples with one global program over every
+process's prompts, scores the completions where their text is and gathers only the rewards; only process 0
+writes logs, plots, the summary and the export; all processes write the orbax checkpoints.
 
 Batches use one layout everywhere: a left-padded prompt block ``[B, P]`` followed by a right-padded
 completion block ``[B, C]``; the loss sees per-token log-probs of the completion block only.
@@ -142,14 +148,13 @@ class _Run:
         self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
                                 history=history, enabled=self.is_main)
 
-    def train_step(self, batch: Dict[str, Any], local: bool = False) -> Dict[str, float]:
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """One optimiser step on ``batch``: updates ``self.state``, returns the metrics as floats (global:
-        the step reduces over the whole mesh). ``local=True``: the batch holds only this process's rows
-        (:meth:`rows`) of a global batch of ``batch_size`` rows; otherwise it is the global batch (every
-        process holds it; each contributes its own rows). Global ``jax.Array`` columns pass through."""
+        the step reduces over the whole mesh). ``batch``: the global host batch (on a multi-host run every
+        process holds it and contributes its own rows), or global arrays from :meth:`place`."""
         hook = _on_first_step if not getattr(self, "_stepped", False) else None
         before = _copy(self.state) if hook is not None else None
-        self.state, m = self.step_fn(self.state, self.place(batch, local=local))
+        self.state, m = self.step_fn(self.state, self.place(batch))
         metrics = _to_float(m)
         self._stepped = True
         if hook is not None:
@@ -333,7 +338,7 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     sampler = D.EpochSampler(n_rows, cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         batch = local_batch(sampler.next())
-        m = run.train_step(batch, local=True)
+        m = run.train_step(run.place(batch, local=True))  # this process's rows -> global arrays
         if bema_step is not None:
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
         run.logger.log(step, m, tokens=int(D.all_sum(batch["mask"].sum())[0]))
@@ -444,7 +449,7 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
             else:
                 c, r = refs(batch)
                 batch["ref_chosen"], batch["ref_rejected"] = run.local(c), run.local(r)
-        m = run.train_step(batch, local=True)
+        m = run.train_step(run.place(batch, local=True))  # this process's rows -> global arrays
         if sync:
             run.state = run.state._replace(extra=ref_sync(run.state.extra, run.state.params, step))
             m["ref_synced"] = float(step % every == 0)

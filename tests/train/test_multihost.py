@@ -346,3 +346,19 @@ def test_killed_process_stops_the_launch_and_the_run_resumes(killed, one_process
     assert f"resumed from step {last} " in one_process["stdout2"]
     rows = _rows(os.path.join(killed["out"], "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(1, last + 2))
+
+
+def test_launcher_arguments_and_environment():
+    """In-process, no JAX started: the command after `--` must be `train NAME`; each process gets its own
+    device count (replacing any in XLA_FLAGS, keeping the other flags), CPU only, gloo; ports are free."""
+    from trlax.train import launch
+
+    assert launch.main(["train", "sft"]) == 2  # no `--`
+    assert launch.main(["--nproc", "2", "--", "sft"]) == 2
+    env = launch.child_env(4, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1", "A": "b"})
+    assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=4"]
+    assert env["JAX_PLATFORMS"] == "cpu" and env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo" and env["A"] == "b"
+    assert launch._output_dir(["train", "sft", "--output_dir", "x/y"]) == "x/y"
+    assert launch._output_dir(["train", "sft"]) == os.path.join("runs", "sft")
+    p = launch.free_port()
+    assert 0 < p < 65536
