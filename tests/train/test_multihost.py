@@ -15,7 +15,8 @@ Lean on purpose (each subprocess pays the JAX import and the compiles): three la
 DPO to the end; SFT killed after its second checkpoint, whose logged losses and checkpoints serve the SFT
 comparison, the elastic resumes and the restart), one 8-device process (the three references, an elastic
 resume, an export of the killed run's checkpoint 2) and one 2-device process (an elastic resume, the restart
-after the kill), module-scoped and reused by every assertion."""
+after the kill), both started (imports, devices) before the launches and run after them, module-scoped and
+reused by every assertion; the subprocesses share a persistent compilation cache in the module's tmp dir."""
 
 import json
 import os
