@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trlax.models.attention import ATTENTION_IMPLEMENTATIONS, AttentionMask, dot_product_attention
 from trlax.objectives.logprobs import fused_logps_and_entropy
 
 __all__ = [
@@ -87,6 +88,10 @@ class DecoderConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
+    # attention kernel (trlax.models.attention): "auto" (GPU: cuDNN flash, TPU: splash, else blockwise; tiny
+    # shapes: plain), "blockwise", "plain" (dense [T, S] scores), "cudnn", "splash"; and the blockwise tile size.
+    attention_impl: str = "auto"
+    attention_block_size: int = 128
     hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -100,6 +105,12 @@ class DecoderConfig:
                 raise ValueError(f"{f}={getattr(self, f)!r} is out of range; allowed: integers >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not allowed; allowed values: "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
+        if int(self.attention_block_size) < 1:
+            raise ValueError(f"attention_block_size={self.attention_block_size!r} is out of range; allowed: "
+                             "integers >= 1")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 
@@ -264,9 +275,13 @@ class Attention(nnx.Module):
             self.k_norm = _param(jnp.ones((d,), param_dtype), ("norm",))
 
     def __call__(self, x, positions, inv_freq, key_mask, kv: Optional[Tuple[jnp.ndarray, jnp.ndarray]], index):
-        """x ``[B, T, H]``; key_mask ``[B, S]`` bool (valid key slots, S = T without cache) or ``[B, T, S]``
-        (per-query key mask, e.g. segment-aware attention of packed rows);
-        kv: this layer's cached ``([B, S, K, D], [B, S, K, D])`` or None; index: first slot of x.
+        """x ``[B, T, H]``; key_mask ``[B, S]`` bool (valid key slots, S = T without cache), ``[B, T, S]``
+        (per-query key mask), or an :class:`~trlax.models.attention.AttentionMask` (``[B, S]`` mask plus the
+        segment ids of packed rows, which keeps the blockwise kernel linear in memory); the kernel is
+        ``cfg.attention_impl`` (:func:`trlax.models.attention.dot_product_attention`);
+        kv: this layer's cached ``([B, S, K, D], [B, S, K, D])``, or the whole stacked cache and this layer's
+        index ``([L, B, S, K, D], [L, B, S, K, D], layer)`` (only the new slots are written), or None;
+        index: first slot of x.
         Returns (``[B, T, H]``, updated kv or None)."""
         cfg, dt = self.cfg, self.dtype
         q = jnp.einsum("bth,hnd->btnd", x, self.q[...].astype(dt))
@@ -286,17 +301,12 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             cv = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
             kv, k, v = (ck, cv), ck.astype(dt), cv.astype(dt)
-        b, t, n, d = q.shape
-        kh = cfg.num_kv_heads
-        qg = q.reshape(b, t, kh, n // kh, d)
-        acc = jnp.promote_types(dt, jnp.float32)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) / math.sqrt(d)
-        q_slot = index + jnp.arange(t)
-        qk_mask = key_mask if key_mask.ndim == 3 else key_mask[:, None, :]
-        allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & qk_mask  # [B, T, S]
-        s = jnp.where(allowed[:, None, None], s, jnp.finfo(acc).min)
-        p = jax.nn.softmax(s, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, n, d)
+        seg = key_mask if isinstance(key_mask, AttentionMask) else AttentionMask(key_mask)
+        # Without a cache the T new tokens are the keys, at slots [0, T): a static offset (causal block skipping).
+        out = dot_product_attention(q, k, v, q_offset=0 if kv is None else index, key_mask=seg.key_mask,
+                                    q_segment_ids=seg.q_segment_ids, kv_segment_ids=seg.kv_segment_ids,
+                                    implementation=cfg.attention_impl, block_q=cfg.attention_block_size,
+                                    block_k=cfg.attention_block_size)
         y = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dt)
@@ -512,8 +522,8 @@ class Decoder(nnx.Module):
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
         else:
             index, key_mask = jnp.zeros((), jnp.int32), mask
-            if seg is not None:  # [B, T, S]: same segment only
-                key_mask = mask[:, None, :] & (seg[:, :, None] == seg[:, None, :])
+            if seg is not None:  # same segment only (segment ids, not a dense [B, T, S] mask)
+                key_mask = AttentionMask(mask, seg, seg)
         inv_freq = rope_inv_freq(self.config)
         x = jnp.take(self.embed[...], ids, axis=0, mode="clip").astype(self.dtype)
         kv = None if cache is None else (cache.k, cache.v)

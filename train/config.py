@@ -35,6 +35,8 @@ class CommonConfig:
     mesh_tensor: int = 1
     param_dtype: str = "float32"  # master weights, gradients and optimiser state
     compute_dtype: str = "float32"  # "bfloat16": bf16 activations / matmuls, float32 norms, softmax and log-probs
+    # attention kernel of the policy (trlax.models.attention): auto / blockwise / plain / cudnn / splash
+    attention_impl: str = "auto"
     max_prompt_length: int = 32
     max_completion_length: int = 16
     save_every: int = 0  # 0: only the final checkpoint
@@ -71,6 +73,9 @@ class CommonConfig:
                 f"num_microbatches={self.num_microbatches} must divide batch_size={self.batch_size}")
         check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
         check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
+        from trlax.models.attention import ATTENTION_IMPLEMENTATIONS
+
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
         check_range("max_prompt_length", self.max_prompt_length, low=1)
         check_range("max_completion_length", self.max_completion_length, low=1)
         check_range("save_every", self.save_every, low=0)

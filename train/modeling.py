@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trlax.models import Decoder, DecoderConfig, completion_logps, load_pretrained, save_pretrained
+from trlax.models import Decoder, DecoderConfig, completion_logps, load_pretrained, save_pretrained, set_attention_impl
 from trlax.models.lora import LoraConfig, LoraDecoder, merge_lora
 from trlax.models.packing import packed_logps
 from trlax.models.sharding import param_shardings, sharding_rules
@@ -209,14 +209,15 @@ def build_policy(cfg, tokenizer=None) -> Policy:
     param_dtype, dtype = _DTYPES[cfg.param_dtype], _DTYPES[cfg.compute_dtype]
     if cfg.model == "tiny":
         tok = tokenizer or build_tokenizer_for(cfg)
-        dc = DecoderConfig.from_hf(tiny_hf_config(tok))
+        dc = dataclasses.replace(DecoderConfig.from_hf(tiny_hf_config(tok)),
+                                 attention_impl=getattr(cfg, "attention_impl", "auto"))
         model = Decoder(dc, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype, dtype=dtype)
     else:
         model, tok = load_pretrained(cfg.model, dtype=param_dtype, compute_dtype=dtype, return_tokenizer=True)
         tok = tokenizer or tok
         if tok is None:
             raise ValueError(f"model={cfg.model!r} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-        dc = model.config
+        dc = set_attention_impl(model, getattr(cfg, "attention_impl", "auto")).config
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
