@@ -160,8 +160,8 @@ def _check_lora_run(run, before, path, ids, mask, token=False):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(w_leaves, g_leaves))
     old, new = nnx.to_pure_dict(before.params), nnx.to_pure_dict(run.state.params)
     assert not np.array_equal(np.asarray(old["score"]), np.asarray(new["score"]))
-    b0 = np.asarray(old["backbone"]["adapters"][0]["q_proj"]["b"])
-    b1 = np.asarray(new["backbone"]["adapters"][0]["q_proj"]["b"])
+    b0 = np.asarray(old["backbone"]["adapters"]["q_proj"]["b"])  # scanned layers: [L, r, ...] stacked adapters
+    b1 = np.asarray(new["backbone"]["adapters"]["q_proj"]["b"])
     assert not b0.any() and np.abs(b1).max() > 1e-4  # B starts at zero (LoRA / DoRA) and moved
     ours = np.asarray(run.model(run.state.params)(jnp.asarray(ids), jnp.asarray(mask)))
     theirs = _hf_scores(path, ids, mask, token=token)
@@ -194,7 +194,7 @@ def test_prm_dora_first_step_frozen_base_and_export(tmp_path, monkeypatch):
     s = run_trainer("prm", tmp_path, max_steps=3, batch_size=8, lora_rank=4, use_dora=True, export=True,
                     max_prompt_length=6, max_completion_length=12)
     run, b = box["run"], box["batch"]
-    assert "magnitude" in run.state.params["backbone"]["adapters"][0]["q_proj"]  # DoRA really is on
+    assert "magnitude" in run.state.params["backbone"]["adapters"]["q_proj"]  # DoRA really is on
     logits = run.model(box["state"].params)(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
     loss, _ = process_reward_loss(logits, b["labels"], b["labels"] >= 0)
     np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5)
