@@ -65,7 +65,7 @@ def loss_and_grad(graphdef):
 
     def loss(params, p_ids, p_mask, c_ids, c_mask, old_logps, adv):
         logps, _ = completion_logps((graphdef, params), p_ids, p_mask, c_ids, c_mask)
-        return policy_loss(logps, old_logps, adv, c_mask, config)[0]
+        return policy_loss(logps, old_logps, adv, c_mask, config, ref_logps=old_logps)[0]  # GRPO: beta > 0
 
     return jax.jit(jax.value_and_grad(loss))
 
