@@ -211,9 +211,11 @@ def build_policy(cfg, tokenizer=None) -> Policy:
         tok = tokenizer or build_tokenizer_for(cfg)
         dc = dataclasses.replace(DecoderConfig.from_hf(tiny_hf_config(tok)),
                                  attention_impl=getattr(cfg, "attention_impl", "auto"))
-        model = Decoder(dc, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype, dtype=dtype)
+        model = Decoder(dc, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype, dtype=dtype,
+                        remat=getattr(cfg, "remat", "none"))
     else:
-        model, tok = load_pretrained(cfg.model, dtype=param_dtype, compute_dtype=dtype, return_tokenizer=True)
+        model, tok = load_pretrained(cfg.model, dtype=param_dtype, compute_dtype=dtype,
+                                     remat=getattr(cfg, "remat", "none"), return_tokenizer=True)
         tok = tokenizer or tok
         if tok is None:
             raise ValueError(f"model={cfg.model!r} has no tokenizer files (tokenizer.json / tokenizer_config.json)")

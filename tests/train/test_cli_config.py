@@ -30,6 +30,9 @@ def test_help_lists_every_field_with_defaults(capsys):
         (["train", "grpo", "--max_steps", "abc"], "max_steps='abc'"),
         (["train", "sft", "--batch_size", "6", "--num_microbatches", "4"], "num_microbatches=4"),
         (["train", "grpo", "--preset", "nope"], "preset='nope'"),
+        (["train", "grpo", "--remat", "everything"], "remat='everything'"),
+        (["train", "grpo", "--attention_impl", "flash"], "attention_impl='flash'"),
+        (["train", "grpo", "--dtype", "bfloat16", "--compute_dtype", "float32"], "dtype or compute_dtype"),
     ],
 )
 def test_bad_config_stops_before_compute(argv, needle, capsys, monkeypatch):
@@ -115,3 +118,21 @@ def test_run_level_preset_refines_the_loss_preset():
     assert cfg.use_adaptive_entropy and loss_config("grpo", cfg).entropy_coef == 0.01
     assert build_config("grpo", {"preset": "gdpo"}).multi_objective_aggregation == "normalize_then_sum"
     assert build_config("grpo", {"preset": "lite_ppo"}).scale_rewards == "batch"
+
+
+def test_long_sequence_fields_reach_the_policy(tmp_path):
+    """`--dtype bfloat16` is the compute dtype (float32 master weights); `--remat` / `--attention_impl` build the
+    policy's Decoder with them."""
+    import jax.numpy as jnp
+
+    from trlax.train import modeling
+
+    cfg = build_config("sft", {"dtype": "bfloat16", "remat": "dots", "attention_impl": "blockwise",
+                               "output_dir": str(tmp_path)})
+    assert cfg.compute_dtype == "bfloat16" and cfg.param_dtype == "float32"
+    from flax import nnx
+
+    policy = modeling.build_policy(cfg)
+    model = nnx.merge(policy.graphdef, policy.params)
+    assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
+    assert model.remat == ("dots",) * model.config.num_layers and model.config.attention_impl == "blockwise"
