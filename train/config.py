@@ -37,9 +37,9 @@ class CommonConfig:
     compute_dtype: str = "float32"  # "bfloat16": bf16 activations / matmuls, float32 norms, softmax and log-probs
     # attention kernel of the policy (trlax.models.attention): auto / blockwise / plain / cudnn / splash
     attention_impl: str = "auto"
-    # rematerialisation of the policy's layers in the backward pass: none / full (keep only each layer's input) /
+    # rematerialisation of the policy's layers in the backward pass: off / full (keep only each layer's input) /
     # dots (also keep the weight-matmul outputs); "full" is what long sequences need (benchmarks/long_context.py)
-    remat: str = "none"
+    remat: str = "off"
     max_prompt_length: int = 32
     max_completion_length: int = 16
     save_every: int = 0  # 0: only the final checkpoint
@@ -76,7 +76,7 @@ class CommonConfig:
                 f"num_microbatches={self.num_microbatches} must divide batch_size={self.batch_size}")
         check_choice("param_dtype", self.param_dtype, ("float32", "bfloat16", "float16"))
         check_choice("compute_dtype", self.compute_dtype, ("float32", "bfloat16", "float16"))
-        check_choice("remat", self.remat, ("none", "full", "dots"))
+        check_choice("remat", self.remat, ("off", "full", "dots"))
         from trlax.models.attention import ATTENTION_IMPLEMENTATIONS
 
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)

@@ -203,6 +203,12 @@ def build_tokenizer_for(cfg):
     return build_tokenizer(os.path.join(cfg.output_dir, "tokenizer"))
 
 
+def _remat(cfg):
+    """The run field ``remat`` (``off`` / ``full`` / ``dots``) as :class:`~trlax.models.Decoder`'s ``remat``."""
+    r = getattr(cfg, "remat", "off")
+    return False if r == "off" else r
+
+
 def build_policy(cfg, tokenizer=None) -> Policy:
     """The run's policy: the built-in tiny model (``cfg.model == "tiny"``, seeded by ``cfg.seed``) or a
     local Hugging Face checkpoint directory."""
@@ -212,10 +218,10 @@ def build_policy(cfg, tokenizer=None) -> Policy:
         dc = dataclasses.replace(DecoderConfig.from_hf(tiny_hf_config(tok)),
                                  attention_impl=getattr(cfg, "attention_impl", "auto"))
         model = Decoder(dc, rngs=nnx.Rngs(cfg.seed), param_dtype=param_dtype, dtype=dtype,
-                        remat=getattr(cfg, "remat", "none"))
+                        remat=_remat(cfg))
     else:
         model, tok = load_pretrained(cfg.model, dtype=param_dtype, compute_dtype=dtype,
-                                     remat=getattr(cfg, "remat", "none"), return_tokenizer=True)
+                                     remat=_remat(cfg), return_tokenizer=True)
         tok = tokenizer or tok
         if tok is None:
             raise ValueError(f"model={cfg.model!r} has no tokenizer files (tokenizer.json / tokenizer_config.json)")

@@ -136,3 +136,5 @@ def test_long_sequence_fields_reach_the_policy(tmp_path):
     model = nnx.merge(policy.graphdef, policy.params)
     assert model.dtype == jnp.bfloat16 and model.param_dtype == jnp.float32
     assert model.remat == ("dots",) * model.config.num_layers and model.config.attention_impl == "blockwise"
+    off = build_config("sft", {"remat": "off", "output_dir": str(tmp_path)})
+    assert off.remat == "off" and modeling._remat(off) is False
