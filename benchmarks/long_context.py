@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from logprobs import PeakRSS, mem_available  # benchmarks/logprobs.py: RSS sampler, /proc/meminfo
 from trlax.models import Decoder, DecoderConfig, completion_logps
 from trlax.objectives import PolicyLossConfig, policy_loss
 
@@ -120,15 +121,9 @@ def step_times(t: int, vocab: int, repeats: int):
 def trl_peak_rss(layers: int, t: int):
     """Peak RSS growth (bytes) of one loss + backward through transformers' Qwen2 (sdpa, gradient
     checkpointing) with TRL's ``selective_log_softmax``, the same shapes and GRPO loss on one sequence."""
-    import threading
-
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from trl.trainer.utils import selective_log_softmax
-
-    def rss():
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     torch.set_num_threads(os.cpu_count() or 1)
     hf = dict(QWEN25_05B, num_hidden_layers=layers)
@@ -138,35 +133,12 @@ def trl_peak_rss(layers: int, t: int):
     model.train()
     ids = torch.from_numpy(real_batch(t, hf["vocab_size"])[0].repeat(8, axis=1)[:, :t].astype(np.int64))
     p = t // 8
-    base = peak = rss()
-    stop = threading.Event()
-
-    def watch():
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, rss())
-            time.sleep(0.002)
-
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    try:
+    with PeakRSS() as peak:  # weights excluded (built before), their gradients included
         logits = model(input_ids=ids).logits[:, p - 1:-1]
         logps = selective_log_softmax(logits, ids[:, p:])
-        ratio = torch.exp(logps - logps.detach())
-        loss = -(ratio * 1.0).mean()
+        loss = -torch.exp(logps - logps.detach()).mean()
         loss.backward()
-    finally:
-        stop.set()
-        th.join()
-    return max(peak, rss()) - base
-
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return peak.delta
 
 
 def trl_estimate(layers: int, t: int) -> int:
