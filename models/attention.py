@@ -66,8 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "AttentionMask", "dot_product_attention", "resolve_implementation",
-           "set_attention_impl"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "AttentionMask", "SlotCache", "dot_product_attention",
+           "resolve_implementation", "set_attention_impl", "slot_attention"]
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "plain", "cudnn", "splash")
 _BACKEND_KERNELS = {"cudnn": ("gpu", "cuda", "rocm"), "splash": ("tpu",)}
@@ -88,6 +88,86 @@ class AttentionMask:
     key_mask: jnp.ndarray
     q_segment_ids: Optional[jnp.ndarray] = None
     kv_segment_ids: Optional[jnp.ndarray] = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotCache:
+    """The decode cache of :class:`~trlax.rollouts.JaxSampler`'s shared-prefix, continuous-batching engine:
+    the key / values of ``B0`` distinct prompts, written once by one prefill, plus one completion buffer per
+    decode *slot*; each slot reads the prompt it is working on, so ``G`` samples of a prompt share one prefill
+    and one copy of its keys (Hydragen / cascade attention: Juravsky et al. 2024, arXiv 2402.05099).
+
+    Attributes:
+      prefix_k, prefix_v: ``[L, B0, P, K, D]`` the prompts' keys / values (read only while decoding).
+      prefix_mask: ``[B0, P]`` bool, real prompt slots (prompts are left-padded).
+      prompt: ``[Sl]`` int32, the prompt each slot is working on.
+      k, v: ``[L, Sl, N, K, D]`` each slot's own (completion) keys / values.
+      length: ``[Sl]`` int32, tokens already in a slot's buffer; a call with ``T`` new tokens writes them at
+        ``[length, length + T)`` and query ``t`` sees buffer entries ``< length + t + 1`` (causal). Entries at
+        or beyond ``length`` are never read, so a slot that takes a new request only resets ``length``.
+      layer: int32 scalar, the layer being run (set by :meth:`~trlax.models.Decoder.run_layers`).
+      group: static; ``> 0`` when slot ``s`` works on prompt ``s // group`` (every sample of every prompt has
+        its own slot): the prefix scores are then one batched matmul per prompt with no gather.
+    """
+
+    prefix_k: jnp.ndarray
+    prefix_v: jnp.ndarray
+    prefix_mask: jnp.ndarray
+    prompt: jnp.ndarray
+    k: jnp.ndarray
+    v: jnp.ndarray
+    length: jnp.ndarray
+    layer: jnp.ndarray
+    group: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+
+def slot_attention(q, k_new, v_new, cache: SlotCache):
+    """Attention of ``T`` new tokens per slot over their prompt's prefix and the slot's own buffer, after
+    writing their keys / values into the buffer at ``[length, length + T)`` (positions past the buffer are
+    dropped). One softmax over ``[prefix | buffer]`` (float32 scores), so the result equals
+    :func:`dot_product_attention` over the concatenated cache of that row.
+
+    Args:
+      q: ``[Sl, T, N, D]``; k_new, v_new: ``[Sl, T, K, D]``; cache: :class:`SlotCache` at ``cache.layer``.
+
+    Returns:
+      ``(out [Sl, T, N, D], cache with the new keys / values written)``.
+    """
+    sl, t, n, d = q.shape
+    _, b0, p, kh, _ = cache.prefix_k.shape
+    nb = cache.k.shape[2]
+    dt, acc = q.dtype, jnp.promote_types(q.dtype, jnp.float32)
+    rows = jnp.arange(sl)[:, None]
+    cols = cache.length[:, None] + jnp.arange(t)[None, :]  # [Sl, T] buffer entries of the new tokens
+    ck = cache.k.at[cache.layer, rows, cols].set(k_new.astype(cache.k.dtype), mode="drop")
+    cv = cache.v.at[cache.layer, rows, cols].set(v_new.astype(cache.v.dtype), mode="drop")
+    cache = dataclasses.replace(cache, k=ck, v=cv)
+    qg = q.reshape(sl, t, kh, n // kh, d)
+    pk, pv = cache.prefix_k[cache.layer].astype(dt), cache.prefix_v[cache.layer].astype(dt)
+    if cache.group:  # slot s -> prompt s // group: [B0, group, ...] against [B0, P, ...], no gather
+        qp = qg.reshape(b0, cache.group, t, kh, n // kh, d)
+        s_pre = jnp.einsum("bjtkgd,bpkd->bjkgtp", qp, pk, preferred_element_type=acc).reshape(sl, kh, n // kh, t, p)
+        m_pre = jnp.repeat(cache.prefix_mask, cache.group, axis=0)
+    else:
+        pk, pv = pk[cache.prompt], pv[cache.prompt]
+        s_pre = jnp.einsum("stkgd,spkd->skgtp", qg, pk, preferred_element_type=acc)
+        m_pre = cache.prefix_mask[cache.prompt]
+    bk, bv = ck[cache.layer].astype(dt), cv[cache.layer].astype(dt)
+    s_buf = jnp.einsum("stkgd,snkd->skgtn", qg, bk, preferred_element_type=acc)
+    m_buf = jnp.arange(nb)[None, None, :] <= cols[:, :, None]  # [Sl, T, N]
+    allowed = jnp.concatenate([jnp.broadcast_to(m_pre[:, None, :], (sl, t, p)), m_buf], axis=-1)
+    s = jnp.concatenate([s_pre, s_buf], axis=-1) / math.sqrt(d)
+    s = jnp.where(allowed[:, None, None], s, jnp.finfo(acc).min)
+    w = jax.nn.softmax(s, axis=-1).astype(dt)
+    w_pre, w_buf = w[..., :p], w[..., p:]
+    if cache.group:
+        o_pre = jnp.einsum("bjkgtp,bpkd->bjtkgd", w_pre.reshape(b0, cache.group, kh, n // kh, t, p), pv)
+        o_pre = o_pre.reshape(sl, t, kh, n // kh, d)
+    else:
+        o_pre = jnp.einsum("skgtp,spkd->stkgd", w_pre, pv)
+    out = o_pre + jnp.einsum("skgtn,snkd->stkgd", w_buf, bv)
+    return out.reshape(sl, t, n, d), cache
 
 
 def _backend() -> str:

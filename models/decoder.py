@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trlax.models.attention import ATTENTION_IMPLEMENTATIONS, AttentionMask, dot_product_attention
+from trlax.models.attention import (ATTENTION_IMPLEMENTATIONS, AttentionMask, SlotCache, dot_product_attention,
+                                    slot_attention)
 from trlax.objectives.logprobs import fused_logps_and_entropy
 
 __all__ = [
@@ -292,6 +293,9 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             q, k = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps), rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if isinstance(kv, SlotCache):  # the sampler's shared-prefix / per-slot cache (positions are per row)
+            out, kv = slot_attention(q, k, v, kv)
+            return self._out(out), kv
         if kv is not None and len(kv) == 3:  # stacked (k, v) [L, B, S, K, D] + this layer: write in place, read
             at = tuple(jnp.asarray(i, jnp.int32) for i in (kv[2], 0, index, 0, 0))
             ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype)[None], at)
@@ -307,10 +311,13 @@ class Attention(nnx.Module):
                                     q_segment_ids=seg.q_segment_ids, kv_segment_ids=seg.kv_segment_ids,
                                     implementation=cfg.attention_impl, block_q=cfg.attention_block_size,
                                     block_k=cfg.attention_block_size)
-        y = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(dt))
-        if cfg.o_bias:
-            y = y + self.o_bias[...].astype(dt)
-        return y, kv
+        return self._out(out), kv
+
+    def _out(self, out):
+        y = jnp.einsum("btnd,ndh->bth", out, self.o[...].astype(self.dtype))
+        if self.cfg.o_bias:
+            y = y + self.o_bias[...].astype(self.dtype)
+        return y
 
 
 class MLP(nnx.Module):
@@ -354,6 +361,17 @@ class Block(nnx.Module):
         x = x + a
         x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
         return x, kv
+
+
+def _layer_kv(kv, i):
+    """A layer's view of the stacked cache: ``(k, v, i)``, or the :class:`SlotCache` at layer ``i``."""
+    if kv is None:
+        return None
+    return dataclasses.replace(kv, layer=i) if isinstance(kv, SlotCache) else (kv[0], kv[1], i)
+
+
+def _stacked_kv(kv_l):
+    return kv_l if kv_l is None or isinstance(kv_l, SlotCache) else kv_l[:2]
 
 
 def _block_call(block, x, positions, inv_freq, key_mask, kv, index):
@@ -545,9 +563,9 @@ class Decoder(nnx.Module):
         index = jnp.asarray(index, jnp.int32)
         if not self.scan_layers:
             for i, layer in enumerate(self.layers):
-                kv_l = None if kv is None else (kv[0], kv[1], jnp.asarray(i, jnp.int32))
-                x, kv_l = _BLOCK_CALLS[self.remat[i]](layer, x, positions, inv_freq, key_mask, kv_l, index)
-                kv = None if kv is None else kv_l[:2]
+                x, kv_l = _BLOCK_CALLS[self.remat[i]](layer, x, positions, inv_freq, key_mask,
+                                                      _layer_kv(kv, jnp.asarray(i, jnp.int32)), index)
+                kv = _stacked_kv(kv_l)
             return x, kv
         graphdef, state = nnx.split(self.layers)
         n_layers = self.config.num_layers
@@ -556,9 +574,8 @@ class Decoder(nnx.Module):
             def body(carry, xs):
                 x, kv = carry
                 params, i = xs
-                kv_l = None if kv is None else (kv[0], kv[1], i)
-                x, kv_l = nnx.merge(graphdef, params)(x, positions, inv_freq, key_mask, kv_l, index)
-                return (x, None if kv is None else kv_l[:2]), None
+                x, kv_l = nnx.merge(graphdef, params)(x, positions, inv_freq, key_mask, _layer_kv(kv, i), index)
+                return (x, _stacked_kv(kv_l)), None
 
             if REMAT_POLICIES[name] is not None:
                 body = jax.checkpoint(body, policy=REMAT_POLICIES[name], prevent_cse=False)

@@ -42,13 +42,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trlax.models.attention import SlotCache
 from trlax.models.decoder import Decoder, positions_from_mask, rms_norm, rope_inv_freq
 
 __all__ = [
@@ -86,6 +87,13 @@ class SamplingConfig:
         pass a fixed-width block, as a trainer with ``max_prompt_length`` does); an integer re-pads the
         block to the smallest multiple of it that holds the longest prompt (drops all-padding columns, so
         the prefill is cheaper, at one compilation per bucket).
+      share_prefix: prefill each distinct prompt once and let its ``G`` samples read the same prompt keys /
+        values (:class:`~trlax.models.SlotCache`); ``False`` is the reference engine that copies every prompt
+        ``G`` times. Both give the same tokens for the same key.
+      decode_slots: ``None``: one decode slot per completion (the batch decodes until its longest row
+        stops); an integer ``Sl``: continuous batching, ``Sl`` slots stream through the ``prompts x G``
+        requests and a slot whose completion stopped takes the next one at once (needs ``share_prefix``).
+        Same tokens for any slot count.
     """
 
     max_new_tokens: int = 256
@@ -98,6 +106,8 @@ class SamplingConfig:
     num_generations: int = 1
     max_length: Optional[int] = None
     prompt_multiple: Optional[int] = None
+    share_prefix: bool = True
+    decode_slots: Optional[int] = None
 
     def __post_init__(self):
         for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):  # TRL / HF spell "off" as None
@@ -110,6 +120,16 @@ class SamplingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
                 raise ValueError(f"{name}={v!r} is out of range; allowed: integers >= {low}")
+        if self.decode_slots == 0:
+            object.__setattr__(self, "decode_slots", None)
+        ds = self.decode_slots
+        if ds is not None and (isinstance(ds, bool) or not isinstance(ds, (int, np.integer)) or ds < 1):
+            raise ValueError(f"decode_slots={ds!r} is out of range; allowed: None (one slot per completion) or "
+                             "integers >= 1")
+        if not isinstance(self.share_prefix, (bool, np.bool_)):
+            raise ValueError(f"share_prefix={self.share_prefix!r} must be a bool")
+        if ds is not None and not self.share_prefix:
+            raise ValueError(f"decode_slots={ds} (continuous batching) needs share_prefix=True")
         pm = self.prompt_multiple
         if pm is not None and (isinstance(pm, bool) or not isinstance(pm, (int, np.integer)) or pm < 1):
             raise ValueError(f"prompt_multiple={pm!r} is out of range; allowed: None or integers >= 1")
@@ -325,9 +345,10 @@ def _layers_forward(model: Decoder, ids, positions, key_mask, kvs, index):
     return rms_norm(x, model.final_norm[...], cfg.rms_norm_eps), kvs
 
 
-def _sample_inverse_cdf(key, logp):
+def _sample_inverse_cdf(keys, logp):
     """One draw per row from ``exp(logp)`` ``[B, V]`` by inversion of the CDF: ``o = #{j : C_j ≤ u}`` with
-    ``C = cumsum(p)``, ``u ~ U[0, C_V)`` — one uniform per row instead of ``V`` Gumbels. Two levels (blocks
+    ``C = cumsum(p)``, ``u ~ U[0, C_V)`` — one uniform per row (from that row's key, ``keys`` ``[B]``) instead
+    of ``V`` Gumbels. Two levels (blocks
     of ``⌈√V⌉`` tokens: pick the block from the block-mass CDF, then the token inside it) so no length-``V``
     cumulative sum is needed. Zero-probability tokens are never chosen (rounding at a block's upper edge
     falls back to its last positive token)."""
@@ -337,7 +358,7 @@ def _sample_inverse_cdf(key, logp):
     nb = -(-v // size)
     blocks = jnp.pad(p, ((0, 0), (0, nb * size - v))).reshape(b, nb, size)
     cb = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb]
-    u = jax.random.uniform(key, (b, 1), cb.dtype) * cb[:, -1:]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (1,), cb.dtype))(keys) * cb[:, -1:]
     j = jnp.minimum(jnp.sum(cb <= u, axis=-1), nb - 1)
     below = jnp.where(j > 0, jnp.take_along_axis(cb, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
     inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [B, size]
@@ -346,39 +367,54 @@ def _sample_inverse_cdf(key, logp):
     return (j * size + jnp.minimum(t, last)).astype(jnp.int32)
 
 
-def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
-    """The jitted body: prefill then ``lax.while_loop`` decode. Shapes in the module docstring."""
-    model = nnx.merge(graphdef, params)
-    mc = model.config
-    b, p = prompt_ids.shape
-    n = cfg.max_new_tokens
-    s = cfg.max_length or p + n
+def _row_keys(key, rows):
+    """``[R]`` per-request keys: a request's tokens do not depend on which slot or batch row decodes it."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+
+
+def _heads(model: Decoder, cfg: SamplingConfig):
+    """``(head, draw)``: hidden ``[B, H]`` -> processed log-probs ``[B, V]`` (eq. 1), and
+    ``draw(keys [B], logp) -> (token [B], its log-prob [B])`` (arg-max when greedy)."""
     proc = functools.partial(process_logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                              min_p=cfg.min_p)
     w = model.lm_head_weight().astype(model.dtype)
     out_dt = jnp.promote_types(model.dtype, jnp.float32)
 
     def head(h):  # [B, H] -> [B, V], as Decoder.__call__ does for one position
-        return jnp.einsum("bh,vh->bv", h, w, preferred_element_type=out_dt)
+        return proc(jnp.einsum("bh,vh->bv", h, w, preferred_element_type=out_dt))
 
-    stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
-
-    def sample(i, logits):
-        logp = proc(logits)
-        if cfg.greedy:
-            tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-        else:
-            tok = _sample_inverse_cdf(jax.random.fold_in(key, i), logp)
+    def draw(keys, logp):
+        tok = jnp.argmax(logp, axis=-1).astype(jnp.int32) if cfg.greedy else _sample_inverse_cdf(keys, logp)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0].astype(jnp.float32)
+
+    return head, draw
+
+
+def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
+    """The reference engine (``share_prefix=False``): every completion is a batch row with its own copy of the
+    prompt (prefilled ``G`` times), then ``lax.while_loop`` decode of the whole batch until every row stopped.
+    Shapes in the module docstring; ``prompt_ids`` ``[B0, P]`` holds each prompt once."""
+    model = nnx.merge(graphdef, params)
+    mc = model.config
+    g = cfg.num_generations
+    prompt_ids, prompt_mask = jnp.repeat(prompt_ids, g, axis=0), jnp.repeat(prompt_mask.astype(bool), g, axis=0)
+    b, p = prompt_ids.shape
+    n = cfg.max_new_tokens
+    s = cfg.max_length or p + n
+    head, draw = _heads(model, cfg)
+    stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    row_keys = _row_keys(key, jnp.arange(b))
+
+    def sample(i, h):
+        return draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, i), head(h))
 
     shape = (mc.num_layers, b, s, mc.num_kv_heads, mc.head_dim)
     kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-    prompt_mask = prompt_mask.astype(bool)
     key_mask = jnp.zeros((b, s), bool).at[:, :p].set(prompt_mask)
     h, kvs = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), key_mask, kvs,
                              jnp.zeros((), jnp.int32))
     n_real = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)  # position of the next token
-    tok, lp = sample(0, head(h[:, -1]))
+    tok, lp = sample(0, h[:, -1])
     ids = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     lps = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     mask = jnp.zeros((b, n), bool).at[:, 0].set(True)
@@ -390,24 +426,116 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
         return (i < n) & ~jnp.all(done)
 
     def body(state):
-        i, prev, alive, done, n_real, key_mask, kvs, ids, lps, mask = state
+        i, prev, alive, done, n_real, key_mask, kvs, ids, lps, mask, useful = state
         slot = p + i - 1  # cache slot of ``prev``
         key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, alive[:, None], slot, axis=1)
         hh, kvs = _layers_forward(model, prev[:, None], n_real[:, None], key_mask, kvs, slot)
         n_real = n_real + alive.astype(jnp.int32)
-        tok, lp = sample(i, head(hh[:, 0]))
+        tok, lp = sample(i, hh[:, 0])
         emit = ~done
         tok = jnp.where(emit, tok, cfg.pad_token_id)
         ids = jax.lax.dynamic_update_slice_in_dim(ids, tok[:, None], i, axis=1)
         lps = jax.lax.dynamic_update_slice_in_dim(lps, jnp.where(emit, lp, 0.0)[:, None], i, axis=1)
         mask = jax.lax.dynamic_update_slice_in_dim(mask, emit[:, None], i, axis=1)
         done = done | (emit & jnp.isin(tok, stop))
-        return i + 1, tok, emit, done, n_real, key_mask, kvs, ids, lps, mask
+        return i + 1, tok, emit, done, n_real, key_mask, kvs, ids, lps, mask, useful + jnp.sum(emit, dtype=jnp.int32)
 
-    state = (jnp.asarray(1, jnp.int32), tok, alive, done, n_real, key_mask, kvs, ids, lps, mask)
+    state = (jnp.asarray(1, jnp.int32), tok, alive, done, n_real, key_mask, kvs, ids, lps, mask,
+             jnp.zeros((), jnp.int32))
     out = jax.lax.while_loop(cond, body, state)
     done, ids, lps, mask = out[3], out[7], out[8], out[9]
-    return ids, mask, lps, ~done
+    stats = jnp.stack([out[0] - 1, out[10], jnp.asarray(b, jnp.int32)])
+    return prompt_ids, prompt_mask, ids, mask, lps, ~done, stats
+
+
+def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
+    """The shared-prefix engine: one prefill of the ``B0`` distinct prompts fills a
+    :class:`~trlax.models.SlotCache`; then ``Sl`` decode slots stream through the ``R = B0·G`` requests
+    (prompt, sample). Request ``r`` belongs to prompt ``r // G``; its first token comes from its prompt's
+    prefill logits, token ``i`` from the key ``fold_in(fold_in(key, r), i)``, so the tokens do not depend on
+    the slot count. With ``Sl = R`` (``decode_slots=None``) slot ``r`` decodes request ``r`` (a static batch
+    whose prefix attention needs no gather); with ``Sl < R`` (continuous batching) a slot whose request
+    stopped takes the next pending request at once: no prefill is needed, only the slot's prompt index and
+    buffer length change. Returns the rollout arrays and ``[decode steps, useful slot-steps, Sl]``."""
+    model = nnx.merge(graphdef, params)
+    mc = model.config
+    b0, p = prompt_ids.shape
+    g, n = cfg.num_generations, cfg.max_new_tokens
+    r_all = b0 * g
+    sl = min(cfg.decode_slots or r_all, r_all)
+    cont = sl < r_all
+    head, draw = _heads(model, cfg)
+    stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
+    prompt_mask = prompt_mask.astype(bool)
+    shape = (mc.num_layers, b0, p, mc.num_kv_heads, mc.head_dim)
+    kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
+    h, (pk, pv) = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), prompt_mask, kvs,
+                                  jnp.zeros((), jnp.int32))
+    plen = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    req = jnp.arange(r_all)
+    row_keys = _row_keys(key, req)
+    first = head(h[:, -1])  # [B0, V]: every sample of a prompt draws its first token from the same logits
+    tok0, lp0 = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, 0), jnp.repeat(first, g, axis=0))
+    out_ids = jnp.full((r_all, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok0)
+    out_lps = jnp.zeros((r_all, n), jnp.float32).at[:, 0].set(lp0)
+    out_len = jnp.ones((r_all,), jnp.int32)
+    stopped = jnp.isin(tok0, stop)
+    needs = ~stopped & (n > 1)  # requests that decode past their first token
+    if cont:
+        queue = jnp.nonzero(needs, size=r_all, fill_value=r_all - 1)[0].astype(jnp.int32)
+        n_queue = jnp.sum(needs, dtype=jnp.int32)
+        slot_req = queue[:sl]
+        active = jnp.arange(sl) < n_queue
+        nxt = jnp.minimum(n_queue, sl)
+    else:
+        queue, n_queue, slot_req, active, nxt = None, None, req.astype(jnp.int32), needs, jnp.zeros((), jnp.int32)
+    buf = max(n - 1, 1)  # completion tokens 0 .. n-2 are fed back; the last one never is
+    cshape = (mc.num_layers, sl, buf, mc.num_kv_heads, mc.head_dim)
+    cache = SlotCache(prefix_k=pk, prefix_v=pv, prefix_mask=prompt_mask, prompt=slot_req // g,
+                      k=jnp.zeros(cshape, model.dtype), v=jnp.zeros(cshape, model.dtype),
+                      length=jnp.zeros((sl,), jnp.int32), layer=jnp.zeros((), jnp.int32), group=0 if cont else g)
+    inv_freq = rope_inv_freq(mc)
+    slen = jnp.ones((sl,), jnp.int32)  # tokens of its request a slot has produced
+
+    def body(state):
+        steps, useful, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, stopped = state
+        cache = dataclasses.replace(cache, length=slen - 1)  # ``prev`` is completion token slen - 1
+        x = jnp.take(model.embed[...], prev[:, None], axis=0, mode="clip").astype(model.dtype)
+        pos = (plen[cache.prompt] + slen - 1)[:, None]
+        x, cache = model.run_layers(x, pos, inv_freq, None, cache, 0)
+        hh = rms_norm(x[:, 0], model.final_norm[...], mc.rms_norm_eps)
+        tok, lp = draw(jax.vmap(jax.random.fold_in)(row_keys[slot_req], slen), head(hh))
+        at = jnp.where(active, slot_req, r_all)  # idle slots write nowhere
+        out_ids = out_ids.at[at, slen].set(tok, mode="drop")
+        out_lps = out_lps.at[at, slen].set(lp, mode="drop")
+        slen = slen + active.astype(jnp.int32)
+        out_len = out_len.at[at].set(slen, mode="drop")
+        hit = active & jnp.isin(tok, stop)
+        stopped = stopped.at[jnp.where(hit, slot_req, r_all)].set(True, mode="drop")
+        useful = useful + jnp.sum(active, dtype=jnp.int32)
+        active = active & ~hit & (slen < n)
+        prev = tok
+        if cont:  # freed slots take the next pending requests, in order
+            free = ~active
+            cand = nxt + jnp.cumsum(free, dtype=jnp.int32) - 1
+            take = free & (cand < n_queue)
+            new = queue[jnp.clip(cand, 0, r_all - 1)]
+            slot_req = jnp.where(take, new, slot_req)
+            prev = jnp.where(take, tok0[new], prev)
+            slen = jnp.where(take, 1, slen)
+            active = active | take
+            nxt = nxt + jnp.sum(take, dtype=jnp.int32)
+            cache = dataclasses.replace(cache, prompt=slot_req // g)
+        return steps + 1, useful, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, stopped
+
+    state = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), slot_req, active, tok0[slot_req], slen, cache,
+             nxt, out_ids, out_lps, out_len, stopped)
+    out = jax.lax.while_loop(lambda st: jnp.any(st[3]), body, state)
+    steps, useful, out_ids, out_lps, out_len, stopped = out[0], out[1], out[8], out[9], out[10], out[11]
+    mask = jnp.arange(n)[None, :] < out_len[:, None]
+    stats = jnp.stack([steps, useful, jnp.asarray(sl, jnp.int32)])
+    return (jnp.repeat(prompt_ids, g, axis=0), jnp.repeat(prompt_mask, g, axis=0), out_ids, mask,
+            jnp.where(mask, out_lps, 0.0), ~stopped, stats)
 
 
 class JaxSampler(Sampler):
@@ -444,11 +572,29 @@ class JaxSampler(Sampler):
         self.rules = rules
         self._shardings = None
         self._fns = {}
+        self._stats = None
 
     def _fn(self, cfg: SamplingConfig):
         if cfg not in self._fns:
-            self._fns[cfg] = jax.jit(functools.partial(_decode, self.graphdef, cfg))
+            engine = _decode_slots if cfg.share_prefix else _decode
+            self._fns[cfg] = jax.jit(functools.partial(engine, self.graphdef, cfg))
         return self._fns[cfg]
+
+    def _run(self, cfg: SamplingConfig, params, ids, mask, key, g: int) -> Rollout:
+        cfg = dataclasses.replace(cfg, num_generations=g)
+        p_ids, p_mask, c_ids, c_mask, lps, trunc, stats = self._fn(cfg)(params, ids, mask, key)
+        self._stats = stats
+        return Rollout(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+                       logps=lps, truncated=trunc, group_ids=jnp.asarray(np.arange(c_ids.shape[0], dtype=np.int32) // g))
+
+    @property
+    def last_stats(self) -> Dict[str, float]:
+        """Decode statistics of the last call (reading them waits for it): ``decode_steps`` (loop iterations
+        after the prefill), ``slots``, ``slot_utilization`` (the fraction of slot-steps that produced a
+        completion token; 1 = no slot ever idle)."""
+        steps, useful, slots = (int(x) for x in np.asarray(self._stats))
+        return {"decode_steps": steps, "slots": slots,
+                "slot_utilization": useful / (steps * slots) if steps else 1.0}
 
     def _place(self, params, ids, mask):
         from jax.sharding import NamedSharding, PartitionSpec
@@ -518,25 +664,21 @@ class JaxSampler(Sampler):
             vocab = self.model_config.vocab_size
             if np.any((ids < 0) | (ids >= vocab)):
                 raise ValueError(f"`prompt_ids` contains ids outside [0, vocab_size={vocab})")
-        ids = np.repeat(np.asarray(ids, np.int32), g, axis=0)
-        mask = np.repeat(mask, g, axis=0)
+        ids = np.asarray(ids, np.int32)
         if self.mesh is not None:
             params, ids_d, mask_d = self._place(params, ids, mask)
         else:
             ids_d, mask_d = jnp.asarray(ids), jnp.asarray(mask)
-        c_ids, c_mask, lps, trunc = self._fn(cfg)(params, ids_d, mask_d, key)
-        return Rollout(prompt_ids=ids_d, prompt_mask=mask_d, completion_ids=c_ids, completion_mask=c_mask,
-                       logps=lps, truncated=trunc,
-                       group_ids=jnp.asarray(np.arange(ids.shape[0], dtype=np.int32) // g))
+        return self._run(cfg, params, ids_d, mask_d, key, g)
 
     def generate_global(self, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
                         num_generations: Optional[int] = None, **overrides) -> Rollout:
         """:meth:`generate` for prompts that are already device arrays, e.g. global arrays of a multi-host
         run whose processes each built their rows with ``jax.make_array_from_process_local_data``: one row
-        per completion (each prompt repeated ``num_generations`` times by the caller), left-padded to the
+        per prompt (``[B0, P]``, the sampler makes ``num_generations`` completions of each), left-padded to the
         final width, ``int32`` ids and ``bool`` mask sharded over the batch axes. No host-side checks or
         re-padding; the same jitted program as :meth:`generate`, so the same key and rows give the same
-        tokens. The rollout's arrays stay on the devices (global, sharded over the batch)."""
+        tokens. The rollout's arrays stay on the devices (global)."""
         cfg = dataclasses.replace(self.config, **overrides) if overrides else self.config
         g = cfg.num_generations if num_generations is None else num_generations
         if isinstance(params, nnx.Module):
@@ -546,10 +688,7 @@ class JaxSampler(Sampler):
             if self._shardings is None:
                 self._shardings = param_shardings(params, self.mesh, self.rules)
             params = jax.device_put(params, self._shardings)
-        c_ids, c_mask, lps, trunc = self._fn(cfg)(params, prompt_ids, prompt_mask, key)
-        return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=c_ids, completion_mask=c_mask,
-                       logps=lps, truncated=trunc,
-                       group_ids=jnp.asarray(np.arange(prompt_ids.shape[0], dtype=np.int32) // g))
+        return self._run(cfg, params, prompt_ids, prompt_mask, key, g)
 
 
 def make_two_model_sampler(graphdef_a, graphdef_b, max_new_tokens: int, mix, *, eos_id: int, pad_id: int):
