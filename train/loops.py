@@ -666,7 +666,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {loc[empty[:5]].tolist()} tokenise to nothing")
         sp = run.policy.sampler_params(run.state.params)
         if multi:  # one global sampling program over every process's prompts (tokens as with one process)
-            g = run.place({"ids": np.repeat(p_ids, G, 0), "mask": np.repeat(p_mask, G, 0)}, local=True, n=gen_rows)
+            g = run.place({"ids": p_ids, "mask": p_mask}, local=True, n=n_prompts)
             roll = sampler.generate_global(sp, g["ids"], g["mask"], gen_key)
         else:
             roll = sampler.generate(sp, (p_ids, p_mask), gen_key)
