@@ -2,12 +2,18 @@
 and the PRNG key every N steps; keep the last K; resume from the latest *finalised* one.
 
 orbax writes each step into a temporary directory and renames it when the write has finished, so a
-checkpoint interrupted mid-write is never listed as a valid step (tests/train/test_checkpoint.py).
+checkpoint interrupted mid-write (a kill -9 at any moment) is never listed as a valid step; leftover
+temporary directories are cleaned up when the next run opens the directory. A listed checkpoint that cannot
+be read (truncated or edited by hand) is reported, moved aside to ``<output_dir>/checkpoints_unreadable/``
+(never deleted) and :meth:`Checkpointer.restore_latest` falls back to the previous one
+(tests/train/test_checkpoint.py, tests/train/test_reliability_checkpoint.py).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -24,7 +30,8 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, save_every: int = 100, keep: int = 3):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every, create=True,
+                                               cleanup_tmp_directories=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, meta: Dict[str, Any], *, force: bool = False) -> bool:
@@ -73,6 +80,32 @@ class Checkpointer:
                                                to_target(out["state"]), abstract)
                 return step, state, dict(out["meta"])
             raise err
+
+    def restore_latest(self, target_state: Any) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
+        """Restore the latest checkpoint that can be read, newest first: one that fails to restore (truncated,
+        corrupted or edited by hand) is reported on stderr, moved aside (:meth:`quarantine`) and the previous
+        one is tried. None when no checkpoint is readable."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(target_state, step)
+            except Exception as err:  # noqa: BLE001 - any read failure: report, skip, fall back
+                msg = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+                where = self.quarantine(step)
+                print(f"warning: checkpoint {os.path.join(self.directory, str(step))} is unreadable "
+                      f"({type(err).__name__}: {msg}); moved to {where}, falling back to the previous checkpoint",
+                      file=sys.stderr, flush=True)
+        return None
+
+    def quarantine(self, step: int) -> str:
+        """Move the step directory ``step`` out of the checkpoint directory (to
+        ``<parent>/checkpoints_unreadable/<step>-<time>``) so it is never listed again; nothing is deleted."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable", f"{step}-{time.time_ns()}")
+        if jax.process_index() == 0 and os.path.isdir(src):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.rename(src, dst)
+        self._mgr.reload()
+        return dst
 
     def _restore(self, step: int, abstract: Any):
         return self._mgr.restore(

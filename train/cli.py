@@ -12,6 +12,7 @@ the run before any compute, with a message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Dict, List, Optional
 
@@ -107,10 +108,28 @@ def _read_values(rest: List[str]) -> Dict[str, object]:
     if cfg_file:
         import yaml
 
-        with open(cfg_file) as fh:
-            values.update(yaml.safe_load(fh) or {})
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"config={cfg_file!r}: no such file")
+        try:
+            with open(cfg_file) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"config={cfg_file!r} is not valid YAML: {_one_line(e)}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+            raise ValueError(f"config={cfg_file!r} must be a YAML mapping of field names to values")
+        values.update(loaded)
     values.update(overrides)
     return values
+
+
+def _one_line(err) -> str:
+    """An exception as one line (its message with whitespace runs collapsed)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _fail(err, status: int = 2) -> int:
+    print(f"error: {_one_line(err)}", file=sys.stderr)
+    return status
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -136,8 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # before anything touches the XLA backend: importing the trainers / objectives does
                 initialize_distributed(values)
         except (ValueError, TypeError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _fail(e)
     from trlax.train import registry
 
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
@@ -169,11 +187,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         rows = load_records(algo, cfg.dataset, seed=cfg.seed)  # missing columns stop the run here
     except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e)
     from trlax.train import loops
 
-    loops.run(algo, cfg, rows)
+    try:
+        loops.run(algo, cfg, rows)
+    except loops.NonFiniteError as e:  # the last good state is checkpointed; --resume true continues
+        return _fail(e, 1)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:  # checks that need the model / mesh / data
+        return _fail(e)
     return 0
 
 

@@ -9,6 +9,7 @@ knob is a new command-line flag with no extra code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Dict, Optional, Tuple, Type
 
@@ -45,6 +46,9 @@ class CommonConfig:
     save_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     resume: bool = False
+    # a step whose loss or a gradient is NaN / inf is skipped (state unchanged, counted in `skipped_steps`);
+    # this many skips in a row stop the run with an error and a checkpoint of the last good state
+    max_consecutive_skips: int = 10
     progress: bool = True
     export: bool = True  # save_pretrained the final policy (HF format) into <output_dir>/final
     # multi-host: call jax.distributed.initialize before anything else (same command on every host)
@@ -84,6 +88,7 @@ class CommonConfig:
         check_range("max_completion_length", self.max_completion_length, low=1)
         check_range("save_every", self.save_every, low=0)
         check_range("keep_checkpoints", self.keep_checkpoints, low=1)
+        check_range("max_consecutive_skips", self.max_consecutive_skips, low=1)
         from trlax.train.modeling import check_model
 
         check_model(self.model)
@@ -180,6 +185,10 @@ def _grpo_cls():
         ("num_iterations", int, dataclasses.field(default=1)),
         ("steps_per_generation", int, dataclasses.field(default=1)),
         ("log_kl", bool, dataclasses.field(default=True)),  # with beta=0, still log KL to the initial policy
+        # rollouts at scale (trlax.rollouts.JaxSampler): continuous-batching decode slots (0: one per completion),
+        # and one-step-off-policy generation overlapped with training (round k+1 sampled while round k trains)
+        ("decode_slots", int, dataclasses.field(default=0)),
+        ("async_generation", bool, dataclasses.field(default=False)),
         # Skywork-OR1 adaptive entropy control (arXiv 2505.22312, sec. 3.2.3): entropy_coef is the start value
         ("use_adaptive_entropy", bool, dataclasses.field(default=False)),
         ("entropy_target", float, dataclasses.field(default=0.2)),
@@ -209,6 +218,8 @@ def _validate_grpo(self) -> None:
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
     check_range("num_iterations", self.num_iterations, low=1)
     check_range("steps_per_generation", self.steps_per_generation, low=1)
+    check_range("decode_slots", self.decode_slots, low=0)
+    check_choice("async_generation", self.async_generation, (True, False))
     check_choice("use_adaptive_entropy", self.use_adaptive_entropy, (True, False))
     check_range("entropy_target", self.entropy_target, low=0.0)
     check_range("entropy_coef_delta", self.entropy_coef_delta, low=0.0)
@@ -317,15 +328,22 @@ def parse_value(field: str, tp, raw: Any):
             return False
         raise ValueError(f"{field}={raw!r} is not a boolean (true/false)")
     if base in (int, float, str):
+        if base is not str and isinstance(raw, (bool, list, tuple, dict)):  # YAML true / [1, 2] / {a: 1}
+            raise ValueError(f"{field}={raw!r} is not a valid {base.__name__}")
+        if base is str and isinstance(raw, (list, tuple, dict)):
+            raise ValueError(f"{field}={raw!r} is not a valid str")
         try:
-            if base is int and isinstance(raw, str) and "e" in raw.lower():
+            if base is int and (isinstance(raw, float) or isinstance(raw, str) and "e" in raw.lower()):
                 val = float(raw)
                 if not val.is_integer():
                     raise ValueError
                 return int(val)
-            return base(raw)
-        except (TypeError, ValueError):
+            val = base(raw)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{field}={raw!r} is not a valid {base.__name__}") from None
+        if base is float and not math.isfinite(val):
+            raise ValueError(f"{field}={raw!r} must be a finite number")
+        return val
     origin = typing.get_origin(base)
     if origin in (tuple, typing.Union) or base is Any:
         if isinstance(raw, str) and "," in raw:

@@ -361,7 +361,8 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
         b["teacher_prompt_ids"], b["teacher_prompt_mask"] = tp_ids, tp_mask  # (for the record / tests)
         b["old_logps"] = L._host(roll.logps)
         m = run.train_step(b)
-        run.state = run.state._replace(extra=ema(run.state.params, run.state.extra))
+        if not run.last_skipped:  # a skipped (non-finite) step leaves the EMA teacher too
+            run.state = run.state._replace(extra=ema(run.state.params, run.state.extra))
         m["accuracy"] = float(acc.mean())
         m["teacher_rows"] = float(b["mask"].any(1).mean())
         run.logger.log(step, m, tokens=int(b["mask"].sum()))

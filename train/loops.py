@@ -136,8 +136,9 @@ class _Run:
         self.start_step = 0
         self.meta: Dict[str, Any] = {}
         history: List[Dict[str, float]] = []
-        if cfg.resume and self.ckpt.latest_step() is not None:
-            step, self.state, self.meta = self.ckpt.restore(self.state)
+        restored = self.ckpt.restore_latest(self.state) if cfg.resume else None  # skips unreadable ones
+        if restored is not None:
+            step, self.state, self.meta = restored
             self.start_step = int(step)
             history = _read_history(os.path.join(cfg.output_dir, "metrics.jsonl"), self.start_step,
                                     rewrite=self.is_main)
@@ -147,6 +148,11 @@ class _Run:
                              "or choose another output_dir")
         self.logger = RunLogger(cfg.output_dir, cfg.max_steps, progress=cfg.progress, start_step=self.start_step,
                                 history=history, enabled=self.is_main)
+        # non-finite steps (see make_train_step): counted, warned about once, a run of them stops the run
+        self.skipped_steps = int(self.meta.get("skipped_steps", 0))
+        self.consecutive_skips = int(self.meta.get("consecutive_skips", 0))
+        self.last_skipped = False
+        self._stop: Optional[Exception] = None
 
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """One optimiser step on ``batch``: updates ``self.state``, returns the metrics as floats (global:
@@ -156,10 +162,37 @@ class _Run:
         before = _copy(self.state) if hook is not None else None
         self.state, m = self.step_fn(self.state, self.place(batch))
         metrics = _to_float(m)
+        self._note_skip(metrics.pop("skipped", 0.0) > 0, metrics)
         self._stepped = True
         if hook is not None:
             hook(self, before, batch, metrics)
         return metrics
+
+    def _note_skip(self, skipped: bool, metrics: Dict[str, float]) -> None:
+        """Count a skipped (non-finite) step: ``skipped_steps`` in the metrics, one warning per run, and after
+        ``max_consecutive_skips`` in a row a stop (raised by the next :meth:`maybe_checkpoint` once it has saved
+        the state, which a skipped step leaves at the last good one)."""
+        self.last_skipped = skipped
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.skipped_steps == 1:
+                import warnings
+
+                warnings.warn(f"trlax train {self.algo}: a step had a non-finite loss or gradient (loss="
+                              f"{metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}) and was skipped: "
+                              "parameters, optimiser and objective state are unchanged; further skips are only "
+                              "counted in the `skipped_steps` metric", RuntimeWarning, stacklevel=3)
+            limit = getattr(self.cfg, "max_consecutive_skips", 10)
+            if self.consecutive_skips >= limit and self._stop is None:
+                self._stop = NonFiniteError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                    f"(max_consecutive_skips={limit}; {self.skipped_steps} skipped in all); the last good state "
+                    f"is saved in {self.ckpt.directory}; check the data, rewards and learning rate, then continue "
+                    "with --resume true")
+        else:
+            self.consecutive_skips = 0
+        metrics["skipped_steps"] = float(self.skipped_steps)
 
     def rows(self, n: Optional[int] = None) -> slice:
         """The rows of a global batch of ``n`` rows (default ``batch_size``) this process loads and feeds:
@@ -208,8 +241,14 @@ class _Run:
         prev = step - 1 if prev_step is None else prev_step
         every = self.cfg.save_every
         due = step == self.cfg.max_steps or (every > 0 and step // every > prev // every)
-        if due:
+        if due or self._stop is not None:  # ``meta``: a dict, or a function that makes it (called only when due)
+            meta = dict(meta() if callable(meta) else meta, skipped_steps=self.skipped_steps,
+                        consecutive_skips=self.consecutive_skips)
             self.ckpt.save(step, self.state, meta, force=True)
+        if self._stop is not None:  # max_consecutive_skips non-finite steps: the last good state is saved above
+            self.ckpt.close()
+            self.logger.close()
+            raise self._stop
         if _after_step is not None:
             _after_step(self, step)
 
@@ -230,6 +269,11 @@ class _Run:
                 json.dump(summary, fh, indent=2)
             print(json.dumps(summary, indent=2))
         return summary
+
+
+class NonFiniteError(RuntimeError):
+    """``max_consecutive_skips`` steps in a row had a non-finite loss or gradient: the run stops (its last good
+    state checkpointed)."""
 
 
 def _read_history(path: str, upto: int, rewrite: bool = True) -> List[Dict[str, float]]:
@@ -339,7 +383,7 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         batch = local_batch(sampler.next())
         m = run.train_step(run.place(batch, local=True))  # this process's rows -> global arrays
-        if bema_step is not None:
+        if bema_step is not None and not run.last_skipped:  # a skipped step leaves the objective state too
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
         run.logger.log(step, m, tokens=int(D.all_sum(batch["mask"].sum())[0]))
         run.maybe_checkpoint(step, {"data": sampler.state()})
@@ -450,8 +494,9 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
                 c, r = refs(batch)
                 batch["ref_chosen"], batch["ref_rejected"] = run.local(c), run.local(r)
         m = run.train_step(run.place(batch, local=True))  # this process's rows -> global arrays
-        if sync:
-            run.state = run.state._replace(extra=ref_sync(run.state.extra, run.state.params, step))
+        if sync:  # (a skipped step leaves the objective state too)
+            if not run.last_skipped:
+                run.state = run.state._replace(extra=ref_sync(run.state.extra, run.state.params, step))
             m["ref_synced"] = float(step % every == 0)
         tokens = D.all_sum(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())[0]
         run.logger.log(step, m, tokens=int(tokens))

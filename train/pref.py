@@ -195,7 +195,10 @@ def run_bco(cfg, rows=None, algo: str = "bco") -> Dict[str, Any]:
 
     def after(run, m):
         # Chan's parallel merge of the stored moments with the whole batch's rewards (bco_update_moments,
-        # fed the batch mean / variance instead of the rewards themselves)
+        # fed the batch mean / variance instead of the rewards themselves); a skipped (non-finite) step leaves them
+        if run.last_skipped:
+            m.pop("bco/reward_sq", None)
+            return
         mean, var, count = (float(_host(v)) for v in run.state.extra)
         n, b_mean = float(cfg.batch_size), m["rewards/mean"]
         b_var = max(m.pop("bco/reward_sq") - b_mean ** 2, 0.0)

@@ -98,6 +98,13 @@ def _sum_metrics(a, b):
     return out
 
 
+def all_finite(tree) -> jnp.ndarray:
+    """True iff every floating-point entry of ``tree`` is finite (a scalar bool array)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 LossFn = Callable[[Any, Dict[str, Any], Dict[str, jnp.ndarray]], Tuple[jnp.ndarray, Dict[str, Any]]]
 
 
@@ -125,7 +132,8 @@ def make_train_step(
 
     Returns:
       ``step(state, batch) -> (state, metrics)``; batch arrays have the global batch as leading axis
-      and are split over ``("data", "fsdp")``.
+      and are split over ``("data", "fsdp")``. A step whose loss or any gradient is non-finite changes
+      nothing but ``state.step`` and reports ``metrics["skipped"] = 1`` (else 0).
     """
     k = int(num_microbatches)
     if k < 1:
@@ -157,9 +165,15 @@ def make_train_step(
                        for key, v in metrics.items()}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # non-finite guard (as optax.apply_if_finite, without changing the optimiser state's structure): a
+        # step whose loss or any gradient is NaN / inf leaves params, optimiser state and objective state as
+        # they were; only the step counter moves (the batch is consumed). ``skipped`` reports it.
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        params, opt_state = optax.tree.where(finite, (params, opt_state), (state.params, state.opt_state))
         out = finalize_metrics(metrics)
         out["loss"] = loss
         out["grad_norm"] = optax.tree.norm(grads)
+        out["skipped"] = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
         return TrainState(state.step + 1, params, opt_state, state.extra), out
 
     if mesh is None:
@@ -229,6 +243,7 @@ __all__ = [
     "BATCH_AXES",
     "MESH_AXES",
     "TrainState",
+    "all_finite",
     "batch_totals",
     "init_train_state",
     "make_mesh",
