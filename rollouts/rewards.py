@@ -52,6 +52,8 @@ __all__ = [
     "CosineScaledReward",
     "RepetitionPenalty",
     "SoftOverlongPunishment",
+    "RewardFunctionError",
+    "nan_reward_counts",
     "compute_rewards",
     "weighted_reward_sum",
     "decode_rollout",
@@ -383,20 +385,51 @@ def compute_rewards(reward_fns: Sequence[Callable], completions: Sequence[str], 
         if len(col) != n:
             raise ValueError(f"`{name}` has {len(col)} entries, expected {n} (one per completion)")
     out = np.full((n, len(fns)), np.nan, np.float64)
+
+    def sample(i):
+        text = completions[i] if len(completions[i]) <= 80 else completions[i][:77] + "..."
+        return f"sample {i} (prompt={prm[i][:80]!r}, completion={text!r})"
+
     for j, f in enumerate(fns):
         if getattr(f, "batched", False):
-            vals = f(completions=list(completions), completion_ids=ids, prompts=prm,
-                     **{k: list(v) for k, v in columns.items()})
-            vals = list(vals)
+            try:
+                vals = list(f(completions=list(completions), completion_ids=ids, prompts=prm,
+                              **{k: list(v) for k, v in columns.items()}))
+            except Exception as e:  # noqa: BLE001 - name the function (and the batch) for the user
+                raise RewardFunctionError(f"reward function {_name(f)} raised {type(e).__name__}: {e} "
+                                          f"on a batch of {n} samples; first: {sample(0) if n else '-'}") from e
             if len(vals) != n:
                 raise ValueError(f"batched reward function {_name(f)} returned {len(vals)} values, expected {n}")
         else:
-            vals = [f(completion=completions[i], completion_ids=ids[i], prompt=prm[i],
-                      **{k: v[i] for k, v in columns.items()}) for i in range(n)]
+            vals = []
+            for i in range(n):
+                try:
+                    vals.append(f(completion=completions[i], completion_ids=ids[i], prompt=prm[i],
+                                  **{k: v[i] for k, v in columns.items()}))
+                except Exception as e:  # noqa: BLE001 - name the function and the sample
+                    raise RewardFunctionError(f"reward function {_name(f)} raised {type(e).__name__}: {e} "
+                                              f"on {sample(i)}") from e
         for i, v in enumerate(vals):
             if v is not None:
-                out[i, j] = float(v)
+                try:
+                    out[i, j] = float(v)
+                except (TypeError, ValueError):
+                    raise RewardFunctionError(f"reward function {_name(f)} returned {v!r} (not a number or None) "
+                                              f"for {sample(i)}") from None
     return out
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised, or returned something that is not a number or None; the message names the
+    function and the sample."""
+
+
+def nan_reward_counts(rewards) -> dict:
+    """Metrics of a ``[N, R]`` reward matrix's NaN entries (a function returned None or NaN): ``rewards/nan``
+    (entries) and ``rewards/unscorable`` (rows where every function gave NaN; as TRL, NaN entries are left out of
+    the weighted sum, unscorable rows get advantage 0)."""
+    r = np.isnan(np.asarray(rewards, np.float64))
+    return {"rewards/nan": float(r.sum()), "rewards/unscorable": float(r.all(axis=1).sum())}
 
 
 def weighted_reward_sum(rewards: np.ndarray, weights: Optional[Sequence[float]] = None) -> np.ndarray:

@@ -754,6 +754,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             gen_metrics["kl"] = kl_monitor
         for j, name in enumerate(reward_names):
             gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
+        from trlax.rollouts.rewards import nan_reward_counts
+
+        gen_metrics.update(nan_reward_counts(R))  # NaN rewards: left out of the weighted sum (TRL), counted
         gbuf = run.place(buf, local=True, n=gen_rows) if multi else None
         prev = step
         for it in range(n_iter):

@@ -97,6 +97,9 @@ class _Rollouts:
                "truncated_frac": float(np.mean(s["truncated"]))}
         for j, name in enumerate(self.reward_names):
             out[f"rewards/{name}"] = float(np.nanmean(s["R"][:, j]))
+        from trlax.rollouts.rewards import nan_reward_counts
+
+        out.update(nan_reward_counts(s["R"]))  # NaN rewards: left out of the weighted sum (TRL), counted
         return out
 
 
