@@ -4,11 +4,22 @@ The trainer asks a :class:`Sampler` for generations (``sampler.generate(params, 
 :class:`Rollout` back; it never reaches into how they were made, so another backend (an external inference
 server) implements the same one-method interface.
 
-:class:`JaxSampler` runs the whole generation as one jitted function: the left-padded prompt block fills a
-fixed-size :class:`~trlax.models.KVCache` in one prefill pass, then ``lax.while_loop`` decodes one token per
-step (stopping early once every row has emitted a stop token). The decode loop keeps one ``[B, S, K, D]``
-key / value buffer per layer in the loop carry (updated in place; the model's stacked :class:`KVCache` would
-be copied whole every step) and draws tokens by inverting the CDF (one uniform per row). Sampling follows
+:class:`JaxSampler` runs the whole generation as one jitted function, with one of two engines:
+
+- **shared prefix** (default, ``share_prefix=True``): the ``B0`` *distinct* prompts are prefilled once into a
+  :class:`~trlax.models.SlotCache`; the ``G`` samples of a prompt read the same prompt keys / values (a group
+  of 8 pays one prefill, not 8; cascade attention, Hydragen arXiv 2402.05099). Then ``lax.while_loop``
+  decodes one token per *slot* per step. With ``decode_slots=None`` every completion has its slot and the
+  loop runs until the longest one stopped. With ``decode_slots=Sl`` (continuous batching, Orca, Yu et al.
+  OSDI 2022) ``Sl`` slots stream through the ``B0·G`` requests: a slot whose completion stopped takes the
+  next pending request in the same step (its first token is already sampled from the prompt's prefill
+  logits, so no prefill is needed: only the slot's prompt index and buffer length change).
+- **reference** (``share_prefix=False``): every prompt is copied ``G`` times, the ``[B, P]`` block fills a
+  fixed-size stacked KV cache in one prefill, and the batch decodes until every row stopped.
+
+Every request ``r`` (row ``r`` of the rollout, prompt ``r // G``) draws token ``i`` with the key
+``fold_in(fold_in(key, r), i)`` and one uniform by inverting the CDF, so both engines and every slot count
+give the same tokens for the same key (tests/rollouts/test_sampler_engines.py). Sampling follows
 the processed distribution
 
     π̃(· | q, o_<t) = softmax( truncate( logits / τ ) ),                                         (1)
