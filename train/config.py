@@ -16,6 +16,9 @@ from typing import Any, Dict, Optional, Tuple, Type
 from trlax.objectives._checks import check_choice, check_range
 
 
+RUN_OUTPUT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "curves.png")  # written into output_dir
+
+
 @dataclasses.dataclass
 class CommonConfig:
     """Fields shared by every algorithm."""
@@ -104,6 +107,12 @@ class CommonConfig:
         lora_config_of(self)  # checks lora_target_modules
         if self.dataset != "builtin" and not isinstance(self.dataset, str):
             raise ValueError(f"dataset={self.dataset!r} must be 'builtin', a file path or a hub name")
+        import os
+
+        own = {os.path.abspath(os.path.join(self.output_dir or ".", f)) for f in RUN_OUTPUT_FILES}
+        if self.dataset != "builtin" and os.path.abspath(self.dataset) in own:
+            raise ValueError(f"dataset={self.dataset!r} is a file this run writes in output_dir={self.output_dir!r}; "
+                             "copy it elsewhere or choose another output_dir")
 
 
 def check_sampling(cfg) -> None:
