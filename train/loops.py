@@ -91,6 +91,29 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _pack_round(rnd: Dict[str, Any]) -> Dict[str, Any]:
+    """A generation round (host arrays and floats) as JSON for the checkpoint meta (arrays as base64 ``.npz``)."""
+    import base64
+    import io
+
+    out = io.BytesIO()
+    np.savez(out, lengths=rnd["lengths"], completion_mask=rnd["completion_mask"],
+             **{"buf/" + k: np.asarray(v) for k, v in rnd["buf"].items()})
+    return {"arrays": base64.b64encode(out.getvalue()).decode("ascii"), "metrics": rnd["metrics"],
+            "version": rnd["version"]}
+
+
+def _unpack_round(packed: Dict[str, Any]) -> Dict[str, Any]:
+    import base64
+    import io
+
+    with np.load(io.BytesIO(base64.b64decode(packed["arrays"]))) as z:
+        arrays = {k: z[k] for k in z.files}
+    return {"buf": {k[4:]: v for k, v in arrays.items() if k.startswith("buf/")}, "lengths": arrays["lengths"],
+            "completion_mask": arrays["completion_mask"], "metrics": dict(packed["metrics"]),
+            "version": int(packed["version"])}
+
+
 def _copy(tree):
     """A fresh copy of every array (the step donates the state's buffers; frozen copies must not alias)."""
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
@@ -674,9 +697,14 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     sampler = JaxSampler(run.policy.sampler_graphdef, SamplingConfig(
         max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, num_generations=G,
-        prompt_multiple=cfg.max_prompt_length), mesh=run.mesh)
+        prompt_multiple=cfg.max_prompt_length, decode_slots=getattr(cfg, "decode_slots", 0) or None), mesh=run.mesh)
     ref_params = run.frozen_params if lcfg.beta > 0 else None
-    off_policy = spg > 1 or n_iter > 1 or lcfg.sampler_correction is not None
+    async_gen = bool(getattr(cfg, "async_generation", False))
+    if async_gen and multi:
+        raise ValueError("async_generation=True runs in one process for now (its generation thread would issue "
+                         "collectives out of order with the training step's); use async_generation=False")
+    off_policy = spg > 1 or n_iter > 1 or lcfg.sampler_correction is not None or async_gen
+    round_len = spg * n_iter
 
     @jax.jit
     def forward_logps(params, p_ids, p_mask, c_ids, c_mask):
@@ -705,16 +733,15 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
 
     data = D.EpochSampler(len(rows), n_prompts, cfg.seed, **run.meta.get("data", {}))
     key = jax.random.PRNGKey(cfg.seed) if "key" not in run.meta else jnp.asarray(key_from_meta(run.meta["key"]))
-    round_len = spg * n_iter
-    step = run.start_step
-    while step < cfg.max_steps:
-        key, gen_key = jax.random.split(key)
-        loc = data.next()[p_sl]  # this process's prompts of the global draw (all of them with one process)
+
+    def produce(params, version: int, gen_key, loc) -> Dict[str, Any]:
+        """One generation round with ``params`` (``version`` optimiser steps old): sample, score, group
+        advantages, reference log-probs. Returns the host buffer and the round's metrics."""
         p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, [rows[i] for i in loc], "prompt"), cfg.max_prompt_length)
         empty = np.flatnonzero(p_mask.sum(1) == 0)
         if empty.size:
             raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {loc[empty[:5]].tolist()} tokenise to nothing")
-        sp = run.policy.sampler_params(run.state.params)
+        sp = run.policy.sampler_params(params)
         if multi:  # one global sampling program over every process's prompts (tokens as with one process)
             g = run.place({"ids": p_ids, "mask": p_mask}, local=True, n=n_prompts)
             roll = sampler.generate_global(sp, g["ids"], g["mask"], gen_key)
@@ -739,29 +766,62 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         buf = {"prompt_ids": run.local(roll.prompt_ids), "prompt_mask": run.local(roll.prompt_mask),
                "completion_ids": c_ids, "mask": loss_mask, "advantages": adv, "truncated": truncated}
         fwd_in = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)  # global arrays
-        if lcfg.sampler_correction is not None:
+        if lcfg.sampler_correction is not None or async_gen:
             buf["sampler_logps"] = run.local(roll.logps)
-        if off_policy:
-            buf["old_logps"] = run.local(forward_logps(run.state.params, *fwd_in))
+        if off_policy and not async_gen:  # async: the proximal policy is the one being trained (see below)
+            buf["old_logps"] = run.local(forward_logps(params, *fwd_in))
         if ref_params is not None:
             buf["ref_logps"] = run.local(reference_logps(ref_params, *fwd_in))
+        gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
+                       "completion_length": float(np.mean(lengths)),
+                       "truncated_frac": float(np.mean(trunc_all))}
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
-            cur = buf["old_logps"] if off_policy else run.local(forward_logps(run.state.params, *fwd_in))
+            cur = buf["old_logps"] if "old_logps" in buf else run.local(forward_logps(params, *fwd_in))
             ref = run.local(reference_logps(run.frozen_params, *fwd_in))
             d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
             kl_tok = np.exp(d) - d - 1.0
             kl_sum, kl_n = D.all_sum(float(kl_tok[c_mask].sum()), float(c_mask.sum()))
-            kl_monitor = float(kl_sum / kl_n) if kl_n else 0.0
-        gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
-                       "completion_length": float(np.mean(lengths)),
-                       "truncated_frac": float(np.mean(trunc_all))}
-        if lcfg.beta == 0 and cfg.log_kl:
-            gen_metrics["kl"] = kl_monitor
+            gen_metrics["kl"] = float(kl_sum / kl_n) if kl_n else 0.0
         for j, name in enumerate(reward_names):
             gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
         from trlax.rollouts.rewards import nan_reward_counts
 
         gen_metrics.update(nan_reward_counts(R))  # NaN rewards: left out of the weighted sum (TRL), counted
+        gen_metrics["policy_version"] = version
+        if not multi:
+            gen_metrics["slot_utilization"] = sampler.last_stats["slot_utilization"]
+        return {"buf": buf, "metrics": gen_metrics, "lengths": lengths, "completion_mask": c_mask, "version": version}
+
+    def draw():
+        """The next round's sampling key and this process's prompts (drawn in round order on the main thread)."""
+        nonlocal key
+        key, gen_key = jax.random.split(key)
+        return gen_key, data.next()[p_sl]  # this process's prompts of the global draw (all with one process)
+
+    # --async_generation: round k+1 is sampled (on a worker thread) with the parameters that round k starts
+    # from, while round k trains: one round stale, corrected by sampler_logps (TIS / MIS / OPSM)
+    pool = pending = None
+    if async_gen:
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trlax-generation")
+        if "inflight" in run.meta:  # the round that was in flight when the checkpoint was written
+            pending = concurrent.futures.Future()
+            pending.set_result(_unpack_round(run.meta["inflight"]))
+    step = run.start_step
+    while step < cfg.max_steps:
+        if async_gen:
+            if pending is None:
+                pending = pool.submit(produce, _copy(run.state.params), step, *draw())
+            cur = pending.result()
+            rounds_left = -(-(cfg.max_steps - step) // round_len)
+            pending = pool.submit(produce, _copy(run.state.params), step, *draw()) if rounds_left > 1 else None
+        else:
+            cur = produce(run.state.params, step, *draw())
+        buf, gen_metrics, lengths = dict(cur["buf"]), cur["metrics"], cur["lengths"]
+        if async_gen:  # decoupled PPO (AReaL): the ratio's old policy is the parameters this round starts from
+            buf["old_logps"] = np.asarray(forward_logps(run.state.params, buf["prompt_ids"], buf["prompt_mask"],
+                                                        buf["completion_ids"], cur["completion_mask"]))
         gbuf = run.place(buf, local=True, n=gen_rows) if multi else None
         prev = step
         for it in range(n_iter):
@@ -775,7 +835,6 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                     col = np.full(cfg.batch_size, applied)
                     batch = dict(batch, **run.place({"entropy_coef": col})) if multi else dict(batch, entropy_coef=col)
                 metrics = run.train_step(batch)
-                step += 1
                 if adaptive:
                     metrics["entropy_coef"], metrics["entropy_coef_applied"] = ent_coef, applied
                     last_ent = metrics["entropy"]
@@ -783,12 +842,21 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                         ent_coef, last_ent, target=cfg.entropy_target, delta=cfg.entropy_coef_delta,
                         coef_min=cfg.entropy_coef_min, coef_max=cfg.entropy_coef_max)))
                 metrics.update(gen_metrics)
+                metrics["policy_lag"] = step - cur["version"]  # optimiser steps between sampling and this update
+                step += 1
                 run.logger.log(step, metrics, tokens=int(lengths[sl].sum()))
-        meta = {"data": data.state(), "key": key_to_meta(key)}
-        if adaptive:
-            meta.update(entropy_coef=ent_coef, last_entropy=last_ent)
+
+        def meta():
+            m = {"data": data.state(), "key": key_to_meta(key)}
+            if adaptive:
+                m.update(entropy_coef=ent_coef, last_entropy=last_ent)
+            if pending is not None:  # saved with the checkpoint, so that --resume is exact
+                m["inflight"] = _pack_round(pending.result())
+            return m
+
         run.maybe_checkpoint(step, meta, prev_step=prev)
-    del round_len
+    if pool is not None:
+        pool.shutdown()
     rewards = [r["reward"] for r in run.logger.history]
     first, last = first_last(rewards)
     print(f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}")
