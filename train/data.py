@@ -99,35 +99,136 @@ def addition_rewards(completions: Sequence[str], answers: Sequence[str], truncat
 # ------------------------------------------------------------------------------------------ loading
 
 
+LOCAL_FORMATS = (".json", ".jsonl", ".parquet")
+
+
 def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 0, split: str = "train"):
-    """Rows for ``algo`` from ``dataset`` ("builtin", a local json / jsonl / parquet file, or a hub
-    name). Missing columns raise before any compute, naming them."""
+    """Rows for ``algo`` from ``dataset`` ("builtin", a local .json / .jsonl / .parquet file, or a hub name),
+    checked before any compute (:func:`check_records`): an unreadable file, an empty data set, a missing column,
+    an empty prompt or a value of the wrong type raises one ``ValueError`` naming the file, row and column."""
     from trlax.train import registry
 
     spec = registry.get(algo)
     if dataset == "builtin":
         rows = spec.builtin(n_builtin, seed)
     else:
-        import datasets
-
         ext = os.path.splitext(dataset)[1].lower()
-        if ext in (".json", ".jsonl"):
-            ds = datasets.load_dataset("json", data_files=dataset, split=split)
-        elif ext == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=dataset, split=split)
-        elif os.path.exists(dataset):
-            raise ValueError(f"dataset={dataset!r}: unsupported file type {ext!r}; use .json, .jsonl or .parquet")
+        if os.path.isfile(dataset):
+            rows = read_local(dataset)
+        elif os.path.exists(dataset) or ext in LOCAL_FORMATS + (".csv", ".tsv", ".txt", ".arrow"):
+            raise FileNotFoundError(f"dataset={dataset!r}: no such file" if not os.path.exists(dataset) else
+                                    f"dataset={dataset!r} is a directory; give a .json, .jsonl or .parquet file")
         else:
-            ds = datasets.load_dataset(dataset, split=split)
-        rows = [dict(r) for r in ds]
-    if not rows:
-        raise ValueError(f"dataset={dataset!r} is empty")
-    missing = [c for c in spec.columns if c not in rows[0]]
-    if missing:
-        raise ValueError(
-            f"dataset={dataset!r} is missing column(s) {', '.join(missing)} required by '{algo}' "
-            f"(has: {', '.join(sorted(rows[0]))})")
+            try:
+                import datasets
+
+                rows = [dict(r) for r in datasets.load_dataset(dataset, split=split)]
+            except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split ...: one clear line
+                msg = " ".join(str(e).split())[:200]
+                raise ValueError(f"dataset={dataset!r} is not a local file and could not be loaded from the Hugging "
+                                 f"Face hub ({type(e).__name__}: {msg})") from None
+    check_records(algo, dataset, rows, spec.columns, spec.builtin(1, seed)[0])
     return rows
+
+
+def read_local(path: str) -> List[Dict[str, Any]]:
+    """The rows of a local .jsonl (one JSON object per line), .json (a list of objects, an object of equal-length
+    column lists, or JSON lines) or .parquet file; anything else or a malformed file raises naming the file and
+    the line."""
+    import json
+
+    ext = os.path.splitext(path)[1].lower()
+    where = f"dataset={path!r}"
+    if ext not in LOCAL_FORMATS:
+        raise ValueError(f"{where}: unsupported file type {ext or '(none)'!r}; use .json, .jsonl or .parquet")
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - not parquet / truncated
+            raise ValueError(f"{where} is not a readable parquet file ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # maybe JSON lines
+        if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+            lengths = {len(v) for v in data.values()}
+            if len(lengths) != 1:
+                raise ValueError(f"{where}: the column lists have different lengths {sorted(lengths)}")
+            data = [dict(zip(data, vals)) for vals in zip(*data.values())]
+        if isinstance(data, list):
+            for i, r in enumerate(data):
+                if not isinstance(r, dict):
+                    raise ValueError(f"{where}, row {i}: expected a JSON object, got {type(r).__name__}")
+            return data
+        if data is not None:
+            raise ValueError(f"{where}: expected a list of objects or an object of column lists, "
+                             f"got {type(data).__name__}")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}, line {n}: expected a JSON object, got {type(r).__name__}")
+        rows.append(r)
+    return rows
+
+
+def _is_messages(v) -> bool:
+    return (isinstance(v, list) and len(v) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v))
+
+
+def _value_error(v, example) -> str:
+    """Why ``v`` does not fit a column whose built-in example value is ``example`` ("" when it fits)."""
+    if isinstance(example, bool):
+        return "" if isinstance(v, bool) or v in (0, 1) and not isinstance(v, float) else "expected true / false"
+    if isinstance(example, list):
+        if not isinstance(v, list) or not v:
+            return f"expected a non-empty list of {type(example[0]).__name__}"
+        bad = next((j for j, x in enumerate(v) if _value_error(x, example[0])), None)
+        return "" if bad is None else f"item {bad}: {_value_error(v[bad], example[0])}"
+    if isinstance(example, str):
+        return "" if isinstance(v, str) or _is_messages(v) else "expected text (a string or a list of chat messages)"
+    return ""
+
+
+def check_records(algo: str, dataset: str, rows, columns, example) -> None:
+    """Every row has every column ``algo`` reads, with a value of the type of the built-in ``example`` row (text:
+    a string or chat messages; labels: booleans; lists of them) and a non-empty prompt; the first problem raises
+    a ``ValueError`` naming the file, row (0-based) and column."""
+    if not rows:
+        raise ValueError(f"dataset={dataset!r} is empty (no rows)")
+    for i, r in enumerate(rows):
+        for c in columns:
+            if c not in r or r[c] is None:
+                has = ", ".join(sorted(k for k, v in r.items() if v is not None))
+                raise ValueError(f"dataset={dataset!r}, row {i}: missing column {c!r} required by '{algo}' "
+                                 f"(the row has: {has or 'nothing'})")
+            why = _value_error(r[c], example.get(c))
+            if why:
+                raise ValueError(f"dataset={dataset!r}, row {i}, column {c!r}: {why}, got "
+                                 f"{type(r[c]).__name__} {_short(r[c])}")
+        p = r["prompt"] if "prompt" in columns else None
+        if isinstance(p, str) and not p.strip() or isinstance(p, list) and not any(m["content"].strip() for m in p):
+            raise ValueError(f"dataset={dataset!r}, row {i}, column 'prompt': the prompt is empty")
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def as_text(tokenizer, value: Any) -> str:
@@ -140,13 +241,34 @@ def as_text(tokenizer, value: Any) -> str:
     raise ValueError(f"cannot turn {type(value).__name__} into text")
 
 
+_TRUNCATED: set = set()  # distinct prompt texts cut by encode_left_padded since the last reset
+
+
+def truncated_prompts(reset: bool = False) -> int:
+    """How many distinct prompts :func:`encode_left_padded` has cut to ``max_length`` (logged by the trainers as
+    the ``truncated_prompts`` metric); ``reset=True`` starts a new count (a new run)."""
+    n = len(_TRUNCATED)
+    if reset:
+        _TRUNCATED.clear()
+    return n
+
+
 def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int):
-    """``(ids [N, L], mask [N, L])`` left-padded to ``max_length`` (long prompts keep their end)."""
+    """``(ids [N, L], mask [N, L])`` left-padded to ``max_length``. A longer prompt is truncated from the left
+    (it keeps its last ``max_length`` tokens, as TRL's ``truncation_side="left"``): the first one prints a note,
+    all are counted (:func:`truncated_prompts`)."""
     pad = tokenizer.pad_token_id
     ids = np.full((len(texts), max_length), pad, np.int32)
     mask = np.zeros((len(texts), max_length), bool)
     for i, t in enumerate(texts):
-        toks = tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:]
+        toks = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(toks) > max_length:
+            if not _TRUNCATED:
+                print(f"note: prompts longer than max_prompt_length={max_length} tokens are truncated to their last "
+                      f"{max_length} tokens (first: {len(toks)} tokens); the `truncated_prompts` metric counts them",
+                      flush=True)
+            _TRUNCATED.add(t)
+            toks = toks[-max_length:]
         if toks:
             ids[i, -len(toks):] = toks
             mask[i, -len(toks):] = True
@@ -299,7 +421,10 @@ __all__ = [
     "build_tokenizer",
     "encode_left_padded",
     "encode_right_padded",
+    "check_records",
     "load_records",
+    "read_local",
+    "truncated_prompts",
     "preference_examples",
     "sft_examples",
 ]

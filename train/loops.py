@@ -181,6 +181,7 @@ class _Run:
         self.consecutive_skips = int(self.meta.get("consecutive_skips", 0))
         self.last_skipped = False
         self._stop: Optional[Exception] = None
+        D.truncated_prompts(reset=True)
 
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, float]:
         """One optimiser step on ``batch``: updates ``self.state``, returns the metrics as floats (global:
@@ -191,6 +192,7 @@ class _Run:
         self.state, m = self.step_fn(self.state, self.place(batch))
         metrics = _to_float(m)
         self._note_skip(metrics.pop("skipped", 0.0) > 0, metrics)
+        metrics["truncated_prompts"] = float(D.truncated_prompts())  # distinct prompts cut to max_prompt_length
         self._stepped = True
         if hook is not None:
             hook(self, before, batch, metrics)
