@@ -46,6 +46,9 @@ def _parse_overrides(tokens: List[str]) -> Dict[str, str]:
         if not tok.startswith("--"):
             raise ValueError(f"unexpected argument {tok!r}; use --name value")
         name = tok[2:].replace("-", "_")
+        if not name or name.startswith("="):
+            after = f" after --{list(out)[-1]}" if out else ""
+            raise ValueError(f"unexpected argument {tok!r}{after}; use --name value")
         if "=" in name:
             name, value = name.split("=", 1)
             i += 1

@@ -77,6 +77,7 @@ class CommonConfig:
         check_range("warmup_steps", self.warmup_steps, low=0)
         check_range("max_grad_norm", self.max_grad_norm, low=0.0)
         check_range("batch_size", self.batch_size, low=1)
+        check_mesh(self)
         check_range("num_microbatches", self.num_microbatches, low=1)
         if self.batch_size % self.num_microbatches:
             raise ValueError(
@@ -113,6 +114,25 @@ class CommonConfig:
         if self.dataset != "builtin" and os.path.abspath(self.dataset) in own:
             raise ValueError(f"dataset={self.dataset!r} is a file this run writes in output_dir={self.output_dir!r}; "
                              "copy it elsewhere or choose another output_dir")
+
+
+def check_mesh(cfg) -> None:
+    """``mesh_data`` / ``mesh_fsdp`` / ``mesh_tensor`` are >= 1 or -1 (the rest of the devices; at most one) and
+    their product fits the devices JAX sees; errors name the fields."""
+    import jax
+
+    sizes = {k: getattr(cfg, k) for k in ("mesh_data", "mesh_fsdp", "mesh_tensor")}
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+            raise ValueError(f"{k}={v!r} is out of range; allowed: -1 (the remaining devices) or an integer >= 1")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"at most one of mesh_data / mesh_fsdp / mesh_tensor may be -1, got {sizes}")
+    n, known = jax.device_count(), 1
+    for v in sizes.values():
+        known *= v if v != -1 else 1
+    if n % known or (-1 not in sizes.values() and known != n):
+        given = " x ".join(f"{k}={v}" for k, v in sizes.items())
+        raise ValueError(f"{given} does not fit the {n} device(s) JAX sees")
 
 
 def check_sampling(cfg) -> None:
@@ -198,6 +218,12 @@ def _grpo_cls():
         # and one-step-off-policy generation overlapped with training (round k+1 sampled while round k trains)
         ("decode_slots", int, dataclasses.field(default=0)),
         ("async_generation", bool, dataclasses.field(default=False)),
+        # multi-turn, tool-using rollouts (trlax.train.agentic): an Environment class "pkg.module:Env", or tool
+        # functions "pkg.module:fn,..." scored by reward_funcs on the final turn; max_turns policy turns per rollout
+        # (max_completion_length is the whole interleaved block: policy and observation tokens)
+        ("environment", str, dataclasses.field(default="")),
+        ("tools", str, dataclasses.field(default="")),
+        ("max_turns", int, dataclasses.field(default=4)),
         # Skywork-OR1 adaptive entropy control (arXiv 2505.22312, sec. 3.2.3): entropy_coef is the start value
         ("use_adaptive_entropy", bool, dataclasses.field(default=False)),
         ("entropy_target", float, dataclasses.field(default=0.2)),
@@ -229,6 +255,9 @@ def _validate_grpo(self) -> None:
     check_range("steps_per_generation", self.steps_per_generation, low=1)
     check_range("decode_slots", self.decode_slots, low=0)
     check_choice("async_generation", self.async_generation, (True, False))
+    from trlax.train.agentic import check_fields
+
+    check_fields(self)
     check_choice("use_adaptive_entropy", self.use_adaptive_entropy, (True, False))
     check_range("entropy_target", self.entropy_target, low=0.0)
     check_range("entropy_coef_delta", self.entropy_coef_delta, low=0.0)
@@ -431,4 +460,4 @@ def loss_config(algo: str, cfg, explicit=None):
     return L(**kw)
 
 
-__all__ = ["CommonConfig", "build_config", "config_class", "loss_config", "check_sampling", "make_run_config", "parse_value"]
+__all__ = ["CommonConfig", "build_config", "check_mesh", "config_class", "loss_config", "check_sampling", "make_run_config", "parse_value"]
