@@ -216,7 +216,8 @@ class Environment:
       done)``: ``observation`` is None, a string (a user message) or a list of messages (e.g. ``{"role": "tool",
       "content": ...}``); ``reward`` a float for this turn (or None); ``done`` ends the episode.
 
-    Counters ``tool_calls`` / ``tool_failures`` (if the environment keeps them) are reported as metrics.
+    Counters ``tool_calls`` / ``tool_failures`` (if the environment keeps them) are reported as metrics, and so
+    are the values of an optional ``metrics() -> {name: float}`` (averaged over the batch as ``env/<name>``).
     """
 
     tools: Sequence[Any] = ()
@@ -257,10 +258,13 @@ class ToolEnvironment(Environment):
       reward_fn: optional ``(final_text, row) -> float``.
       timeout_s: default timeout of tools given as plain callables.
       max_tool_calls: calls per episode (``None``: unbounded; turns are bounded by the sampler's ``max_turns``).
+      max_observation_chars: tool results / errors longer than this are cut (``None``: kept whole); bounds the
+        tokens an observation takes from the completion budget.
     """
 
     def __init__(self, tools: Sequence[Any] = (), reward_fn: Optional[Callable[[str, Dict[str, Any]], float]] = None,
-                 *, timeout_s: float = 5.0, max_tool_calls: Optional[int] = None):
+                 *, timeout_s: float = 5.0, max_tool_calls: Optional[int] = None,
+                 max_observation_chars: Optional[int] = None):
         self.tools = [_as_tool(t, timeout_s) for t in tools]
         names = [t.name for t in self.tools]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -269,6 +273,7 @@ class ToolEnvironment(Environment):
         self._by_name = {t.name: t for t in self.tools}
         self.reward_fn = reward_fn
         self.max_tool_calls = max_tool_calls
+        self.max_observation_chars = max_observation_chars
         self.row: Dict[str, Any] = {}
         self.tool_calls = self.tool_failures = 0
         self.turns: List[str] = []
@@ -304,6 +309,8 @@ class ToolEnvironment(Environment):
             self.tool_calls += 1
             content, ok = execute_tool_call(call, self._by_name)
             self.tool_failures += 0 if ok else 1
+            if self.max_observation_chars is not None:
+                content = content[: self.max_observation_chars]
             msgs.append({"role": "tool", "name": call.name or "invalid", "content": content})
         return StepResult(msgs, None, False)
 
@@ -473,21 +480,30 @@ class CalculatorEnv(ToolEnvironment):
     ``trlax train grpo``'s default dataset) with a :func:`calculator` tool.
 
     Reward at the end of the episode: ``1`` if the final answer (the last turn, without its EOS) is exactly
-    ``answer``, plus ``tool_bonus`` if a calculator call ran without error (an exploration bonus that makes the
-    tool-call behaviour visible to a tiny random policy). At most ``max_tool_calls`` calls per episode.
+    ``answer``, plus ``tool_bonus`` if a calculator call ran without error, plus ``attempt_bonus`` if the policy
+    tried a call at all (exploration bonuses that make tool calling visible to a tiny random policy). At most
+    ``max_tool_calls`` calls per episode; tool results and errors are cut to ``max_observation_chars`` characters
+    (the toy tokenizer spells unknown characters as one ``<unk>`` each).
     """
 
-    def __init__(self, tool_bonus: float = 0.5, max_tool_calls: int = 2, timeout_s: float = 2.0):
-        super().__init__([Tool(calculator, timeout_s=timeout_s)], max_tool_calls=max_tool_calls)
-        self.tool_bonus = float(tool_bonus)
+    def __init__(self, tool_bonus: float = 0.4, attempt_bonus: float = 0.1, max_tool_calls: int = 2,
+                 timeout_s: float = 2.0, max_observation_chars: int = 12):
+        super().__init__([Tool(calculator, timeout_s=timeout_s)], max_tool_calls=max_tool_calls,
+                         max_observation_chars=max_observation_chars)
+        self.tool_bonus, self.attempt_bonus = float(tool_bonus), float(attempt_bonus)
 
     def prompt(self, row):
         return [{"role": "user", "content": str(row["prompt"])}]
 
     def final_reward(self, final_text: str) -> float:
         answer = final_text.replace("<|im_end|>", "").strip()
-        correct = answer == str(self.row.get("answer", "")).strip()
-        return float(correct) + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
+        self.correct = answer == str(self.row.get("answer", "")).strip()
+        return (float(self.correct) + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
+                + (self.attempt_bonus if self.tool_calls else 0.0))
+
+    def metrics(self) -> Dict[str, float]:
+        """Per-episode numbers the sampler averages into its metrics (``env/accuracy``)."""
+        return {"accuracy": float(getattr(self, "correct", False))}
 
 
 def load_object(spec: str, field: str = "environment"):

@@ -375,4 +375,10 @@ class MultiTurnSampler:
             "observation_tokens": float(obs_tokens / r_all),
             "policy_tokens": float(loss_mask.sum() / r_all),
         }
+        env_metrics: Dict[str, List[float]] = {}
+        for r, env in enumerate(envs):
+            if callable(getattr(env, "metrics", None)):
+                for k, v in self._env_call(env, "metrics", r, int(roll.num_turns[r])).items():
+                    env_metrics.setdefault(k, []).append(float(v))
+        self.last_metrics.update({f"env/{k}": float(np.mean(v)) for k, v in env_metrics.items()})
         return roll

@@ -652,6 +652,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     from trlax.objectives import multi_reward_advantages, policy_loss
     from trlax.objectives.policy import adaptive_entropy_coef
     from trlax.rollouts import JaxSampler, SamplingConfig
+    from trlax.train.agentic import AgentRollouts, uses_environment
 
     lcfg = loss_config(algo, cfg)
     adaptive = bool(getattr(cfg, "use_adaptive_entropy", False))
@@ -665,8 +666,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
+            # multi-turn rollouts: attend over policy + observation tokens, the loss only over the policy's (mask)
             logps, ent = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                                                     b["mask"], temperature=cfg.temperature)
+                                                     b.get("attention_mask", b["mask"]), temperature=cfg.temperature)
 
             def objective(config):
                 return policy_loss(logps, b.get("old_logps"), b["advantages"], b["mask"], config,
@@ -701,6 +703,14 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         min_p=cfg.min_p, stop_token_ids=(tok.eos_token_id,), pad_token_id=tok.pad_token_id, num_generations=G,
         prompt_multiple=cfg.max_prompt_length, decode_slots=getattr(cfg, "decode_slots", 0) or None), mesh=run.mesh)
     ref_params = run.frozen_params if lcfg.beta > 0 else None
+    agent = None
+    if uses_environment(cfg):  # --environment / --tools: multi-turn rollouts (trlax.train.agentic)
+        if multi:
+            raise ValueError(f"environment={cfg.environment!r} / tools={cfg.tools!r}: multi-turn rollouts run in one "
+                             "process for now")
+        agent = AgentRollouts(cfg, run.policy.sampler_graphdef, tok, reward_fn, reward_names, G)
+        if agent.env_mode:  # one reward column: the environment's (summed over turns)
+            reward_names, weights, w_arr = agent.reward_names, None, np.ones(1)
     async_gen = bool(getattr(cfg, "async_generation", False))
     if async_gen and multi:
         raise ValueError("async_generation=True runs in one process for now (its generation thread would issue "
@@ -744,17 +754,20 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         if empty.size:
             raise ValueError(f"dataset={cfg.dataset!r}: prompt(s) {loc[empty[:5]].tolist()} tokenise to nothing")
         sp = run.policy.sampler_params(params)
-        if multi:  # one global sampling program over every process's prompts (tokens as with one process)
+        if agent is not None:  # multi-turn, tool-using rollouts (trlax.train.agentic): interleaved observations
+            roll, R_loc, agent_metrics = agent.rollout(sp, [rows[i] for i in loc], gen_key)
+        elif multi:  # one global sampling program over every process's prompts (tokens as with one process)
             g = run.place({"ids": p_ids, "mask": p_mask}, local=True, n=n_prompts)
             roll = sampler.generate_global(sp, g["ids"], g["mask"], gen_key)
         else:
             roll = sampler.generate(sp, (p_ids, p_mask), gen_key)
         c_ids, c_mask = run.local(roll.completion_ids), run.local(roll.completion_mask)
         truncated = run.local(roll.truncated)
-        comp_ids = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
-        texts = tok.batch_decode(comp_ids, skip_special_tokens=True)  # rewards where the text is
-        group_rows = [rows[i] for i in np.repeat(loc, G)]
-        R_loc = reward_fn(texts, comp_ids, [str(r["prompt"]) for r in group_rows], group_rows, truncated)
+        if agent is None:
+            comp_ids = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
+            texts = tok.batch_decode(comp_ids, skip_special_tokens=True)  # rewards where the text is
+            group_rows = [rows[i] for i in np.repeat(loc, G)]
+            R_loc = reward_fn(texts, comp_ids, [str(r["prompt"]) for r in group_rows], group_rows, truncated)
         # [R | length | truncated] of every completion on every process: group / batch statistics are global
         allc = run.gather(np.concatenate([R_loc, c_mask.sum(1)[:, None], truncated[:, None]], 1), gen_rows)
         R, lengths, trunc_all = allc[:, :-2], allc[:, -2], allc[:, -1] > 0.5
@@ -764,9 +777,12 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         total = np.nansum(R * w_arr, axis=1)
         # the loss mask: truncated rows leave it *before* the step so the global token count that
         # normalises the loss excludes them too (TRL #6439; see trlax.train.step.batch_totals)
-        loss_mask = c_mask & ~truncated[:, None] if lcfg.mask_truncated_completions else c_mask
+        policy_mask = c_mask if agent is None else np.asarray(roll.loss_mask)  # multi-turn: gaps at observations
+        loss_mask = policy_mask & ~truncated[:, None] if lcfg.mask_truncated_completions else policy_mask
         buf = {"prompt_ids": run.local(roll.prompt_ids), "prompt_mask": run.local(roll.prompt_mask),
                "completion_ids": c_ids, "mask": loss_mask, "advantages": adv, "truncated": truncated}
+        if agent is not None:
+            buf["attention_mask"] = c_mask
         fwd_in = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)  # global arrays
         if lcfg.sampler_correction is not None or async_gen:
             buf["sampler_logps"] = run.local(roll.logps)
@@ -790,7 +806,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
 
         gen_metrics.update(nan_reward_counts(R))  # NaN rewards: left out of the weighted sum (TRL), counted
         gen_metrics["policy_version"] = version
-        if not multi:
+        if agent is not None:
+            gen_metrics.update(agent_metrics)
+        if not multi and agent is None:
             gen_metrics["slot_utilization"] = sampler.last_stats["slot_utilization"]
         return {"buf": buf, "metrics": gen_metrics, "lengths": lengths, "completion_mask": c_mask, "version": version}
 

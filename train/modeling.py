@@ -200,6 +200,10 @@ def lora_config_of(cfg) -> Optional[LoraConfig]:
 def build_tokenizer_for(cfg):
     from trlax.train.data import build_tokenizer
 
+    if getattr(cfg, "environment", "") or getattr(cfg, "tools", ""):  # multi-turn / tools: ChatML + Hermes calls
+        from trlax.rollouts.environments import tool_tokenizer
+
+        return tool_tokenizer(os.path.join(cfg.output_dir, "tokenizer"))
     return build_tokenizer(os.path.join(cfg.output_dir, "tokenizer"))
 
 
