@@ -91,6 +91,17 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _replicated(run, local: np.ndarray, n: int) -> jax.Array:
+    """The ``[n, ...]`` global array of every process's :meth:`_Run.rows` ``local``, replicated on every device
+    (for small host blocks such as a round's distinct prompts, which need not divide over the batch axes)."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    full = np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))  # process order = row order
+    assert full.shape[0] == n, (full.shape, n)
+    return jax.make_array_from_callback(full.shape, NamedSharding(run.mesh, PartitionSpec()), lambda i: full[i])
+
+
 def _pack_round(rnd: Dict[str, Any]) -> Dict[str, Any]:
     """A generation round (host arrays and floats) as JSON for the checkpoint meta (arrays as base64 ``.npz``)."""
     import base64
@@ -757,8 +768,8 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         if agent is not None:  # multi-turn, tool-using rollouts (trlax.train.agentic): interleaved observations
             roll, R_loc, agent_metrics = agent.rollout(sp, [rows[i] for i in loc], gen_key)
         elif multi:  # one global sampling program over every process's prompts (tokens as with one process)
-            g = run.place({"ids": p_ids, "mask": p_mask}, local=True, n=n_prompts)
-            roll = sampler.generate_global(sp, g["ids"], g["mask"], gen_key)
+            g = _replicated(run, np.concatenate([p_ids, p_mask], 1), n_prompts)  # every process's prompts
+            roll = sampler.generate_global(sp, g[:, :p_ids.shape[1]], g[:, p_ids.shape[1]:] > 0, gen_key)
         else:
             roll = sampler.generate(sp, (p_ids, p_mask), gen_key)
         c_ids, c_mask = run.local(roll.completion_ids), run.local(roll.completion_mask)
@@ -857,6 +868,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                 metrics = run.train_step(batch)
                 if adaptive:
                     metrics["entropy_coef"], metrics["entropy_coef_applied"] = ent_coef, applied
+                if adaptive and not run.last_skipped:  # a skipped (non-finite) step leaves the controller too
                     last_ent = metrics["entropy"]
                     ent_coef = float(np.asarray(adaptive_entropy_coef(
                         ent_coef, last_ent, target=cfg.entropy_target, delta=cfg.entropy_coef_delta,
