@@ -68,26 +68,65 @@ def _at(k, col, value, row=0):
     return inject
 
 
-def _check_skipped_transient(log, k, n_steps):
-    """Step ``k`` was skipped and left params / optimiser / objective state as they were; every other step ran;
-    the run ended with finite parameters; ``skipped_steps`` counts 1 from step ``k`` on."""
-    assert [r["skipped"] for r in log] == [i + 1 == k for i in range(n_steps)]
-    assert not np.isfinite(log[k - 1]["metrics"]["loss"]) or not np.isfinite(log[k - 1]["metrics"]["grad_norm"])
-    before, after = log[k - 1]["before"], log[k]["before"]  # the state entering step k and step k + 1
-    _assert_trees_equal((before.params, before.opt_state, before.extra), (after.params, after.opt_state, after.extra))
-    assert [r["metrics"]["skipped_steps"] for r in log] == [float(i + 1 >= k) for i in range(n_steps)]
-    # the step after the skipped one trained normally (its update differs from zero)
-    moved = jax.tree_util.tree_leaves(log[-1]["before"].params)
-    assert all(np.isfinite(x).all() for x in moved)
+def _poison(run):
+    """Write a NaN into one parameter of the live train state (every later loss is NaN)."""
+    leaves, tdef = jax.tree_util.tree_flatten(run.state.params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+    run.state = run.state._replace(params=jax.tree_util.tree_unflatten(tdef, leaves))
 
 
-# ------------------------------------------------------------------------------- transient injections
+def _then_poison(inject, k):
+    def f(run, step, batch):
+        batch = inject(run, step, batch)
+        if step == k:
+            _poison(run)
+        return batch
+    return f
 
 
-def test_rl_inf_advantage_and_nan_rewards(tmp_path, monkeypatch):
-    """GRPO: an inf advantage at step 2 skips that step only; NaN rewards (some rows of one reward function, and
-    rows where every function gives NaN) are left out of the weighted sum as TRL does — no step is lost to them —
-    and counted in the metrics."""
+def _state(rec):
+    b = rec["before"]
+    return b.params, b.opt_state, b.extra
+
+
+# every family's run: a NaN / inf input at step 2 (skipped once, training goes on), a poisoned parameter at step 4
+# (steps 4 and 5 skipped; max_consecutive_skips=2 stops the run at step 5 with a checkpoint of the state the
+# skipped steps left alone)
+FAMILY_RUN = dict(max_steps=8, max_consecutive_skips=2, save_every=0, export=False)
+
+
+def _run_family(algo, values, out, log):
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        with pytest.raises(loops.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
+            loops.run(algo, build_config(algo, dict(TINY, **FAMILY_RUN, output_dir=str(out), **values)))
+    assert sum("non-finite" in str(w.message) for w in caught) == 1  # warned once
+    assert [r["skipped"] for r in log] == [False, True, False, True, True]
+    m2 = log[1]["metrics"]
+    assert not (np.isfinite(m2["loss"]) and np.isfinite(m2["grad_norm"]))
+    # the skipped step 2 left params, optimiser and objective state as they were; step 3 trained on
+    _assert_trees_equal(_state(log[1]), _state(log[2]))
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(log[2]["before"].params))
+    assert [r["metrics"]["skipped_steps"] for r in log] == [0, 1, 1, 2, 3]
+    # steps 4, 5: the poisoned state is left as it is; the stop checkpoints it (step 5)
+    _assert_trees_equal(_state(log[3]), _state(log[4]))
+    rows = _read(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 2, 3]
+    ck = Checkpointer(str(out / "checkpoints"))
+    assert ck.all_steps() == [5]
+    step, state, meta = ck.restore(jax.tree_util.tree_map(jnp.asarray, log[4]["before"]))
+    ck.close()
+    assert step == 5 and meta["skipped_steps"] == 3 and meta["consecutive_skips"] == 2
+    _assert_trees_equal((state.params, state.opt_state, state.extra), _state(log[4]))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- every family
+
+
+def test_rl_inf_advantage_nan_rewards_poisoned_parameter(tmp_path, monkeypatch):
+    """GRPO (with the adaptive entropy controller, host state a skipped step must not move): an inf advantage at
+    step 2 skips that step only; NaN rewards (some rows of one reward function, and rows where every function
+    gives NaN) are left out of the weighted sum as TRL does — no step is lost to them — and counted."""
     real = loops.reward_functions
 
     def nan_rewards(cfg, tok=None):
@@ -101,28 +140,24 @@ def test_rl_inf_advantage_and_nan_rewards(tmp_path, monkeypatch):
         return wrapped, names
 
     monkeypatch.setattr(loops, "reward_functions", nan_rewards)
-    log = _record(monkeypatch, _at(2, "advantages", np.inf))
-    out = tmp_path / "grpo"
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        loops.run("grpo", build_config("grpo", dict(TINY, output_dir=str(out), export=False, max_steps=3, batch_size=4,
-                                                    num_generations=2)))
-    _check_skipped_transient(log, 2, 3)
-    rows = _read(out)
-    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    log = _record(monkeypatch, _then_poison(_at(2, "advantages", np.inf), 4))
+    rows = _run_family("grpo", dict(batch_size=4, num_generations=2, use_adaptive_entropy=True, entropy_target=100.0),
+                       tmp_path / "grpo", log)
     for r in rows:
         assert r["rewards/nan"] == 3.0  # three NaN entries per generation round ...
         assert r["rewards/unscorable"] == 1.0  # ... one row with no reward at all
         assert np.isfinite(r["reward"])
+        assert np.isfinite(r["entropy_coef"])
+    # the entropy controller ignored the skipped step 2 (its entropy is NaN): step 3 applies step 2's coefficient
+    assert rows[2]["entropy_coef_applied"] == rows[1]["entropy_coef"] == rows[2]["entropy_coef"] > 0
 
 
-def test_offline_preference_nan_reference_logps(tmp_path, monkeypatch):
-    """DPO (TR-DPO: its reference lives in the objective state): NaN reference log-probs at step 2 skip it and
-    leave params, optimiser state and the synced reference unchanged."""
-    log = _record(monkeypatch, _at(2, "ref_chosen", np.nan))
-    loops.run("dpo", build_config("dpo", dict(TINY, output_dir=str(tmp_path), export=False, max_steps=3, batch_size=4,
-                                              sync_ref_model=True, ref_model_sync_steps=1,
-                                              precompute_ref_logps=False)))
-    _check_skipped_transient(log, 2, 3)
+def test_offline_preference_nan_reference_logps_poisoned_parameter(tmp_path, monkeypatch):
+    """DPO with TR-DPO (its reference is objective state, synced after every step): NaN reference log-probs at
+    step 2 skip it and leave params, optimiser state and the reference unchanged."""
+    log = _record(monkeypatch, _then_poison(_at(2, "ref_chosen", np.nan), 4))
+    _run_family("dpo", dict(batch_size=4, sync_ref_model=True, ref_model_sync_steps=1, precompute_ref_logps=False),
+                tmp_path / "dpo", log)
     assert log[1]["before"].extra is not None
 
 
@@ -140,12 +175,10 @@ def sft_runs(tmp_path_factory):
     return outs
 
 
-def test_distillation_nan_teacher_logits(tmp_path, monkeypatch, sft_runs):
+def test_distillation_nan_teacher_logits_poisoned_parameter(tmp_path, monkeypatch, sft_runs):
     """GKD: NaN teacher logits at step 2 skip that step only."""
-    log = _record(monkeypatch, _at(2, "teacher_logits", np.nan))
-    loops.run("gkd", build_config("gkd", dict(TINY, output_dir=str(tmp_path), export=False, max_steps=3, batch_size=4,
-                                              lmbda=0.0, teacher_model=str(sft_runs[0] / "final"))))
-    _check_skipped_transient(log, 2, 3)
+    log = _record(monkeypatch, _then_poison(_at(2, "teacher_logits", np.nan), 4))
+    _run_family("gkd", dict(batch_size=4, lmbda=0.0, teacher_model=str(sft_runs[0] / "final")), tmp_path / "gkd", log)
 
 
 # ----------------------------------------------------------------- a poisoned parameter: the run stops
