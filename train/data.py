@@ -205,6 +205,9 @@ def _value_error(v, example) -> str:
     return ""
 
 
+ANSWER_COLUMNS = ("answer", "solution")  # verifier targets: text or a number (compared as text)
+
+
 def check_records(algo: str, dataset: str, rows, columns, example) -> None:
     """Every row has every column ``algo`` reads, with a value of the type of the built-in ``example`` row (text:
     a string or chat messages; labels: booleans; lists of them) and a non-empty prompt; the first problem raises
@@ -217,7 +220,7 @@ def check_records(algo: str, dataset: str, rows, columns, example) -> None:
                 has = ", ".join(sorted(k for k, v in r.items() if v is not None))
                 raise ValueError(f"dataset={dataset!r}, row {i}: missing column {c!r} required by '{algo}' "
                                  f"(the row has: {has or 'nothing'})")
-            why = _value_error(r[c], example.get(c))
+            why = "" if c in ANSWER_COLUMNS and isinstance(r[c], (str, int, float)) else _value_error(r[c], example.get(c))
             if why:
                 raise ValueError(f"dataset={dataset!r}, row {i}, column {c!r}: {why}, got "
                                  f"{type(r[c]).__name__} {_short(r[c])}")

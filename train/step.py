@@ -132,8 +132,8 @@ def make_train_step(
 
     Returns:
       ``step(state, batch) -> (state, metrics)``; batch arrays have the global batch as leading axis
-      and are split over ``("data", "fsdp")``. A step whose loss or any gradient is non-finite changes
-      nothing but ``state.step`` and reports ``metrics["skipped"] = 1`` (else 0).
+      and are split over ``("data", "fsdp")``. A step whose loss, any gradient or any updated parameter
+      is non-finite changes nothing but ``state.step`` and reports ``metrics["skipped"] = 1`` (else 0).
     """
     k = int(num_microbatches)
     if k < 1:
@@ -166,9 +166,9 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # non-finite guard (as optax.apply_if_finite, without changing the optimiser state's structure): a
-        # step whose loss or any gradient is NaN / inf leaves params, optimiser state and objective state as
-        # they were; only the step counter moves (the batch is consumed). ``skipped`` reports it.
-        finite = jnp.isfinite(loss) & all_finite(grads)
+        # step whose loss, any gradient or any updated parameter is NaN / inf leaves params, optimiser state
+        # and objective state as they were; only the step counter moves (the batch is consumed).
+        finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
         params, opt_state = optax.tree.where(finite, (params, opt_state), (state.params, state.opt_state))
         out = finalize_metrics(metrics)
         out["loss"] = loss

@@ -198,6 +198,7 @@ def test_kill_9_at_random_moments_resumes_from_latest_complete_checkpoint(kill_r
     for i in range(N_RUNS):
         assert report["runs"][i]["exit"] == 0
         assert _losses(root / f"run{i}") == ref
+        assert report["runs"][i]["partial"] == []  # the clean restart removed the partial writes
 
 
 # ------------------------------------------------------------- a real trainer: damaged by hand, user files

@@ -132,3 +132,17 @@ def test_accepted_draws_really_run_or_exit_2(algo, accepted, tmp_path, capsys):
         assert status in (0, 2), (argv, err)
         if status == 2:
             assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_hostile_config_files_exit_2_naming_config(tmp_path, capsys, monkeypatch):
+    """`--config FILE`: missing, not YAML, not a mapping, or holding a bad value: exit 2, one line, never a traceback."""
+    monkeypatch.setattr(loops, "run", lambda *a: pytest.fail("ran"))
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "value.yaml").write_text("learning_rate: .nan\nmax_steps: 1.5\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    for name, needle in (("nope.yaml", "config="), ("bad.yaml", "config="), ("list.yaml", "config="),
+                         ("value.yaml", "learning_rate"), ("binary.yaml", "config=")):
+        status = cli.main(["train", "sft", "--config", str(tmp_path / name), "--output_dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, (name, err)
