@@ -214,27 +214,39 @@ def _cases():
         yield lt, level, kl, samp, extra
 
 
+# metrics compared with TRL's (same name on both sides)
+METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio", "kl",
+           "entropy", "vespo/phi_seq_mean")
+
+
+def _expected_metrics(cfg):
+    """The METRICS both TRL and trlax must report for ``cfg`` (a renamed or dropped metric fails)."""
+    out = {"entropy"}
+    if cfg.beta != 0.0:
+        out.add("kl")
+    if cfg.loss_type == "cispo":
+        out.add("cispo_clip_ratio")
+    elif cfg.loss_type == "vespo":
+        out.add("vespo/phi_seq_mean")
+    elif cfg.loss_type != "sapo":  # SAPO's soft gate clips nothing
+        out |= {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+    return out
+
+
 def _compare(cfg, seed, nan_sampler=False, check_metrics=True):
     data = _inputs(seed, nan_sampler)
     l_trl, g_trl, m_trl = trl_loss_and_grad(cfg, *data)
     l_jax, g_jax, m_jax = trlax_loss_and_grad(cfg, *data)
     np.testing.assert_allclose(l_jax, l_trl, rtol=1e-6, atol=1e-12, err_msg=str(cfg))
     np.testing.assert_allclose(g_jax, g_trl, rtol=1e-6, atol=1e-12, err_msg=str(cfg))
+    expected = _expected_metrics(cfg)
+    assert {k for k in METRICS if k in m_trl} == expected, (sorted(m_trl), cfg)
+    assert {k for k in METRICS if k in m_jax} == expected, (sorted(m_jax), cfg)
     if check_metrics:
-        pairs = {
-            "clip_ratio/low_mean": "clip_ratio/low_mean",
-            "clip_ratio/high_mean": "clip_ratio/high_mean",
-            "clip_ratio/region_mean": "clip_ratio/region_mean",
-            "cispo_clip_ratio": "cispo_clip_ratio",
-            "kl": "kl",
-            "entropy": "entropy",
-            "vespo/phi_seq_mean": "vespo/phi_seq_mean",
-        }
-        for ours, theirs in pairs.items():
-            if theirs in m_trl and ours in m_jax:
-                if ours == "kl" and cfg.use_bias_correction_kl:
-                    continue  # TRL logs the ratio-weighted KL, trlax logs the plain estimator
-                np.testing.assert_allclose(m_jax[ours], m_trl[theirs], rtol=1e-6, atol=1e-12, err_msg=f"{ours} {cfg}")
+        for key in sorted(expected):
+            if key == "kl" and cfg.use_bias_correction_kl:
+                continue  # TRL logs the ratio-weighted KL, trlax logs the plain estimator
+            np.testing.assert_allclose(m_jax[key], m_trl[key], rtol=1e-6, atol=1e-12, err_msg=f"{key} {cfg}")
 
 
 ALL_CASES = list(_cases())

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from trlax.train import loops
@@ -25,6 +26,47 @@ def capture_first_step(monkeypatch):
 
     monkeypatch.setattr(loops, "_on_first_step", hook)
     return box
+
+
+def _fresh(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def perturbed(params, scale=0.05, seed=0):
+    """``params`` plus N(0, scale²) noise on every leaf (a policy that differs from the reference)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + scale * jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                  if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x for x, k in zip(leaves, keys)])
+
+
+def check_loss_and_grad(box, objective, away=None, rtol=1e-5, grad_rtol=1e-4):
+    """Check a trainer's step against ``objective(params) -> loss`` recomputed outside the step.
+
+    1. The first step: the logged ``loss`` is ``objective(initial params)`` and the logged ``grad_norm`` the
+       norm of its gradient.
+    2. Away from the reference: the trainer's own compiled step, run once more on the same captured batch but
+       from the parameters ``away`` (default: the initial ones plus noise, a policy that differs from the
+       reference), logs the objective's value and gradient norm at ``away``. At step 1 the policy *is* the
+       reference, so a reference-based loss is a constant there (DPO log 2, IPO (1/2β)²) and its gradient
+       norm does not see a swapped chosen / rejected; away from it both do.
+    Returns ``(loss at initial, loss at away)``."""
+    fn = jax.jit(jax.value_and_grad(objective))
+    state = box["state"]
+    loss0, g0 = fn(state.params)
+    assert np.isfinite(box["metrics"]["loss"])
+    np.testing.assert_allclose(box["metrics"]["loss"], float(loss0), rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(box["metrics"]["grad_norm"], float(optax.tree.norm(g0)), rtol=grad_rtol, atol=1e-9)
+    assert box["metrics"]["grad_norm"] > 0
+    run = box["run"]
+    away = perturbed(state.params) if away is None else away
+    loss1, g1 = fn(away)
+    _, m = run.step_fn(_fresh(state._replace(params=away)), run.place(box["batch"]))  # the step donates its input
+    np.testing.assert_allclose(float(m["loss"]), float(loss1), rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(g1)), rtol=grad_rtol, atol=1e-9)
+    assert abs(float(loss1) - float(loss0)) > 1e-4 * max(1.0, abs(float(loss0))), (loss0, loss1)  # it moved
+    return float(loss0), float(loss1)
 
 
 def run_trainer(name, tmp_path, **values):
@@ -58,3 +100,33 @@ def gather_logps(logits, ids, mask):
     """``[B, C]`` log-probs of ``ids`` under ``logits`` (or log-probs: log-softmax is idempotent), 0 off mask."""
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.where(mask, ids, 0)[..., None], -1)[..., 0]
     return jnp.where(mask, lp, 0.0)
+
+
+def addition_task_rewards(run, b):
+    """The built-in addition task's reward recomputed in plain Python from the decoded batch: accuracy (1 if
+    the completion is exactly str(a+b) then EOS) + format (0.5 for 1-2 digits then EOS)."""
+    tok = run.tokenizer
+    out = []
+    for p_ids, p_m, c_ids, c_m in zip(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"]):
+        prompt = tok.decode(p_ids[p_m].tolist(), skip_special_tokens=True)
+        a, rest = prompt.rstrip("=").split("+")
+        toks = c_ids[c_m].tolist()
+        done = bool(toks) and toks[-1] == tok.eos_token_id
+        text = tok.decode(toks, skip_special_tokens=True)
+        acc = 1.0 if done and text == str(int(a) + int(rest)) else 0.0
+        fmt = 0.5 if done and text.isdigit() and len(text) <= 2 else 0.0
+        out.append(acc + fmt)
+    return np.asarray(out)
+
+
+def group_advantages(rewards, num_generations, scale_rewards="group", eps=1e-4):
+    """GRPO group-relative advantages in NumPy (float64): ``(r − mean_group) / (std + eps)`` with the group's
+    unbiased std (``scale_rewards="group"``), the batch's (``"batch"``) or none; 0 for constant groups."""
+    r = np.asarray(rewards, np.float64).reshape(-1, num_generations)
+    adv = r - r.mean(1, keepdims=True)
+    if scale_rewards == "group":
+        adv = adv / (r.std(1, ddof=1, keepdims=True) + eps)
+    elif scale_rewards == "batch":
+        adv = adv / (r.std(ddof=1) + eps)
+    adv = np.where(np.ptp(r, axis=1, keepdims=True) > 0, adv, 0.0)
+    return adv.reshape(-1)

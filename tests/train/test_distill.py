@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _trainer_utils import TINY_RUN, first_last, gather_logps, plain_completion_logits, read_metrics, run_trainer
+from _trainer_utils import (TINY_RUN, capture_first_step, first_last, gather_logps, plain_completion_logits,
+                            read_metrics, run_trainer)
 from trlax.models import load_pretrained
-from trlax.train import distill, loops
+from trlax.train import distill
 from trlax.train.config import build_config
 
 
@@ -36,18 +37,10 @@ def runs(built, tmp_path_factory):
 
     def get(name):
         if name not in _RUNS:
-            box = {}
-
-            def hook(run, state, batch, metrics):
-                box.update(run=run, state=state, batch={k: np.asarray(v) for k, v in batch.items()},
-                           metrics=metrics)
-
-            old, loops._on_first_step = loops._on_first_step, hook
-            try:
-                path = tmp_path_factory.mktemp(name)
+            path = tmp_path_factory.mktemp(name)
+            with pytest.MonkeyPatch.context() as mp:
+                box = capture_first_step(mp)
                 run_trainer(name, path, **_TOY[name](built))
-            finally:
-                loops._on_first_step = old
             _RUNS[name] = (box, read_metrics(path))
         return _RUNS[name]
 
@@ -207,16 +200,9 @@ def test_presets_set_paper_values():
 def test_sdft_with_lora_runs_and_its_teacher_is_the_adapted_policy(built, tmp_path):
     """With ``lora_rank`` the trainable tree (and its EMA teacher) are the adapters only; the teacher's
     forward must add the frozen base (``policy.model``), not merge the adapters as a full decoder."""
-    box = {}
-
-    def hook(run, state, batch, metrics):
-        box.update(run=run, state=state, batch={k: np.asarray(v) for k, v in batch.items()}, metrics=metrics)
-
-    old, loops._on_first_step = loops._on_first_step, hook
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        box = capture_first_step(mp)
         run_trainer("sdft", tmp_path, model=built["warm"], warm_start="off", lora_rank=4, max_steps=2, batch_size=8)
-    finally:
-        loops._on_first_step = old
     run, st, b = box["run"], box["state"], box["batch"]
     size = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     assert size(st.params) < size(nnx.split(load_pretrained(built["warm"]))[1]) / 2  # adapters, not the decoder

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _trainer_utils import capture_first_step, run_trainer
+from _trainer_utils import (addition_task_rewards, capture_first_step, check_loss_and_grad, group_advantages,
+                            run_trainer)
 from trlax.train.config import loss_config
 
 
@@ -18,28 +19,48 @@ def test_grpo_first_step_equals_policy_loss(tmp_path, monkeypatch):
     from trlax.objectives import policy_loss
 
     box = capture_first_step(monkeypatch)
-    run_trainer("grpo", tmp_path, max_steps=1, batch_size=8, num_generations=4, preset="dapo", beta=0.04)
+    # the DAPO loss with the built-in reward only: the preset's soft overlong punishment gives every completion
+    # of these 3-token budgets the same -1 (zero advantages: the loss would not depend on the rewards)
+    run_trainer("grpo", tmp_path, max_steps=1, batch_size=32, num_generations=4, preset="dapo", beta=0.04,
+                reward_funcs="builtin")
     run, b = box["run"], box["batch"]
     lcfg = loss_config("grpo", run.cfg)
+    # advantages recomputed in NumPy from the rewards of the decoded completions (groups of 4 rows), not read
+    # from the batch
+    adv = group_advantages(addition_task_rewards(run, b), 4, run.cfg.scale_rewards)
+    assert np.any(adv != 0)
+    np.testing.assert_allclose(b["advantages"], adv, rtol=1e-6, atol=1e-6)
     logps, ent = _logps(run, box["state"].params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
-    loss, _ = policy_loss(logps, b.get("old_logps"), b["advantages"], b["mask"], lcfg, ref_logps=b["ref_logps"],
+    loss, _ = policy_loss(logps, b.get("old_logps"), adv, b["mask"], lcfg, ref_logps=b["ref_logps"],
                           entropies=ent, truncated=b["truncated"])
     assert np.isfinite(box["metrics"]["loss"])
     np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5, atol=1e-7)
 
 
 def test_dpo_first_step_equals_preference_loss(tmp_path, monkeypatch):
+    """IPO: at step 1 the policy is the reference, so the loss is (1/2β)² = 25 whatever the model or batch;
+    the gradient (its norm) and the trainer's step from a policy that differs from the reference are
+    compared too (:func:`check_loss_and_grad`)."""
     from trlax.objectives.preference import preference_loss
 
     box = capture_first_step(monkeypatch)
     run_trainer("dpo", tmp_path, max_steps=1, batch_size=8, preset="ipo")
     run, b = box["run"], box["batch"]
-    p = box["state"].params
-    ch, _ = _logps(run, p, b["prompt_ids"], b["prompt_mask"], b["chosen_ids"], b["chosen_mask"])
-    rj, _ = _logps(run, p, b["prompt_ids"], b["prompt_mask"], b["rejected_ids"], b["rejected_mask"])
-    loss, _ = preference_loss(ch, rj, b["ref_chosen"], b["ref_rejected"], b["chosen_mask"], b["rejected_mask"],
-                              loss_config("dpo", run.cfg))
-    np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5)
+    lcfg = loss_config("dpo", run.cfg)
+    ref_ch = _logps(run, run.frozen_params, b["prompt_ids"], b["prompt_mask"], b["chosen_ids"], b["chosen_mask"])[0]
+    ref_rj = _logps(run, run.frozen_params, b["prompt_ids"], b["prompt_mask"], b["rejected_ids"],
+                    b["rejected_mask"])[0]
+    np.testing.assert_allclose(b["ref_chosen"], np.asarray(ref_ch), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b["ref_rejected"], np.asarray(ref_rj), rtol=1e-5, atol=1e-6)
+
+    def objective(p):
+        ch, _ = _logps(run, p, b["prompt_ids"], b["prompt_mask"], b["chosen_ids"], b["chosen_mask"])
+        rj, _ = _logps(run, p, b["prompt_ids"], b["prompt_mask"], b["rejected_ids"], b["rejected_mask"])
+        return preference_loss(ch, rj, b["ref_chosen"], b["ref_rejected"], b["chosen_mask"], b["rejected_mask"],
+                               lcfg)[0]
+
+    loss0, _ = check_loss_and_grad(box, objective)
+    np.testing.assert_allclose(loss0, (1 / (2 * run.cfg.beta)) ** 2, rtol=1e-5)  # the constant at step 1
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])

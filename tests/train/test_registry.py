@@ -57,13 +57,26 @@ def test_readme_row_lists_command_and_presets(name):
         assert f"`{preset}`" in row, f"README row of {name} lacks preset {preset}"
 
 
+def _first_step_sources():
+    """Sources of the tests/train modules (this one excluded: it names every trainer) that capture a first
+    step and define a first-step test."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    for fn in sorted(os.listdir(here)):
+        if fn.startswith("test_") and fn.endswith(".py") and fn != os.path.basename(__file__):
+            src = open(os.path.join(here, fn)).read()
+            if "capture_first_step(" in src and re.search(r"^def test_\w*first_step\w*\(", src, re.M):
+                out[fn] = src
+    return out
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_first_step_test_exists(name):
-    here = os.path.dirname(os.path.abspath(__file__))
-    found = False
-    for fn in os.listdir(here):
-        if fn.startswith("test_") and fn.endswith(".py"):
-            src = open(os.path.join(here, fn)).read()
-            if "capture_first_step" in src and (f'"{name}"' in src or f"'{name}'" in src):
-                found = True
+    found = [fn for fn, src in _first_step_sources().items() if f'"{name}"' in src or f"'{name}'" in src]
     assert found, f"no test in tests/train captures the first step of `{name}`"
+
+
+def test_first_step_guard_can_fail():
+    """The guard above reads other files only: a trainer name that no other file mentions is not found."""
+    assert os.path.basename(__file__) not in _first_step_sources()
+    assert not any('"no_such_trainer"' in src for src in _first_step_sources().values())
