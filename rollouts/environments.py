@@ -275,7 +275,7 @@ class ToolEnvironment(Environment):
         self.max_tool_calls = max_tool_calls
         self.max_observation_chars = max_observation_chars
         self.row: Dict[str, Any] = {}
-        self.tool_calls = self.tool_failures = 0
+        self.tool_calls = self.tool_failures = self.tool_malformed = 0
         self.turns: List[str] = []
 
     def prompt(self, row: Dict[str, Any]) -> Observation:
@@ -286,7 +286,7 @@ class ToolEnvironment(Environment):
 
     def reset(self, row: Dict[str, Any]) -> Observation:
         self.row = dict(row)
-        self.tool_calls = self.tool_failures = 0
+        self.tool_calls = self.tool_failures = self.tool_malformed = 0
         self.turns = []
         return self.prompt(row)
 
@@ -307,6 +307,7 @@ class ToolEnvironment(Environment):
             if self.max_tool_calls is not None and self.tool_calls >= self.max_tool_calls:
                 return StepResult(None, self.final_reward(action_text), True)
             self.tool_calls += 1
+            self.tool_malformed += call.error is not None
             content, ok = execute_tool_call(call, self._by_name)
             self.tool_failures += 0 if ok else 1
             if self.max_observation_chars is not None:
@@ -481,7 +482,8 @@ class CalculatorEnv(ToolEnvironment):
 
     Reward at the end of the episode: ``1`` if the final answer (the last turn, without its EOS) is exactly
     ``answer``, plus ``tool_bonus`` if a calculator call ran without error, plus ``attempt_bonus`` if the policy
-    tried a call at all (exploration bonuses that make tool calling visible to a tiny random policy). At most
+    made a well-formed call (closed, valid JSON; exploration bonuses that make tool calling visible to a tiny
+    random policy — an unclosed call, e.g. one cut by the token budget, earns nothing). At most
     ``max_tool_calls`` calls per episode; tool results and errors are cut to ``max_observation_chars`` characters
     (the toy tokenizer spells unknown characters as one ``<unk>`` each).
     """
@@ -499,11 +501,13 @@ class CalculatorEnv(ToolEnvironment):
         answer = final_text.replace("<|im_end|>", "").strip()
         self.correct = answer == str(self.row.get("answer", "")).strip()
         return (float(self.correct) + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
-                + (self.attempt_bonus if self.tool_calls else 0.0))
+                + (self.attempt_bonus if self.tool_calls > self.tool_malformed else 0.0))
 
     def metrics(self) -> Dict[str, float]:
         """Per-episode numbers the sampler averages into its metrics (``env/accuracy``)."""
-        return {"accuracy": float(getattr(self, "correct", False))}
+        return {"accuracy": float(getattr(self, "correct", False)),
+                "well_formed_call": float(self.tool_calls > self.tool_malformed),
+                "successful_call": float(self.tool_calls > self.tool_failures)}
 
 
 def load_object(spec: str, field: str = "environment"):

@@ -105,7 +105,10 @@ def test_calculator_env_rewards(tok):
     res = env.step(CALCULATOR_CALL_OPEN + "3+" + CALCULATOR_CALL_CLOSE)  # a failed call: only the attempt bonus
     assert res.observation[0]["content"] == "error: Synta"  # cut to max_observation_chars
     assert env.step("8").reward == env.attempt_bonus
-    assert env.metrics() == {"accuracy": 0.0}
+    assert env.metrics() == {"accuracy": 0.0, "well_formed_call": 1.0, "successful_call": 0.0}
+    env.reset({"prompt": "3+4=", "answer": "7"})
+    env.step(CALCULATOR_CALL_OPEN + "3+4")  # unclosed (e.g. cut by the budget): no bonus at all
+    assert env.end_reward() == 0.0 and env.tool_malformed == 1
     assert len(tok(CALCULATOR_CALL_OPEN + "3+4" + CALCULATOR_CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 5
 
 
