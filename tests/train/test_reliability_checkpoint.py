@@ -140,7 +140,7 @@ def _zygote(spec: dict) -> dict:
             done = max([int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()], default=0) \
                 if os.path.isdir(os.path.join(out, "checkpoints")) else 0
             if rng.random() < 0.5 and done < spec["steps"] - 3:  # killed by the helper at a random moment
-                res = launch(out, kill_after=rng.uniform(0.1, 1.2))
+                res = launch(out, kill_after=rng.uniform(0.05, 0.6))
             else:  # killed by itself right after a checkpoint write started (async: it is in flight)
                 at = min(done + rng.randint(1, 2), spec["steps"] - 1)
                 res = launch(out, self_kill_at=at, delay=rng.uniform(0.0, 0.02))
