@@ -76,10 +76,27 @@ class _Rollouts:
         self.reward_fn, self.reward_names = L.reward_functions(cfg, tok)
         w = [float(x) for x in cfg.reward_weights.split(",")] if cfg.reward_weights else None
         self.weights = np.ones(len(self.reward_names)) if w is None else np.asarray(w)
+        self.agent = None
+        from trlax.train.agentic import AgentRollouts, uses_environment
+
+        if uses_environment(cfg):  # --environment / --tools (rloo): multi-turn rollouts, trlax.train.agentic
+            self.agent = AgentRollouts(cfg, run.policy.sampler_graphdef, tok, self.reward_fn, self.reward_names,
+                                       cfg.num_generations)
+            if self.agent.env_mode:
+                self.reward_names, self.weights = self.agent.reward_names, np.ones(1)
 
     def sample(self, policy_params, idx, key, G: int) -> Dict[str, Any]:
         """``G`` completions per prompt ``idx`` (rows ``b // G``) sampled with ``policy_params`` (policy tree,
-        not the trainable tree); adds ``reward`` ``[N]`` (weighted sum, NaN when unscorable) and ``R``."""
+        not the trainable tree); adds ``reward`` ``[N]`` (weighted sum, NaN when unscorable) and ``R``. Multi-turn
+        (``agent``): ``completion_mask`` is the context mask, ``loss_mask`` the policy tokens."""
+        if self.agent is not None:
+            roll, R, am = self.agent.rollout(self.run.policy.sampler_params(policy_params),
+                                             [self.rows[i] for i in idx], key)
+            reward = np.where(np.isnan(R).all(1), np.nan, np.nansum(R * self.weights, axis=1))
+            return {"prompt_ids": roll.prompt_ids, "prompt_mask": roll.prompt_mask,
+                    "completion_ids": roll.completion_ids, "completion_mask": roll.completion_mask,
+                    "loss_mask": roll.loss_mask, "truncated": roll.truncated, "R": R, "reward": reward,
+                    "agent_metrics": am}
         roll = self.sampler.generate(self.run.policy.sampler_params(policy_params),
                                      (self.P_ids[idx], self.P_mask[idx]), key, num_generations=G)
         c_ids, c_mask, trunc = L._host(roll.completion_ids), L._host(roll.completion_mask), L._host(roll.truncated)
@@ -100,6 +117,7 @@ class _Rollouts:
         from trlax.rollouts.rewards import nan_reward_counts
 
         out.update(nan_reward_counts(s["R"]))  # NaN rewards: left out of the weighted sum (TRL), counted
+        out.update(s.get("agent_metrics", {}))
         return out
 
 
@@ -149,6 +167,9 @@ def _rloo_cls():
         check_choice("loss_agg_mode", self.loss_agg_mode, AGGREGATION_MODES)
         check_range("num_iterations", self.num_iterations, low=1)
         check_range("steps_per_generation", self.steps_per_generation, low=1)
+        from trlax.train.agentic import check_fields
+
+        check_fields(self)
 
     fields = [("preset", str, ""), ("num_generations", int, 4), *_SAMPLING_FIELDS,
               ("beta", float, 0.05),  # KL coefficient, in the reward (TRL RLOOConfig.beta)
@@ -156,7 +177,9 @@ def _rloo_cls():
               ("epsilon", float, 0.2), ("epsilon_high", "Optional[float]", None),
               ("loss_agg_mode", str, "luspo"),  # Σ_t per sequence, mean over sequences (see module doc)
               ("mask_truncated_completions", bool, False),
-              ("num_iterations", int, 1), ("steps_per_generation", int, 1)]
+              ("num_iterations", int, 1), ("steps_per_generation", int, 1),
+              # multi-turn, tool-using rollouts (trlax.train.agentic; as `trlax train grpo`)
+              ("environment", str, ""), ("tools", str, ""), ("max_turns", int, 4)]
     return make_run_config("rloo", fields, defaults=GRPO_DEFAULTS, validate=validate,
                            doc="trlax train rloo: RLOO / REINFORCE++ (arXiv 2402.14740, 2501.03262).")
 
@@ -200,8 +223,9 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
+            # multi-turn: attend over policy + observation tokens, the loss over the policy's (b["mask"])
             logps, ent = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
-                                                     b["mask"], temperature=cfg.temperature)
+                                                     b.get("attention_mask", b["mask"]), temperature=cfg.temperature)
             return policy_loss(logps, b.get("old_logps"), b["advantages"], b["mask"], lcfg, entropies=ent,
                                num_items=totals["num_items"], num_sequences=totals["num_sequences"],
                                truncated=b["truncated"])
@@ -219,10 +243,13 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
             old = L._host(logps(run.state.params, p_ids, p_mask, c_ids, c_mask))
         if cfg.beta > 0:
             ref = L._host(ref_logps(run.frozen_params, p_ids, p_mask, c_ids, c_mask))
-        adv, kl = rloo_advantages_from_rewards(s["reward"], old, ref, c_mask, cfg.beta, G, cfg.normalize_advantages)
-        mask = c_mask & ~s["truncated"][:, None] if cfg.mask_truncated_completions else c_mask
+        pol = s.get("loss_mask", c_mask)  # multi-turn: the policy's tokens (KL and loss skip observations)
+        adv, kl = rloo_advantages_from_rewards(s["reward"], old, ref, pol, cfg.beta, G, cfg.normalize_advantages)
+        mask = pol & ~s["truncated"][:, None] if cfg.mask_truncated_completions else pol
         buf = {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": mask,
                "advantages": adv, "truncated": s["truncated"]}
+        if "loss_mask" in s:
+            buf["attention_mask"] = c_mask
         if off_policy:
             buf["old_logps"] = old
         gm = ro.gen_metrics(s)
