@@ -126,7 +126,7 @@ def test_accepted_draws_really_run_or_exit_2(algo, accepted, tmp_path, capsys):
         pytest.skip("the hostile-config test of this trainer did not run first (or accepted nothing)")
     tiny = ["--max_steps", "1", "--batch_size", "4", "--max_prompt_length", "4", "--max_completion_length", "3",
             "--progress", "false", "--export", "false"]
-    for i, argv in enumerate(draws[:2]):
+    for i, argv in enumerate(draws[:1]):
         status = cli.main(["train", algo, "--output_dir", str(tmp_path / str(i))] + argv + tiny)
         err = capsys.readouterr().err.strip()
         assert status in (0, 2), (argv, err)
