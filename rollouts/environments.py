@@ -481,18 +481,20 @@ class CalculatorEnv(ToolEnvironment):
     ``trlax train grpo``'s default dataset) with a :func:`calculator` tool.
 
     Reward at the end of the episode: ``1`` if the final answer (the last turn, without its EOS) is exactly
-    ``answer``, plus ``tool_bonus`` if a calculator call ran without error, plus ``attempt_bonus`` if the policy
-    made a well-formed call (closed, valid JSON; exploration bonuses that make tool calling visible to a tiny
-    random policy — an unclosed call, e.g. one cut by the token budget, earns nothing). At most
+    ``answer``, plus ``format_bonus`` if it is a number (1-3 digits; as the built-in task's format reward), plus
+    ``tool_bonus`` if a calculator call ran without error, plus ``attempt_bonus`` if the policy made a
+    well-formed call (closed, valid JSON). The bonuses are shaping that makes tool calling and answering visible
+    to a tiny random policy; an unclosed call (e.g. one cut by the token budget) earns nothing. At most
     ``max_tool_calls`` calls per episode; tool results and errors are cut to ``max_observation_chars`` characters
     (the toy tokenizer spells unknown characters as one ``<unk>`` each).
     """
 
-    def __init__(self, tool_bonus: float = 0.4, attempt_bonus: float = 0.1, max_tool_calls: int = 2,
-                 timeout_s: float = 2.0, max_observation_chars: int = 12):
+    def __init__(self, tool_bonus: float = 0.2, attempt_bonus: float = 0.1, format_bonus: float = 0.2,
+                 max_tool_calls: int = 2, timeout_s: float = 2.0, max_observation_chars: int = 12):
         super().__init__([Tool(calculator, timeout_s=timeout_s)], max_tool_calls=max_tool_calls,
                          max_observation_chars=max_observation_chars)
         self.tool_bonus, self.attempt_bonus = float(tool_bonus), float(attempt_bonus)
+        self.format_bonus = float(format_bonus)
 
     def prompt(self, row):
         return [{"role": "user", "content": str(row["prompt"])}]
@@ -500,7 +502,9 @@ class CalculatorEnv(ToolEnvironment):
     def final_reward(self, final_text: str) -> float:
         answer = final_text.replace("<|im_end|>", "").strip()
         self.correct = answer == str(self.row.get("answer", "")).strip()
-        return (float(self.correct) + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
+        number = answer.isdigit() and len(answer) <= 3
+        return (float(self.correct) + (self.format_bonus if number else 0.0)
+                + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
                 + (self.attempt_bonus if self.tool_calls > self.tool_malformed else 0.0))
 
     def metrics(self) -> Dict[str, float]:

@@ -98,13 +98,13 @@ def test_calculator_env_rewards(tok):
     call = tok.decode(tok(CALCULATOR_CALL_OPEN + "3+4" + CALCULATOR_CALL_CLOSE, add_special_tokens=False)["input_ids"])
     res = env.step(call)
     assert res.observation[0]["content"] == "7" and not res.done
-    assert env.step("7").reward == 1.0 + env.tool_bonus + env.attempt_bonus
+    assert env.step("7").reward == pytest.approx(1.0 + env.format_bonus + env.tool_bonus + env.attempt_bonus)
     env.reset({"prompt": "3+4=", "answer": "7"})
-    assert env.step("7").reward == 1.0 and env.tool_calls == 0
+    assert env.step("7").reward == 1.0 + env.format_bonus and env.tool_calls == 0
     env.reset({"prompt": "3+4=", "answer": "7"})
     res = env.step(CALCULATOR_CALL_OPEN + "3+" + CALCULATOR_CALL_CLOSE)  # a failed call: only the attempt bonus
     assert res.observation[0]["content"] == "error: Synta"  # cut to max_observation_chars
-    assert env.step("8").reward == env.attempt_bonus
+    assert env.step("8").reward == pytest.approx(env.format_bonus + env.attempt_bonus)
     assert env.metrics() == {"accuracy": 0.0, "well_formed_call": 1.0, "successful_call": 0.0}
     env.reset({"prompt": "3+4=", "answer": "7"})
     env.step(CALCULATOR_CALL_OPEN + "3+4")  # unclosed (e.g. cut by the budget): no bonus at all
