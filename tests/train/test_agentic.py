@@ -71,3 +71,17 @@ def test_environment_fields_are_checked():
     with pytest.raises(ValueError, match="give one"):
         build_config("grpo", dict(environment="trlax.rollouts.environments:CalculatorEnv",
                                   tools="trlax.rollouts.environments:calculator"))
+
+
+def test_final_turn_is_the_trailing_policy_run():
+    from types import SimpleNamespace
+
+    from trlax.train.agentic import _final_turns
+
+    ids = np.arange(10)[None].repeat(2, 0)
+    cm = np.array([[1] * 8 + [0] * 2, [1] * 10], bool)
+    lm = np.array([[1, 1, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], bool)
+    # row 1 ends with observation tokens (cut by the budget): its final turn is empty
+    assert _final_turns(SimpleNamespace(completion_ids=ids, completion_mask=cm, loss_mask=lm)) == [[], []]
+    lm[0, 7] = True
+    assert _final_turns(SimpleNamespace(completion_ids=ids, completion_mask=cm, loss_mask=lm))[0] == [4, 5, 6, 7]
