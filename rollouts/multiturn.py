@@ -264,8 +264,10 @@ class MultiTurnSampler:
     def _env_call(self, env, method: str, r: int, turn: int, *args):
         name = type(env).__name__
         fn = getattr(env, method, None)
-        if fn is None and method == "end_reward":
-            return None
+        if fn is None:
+            if method in ("end_reward", "metrics"):
+                return None if method == "end_reward" else {}
+            raise EnvironmentRunError(f"environment {name} has no {method}() method (see trlax.rollouts.Environment)")
         try:
             return fn(*args)
         except EnvironmentRunError:
@@ -285,6 +287,8 @@ class MultiTurnSampler:
         cfg = dataclasses.replace(cfg, num_generations=g)
         if params is None:
             params = self.default_params
+            if params is None:
+                raise ValueError("`params` is None and the sampler was built from a graphdef without weights")
         elif isinstance(params, nnx.Module):
             params = nnx.state(params)
         tok, n = self.tokenizer, cfg.max_new_tokens
@@ -292,7 +296,11 @@ class MultiTurnSampler:
         r_all = len(rows) * g
         envs, fmts, prompts = [], [], []
         for r in range(r_all):
-            env = env_factory()
+            try:
+                env = env_factory()
+            except Exception as e:
+                raise EnvironmentRunError(f"environment {getattr(env_factory, '__name__', env_factory)!r} could not "
+                                          f"be created for rollout {r}: {type(e).__name__}: {e}") from e
             obs = self._env_call(env, "reset", r, 0, rows[r // g])
             tools = [t if isinstance(t, Tool) else Tool(t) for t in getattr(env, "tools", ()) or ()]
             fmt = ChatFormat(tok, tools)

@@ -209,3 +209,27 @@ def test_budget_truncates_and_errors_name_arguments(setup):
         MultiTurnSampler(model, scfg, tok, max_turns=0)
     with pytest.raises(ValueError, match="observation_multiple"):
         MultiTurnSampler(model, scfg, tok, observation_multiple=0)
+
+
+class BadReset(EchoEnv):
+    def reset(self, row):
+        raise ValueError("no prompt today")
+
+
+class NoStep:
+    def reset(self, row):
+        return row["prompt"]
+
+
+def test_environment_creation_reset_and_interface_errors_name_it(setup):
+    sampler, key = setup["sampler"], jax.random.PRNGKey(0)
+    with pytest.raises(EnvironmentRunError, match=r"BadReset\.reset raised on rollout 0 \(turn 0\).*no prompt today"):
+        sampler.rollout(None, ROWS, BadReset, key)
+
+    def broken_factory():
+        raise RuntimeError("no sandbox")
+
+    with pytest.raises(EnvironmentRunError, match="'broken_factory' could not be created.*no sandbox"):
+        sampler.rollout(None, ROWS, broken_factory, key)
+    with pytest.raises(EnvironmentRunError, match=r"NoStep has no step\(\) method"):
+        sampler.rollout(None, ROWS, NoStep, key)
