@@ -105,6 +105,10 @@ class SamplingConfig:
         stops); an integer ``Sl``: continuous batching, ``Sl`` slots stream through the ``prompts x G``
         requests and a slot whose completion stopped takes the next one at once (needs ``share_prefix``).
         Same tokens for any slot count.
+      slot_halvings: shared-prefix engine: once no request is pending and at most half the slots are busy,
+        the busy slots move into a batch half as wide, at most this many times (0: never), so a few long
+        completions at the end do not keep the whole width busy (same tokens; each width is one more
+        compiled loop).
     """
 
     max_new_tokens: int = 256
@@ -119,6 +123,7 @@ class SamplingConfig:
     prompt_multiple: Optional[int] = None
     share_prefix: bool = True
     decode_slots: Optional[int] = None
+    slot_halvings: int = 2
 
     def __post_init__(self):
         for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):  # TRL / HF spell "off" as None
@@ -126,7 +131,7 @@ class SamplingConfig:
                 object.__setattr__(self, name, off)
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in np.atleast_1d(
             np.asarray(self.stop_token_ids, dtype=np.int64)).tolist()))
-        ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "pad_token_id": 0}
+        ints = {"max_new_tokens": 1, "top_k": 0, "num_generations": 1, "pad_token_id": 0, "slot_halvings": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
@@ -455,7 +460,7 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
              jnp.zeros((), jnp.int32))
     out = jax.lax.while_loop(cond, body, state)
     done, ids, lps, mask = out[3], out[7], out[8], out[9]
-    stats = jnp.stack([out[0] - 1, out[10], jnp.asarray(b, jnp.int32)])
+    stats = jnp.stack([out[0] - 1, out[10], (out[0] - 1) * b, jnp.asarray(b, jnp.int32)])
     return prompt_ids, prompt_mask, ids, mask, lps, ~done, stats
 
 
@@ -499,17 +504,17 @@ def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask
         active = jnp.arange(sl) < n_queue
         nxt = jnp.minimum(n_queue, sl)
     else:
-        queue, n_queue, slot_req, active, nxt = None, None, req.astype(jnp.int32), needs, jnp.zeros((), jnp.int32)
+        queue, n_queue, slot_req, active, nxt = None, jnp.zeros((), jnp.int32), req.astype(jnp.int32), needs, \
+            jnp.zeros((), jnp.int32)
     buf = max(n - 1, 1)  # completion tokens 0 .. n-2 are fed back; the last one never is
     cshape = (mc.num_layers, sl, buf, mc.num_kv_heads, mc.head_dim)
     cache = SlotCache(prefix_k=pk, prefix_v=pv, prefix_mask=prompt_mask, prompt=slot_req // g,
                       k=jnp.zeros(cshape, model.dtype), v=jnp.zeros(cshape, model.dtype),
                       length=jnp.zeros((sl,), jnp.int32), layer=jnp.zeros((), jnp.int32), group=0 if cont else g)
     inv_freq = rope_inv_freq(mc)
-    slen = jnp.ones((sl,), jnp.int32)  # tokens of its request a slot has produced
 
     def body(state):
-        steps, useful, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, stopped = state
+        steps, useful, slot_steps, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, stopped = state
         cache = dataclasses.replace(cache, length=slen - 1)  # ``prev`` is completion token slen - 1
         x = jnp.take(model.embed[...], prev[:, None], axis=0, mode="clip").astype(model.dtype)
         pos = (plen[cache.prompt] + slen - 1)[:, None]
@@ -524,6 +529,7 @@ def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask
         hit = active & jnp.isin(tok, stop)
         stopped = stopped.at[jnp.where(hit, slot_req, r_all)].set(True, mode="drop")
         useful = useful + jnp.sum(active, dtype=jnp.int32)
+        slot_steps = slot_steps + active.shape[0]
         active = active & ~hit & (slen < n)
         prev = tok
         if cont:  # freed slots take the next pending requests, in order
@@ -537,14 +543,35 @@ def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask
             active = active | take
             nxt = nxt + jnp.sum(take, dtype=jnp.int32)
             cache = dataclasses.replace(cache, prompt=slot_req // g)
-        return steps + 1, useful, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, stopped
+        return steps + 1, useful, slot_steps, slot_req, active, prev, slen, cache, nxt, out_ids, out_lps, out_len, \
+            stopped
 
-    state = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), slot_req, active, tok0[slot_req], slen, cache,
-             nxt, out_ids, out_lps, out_len, stopped)
-    out = jax.lax.while_loop(lambda st: jnp.any(st[3]), body, state)
-    steps, useful, out_ids, out_lps, out_len, stopped = out[0], out[1], out[8], out[9], out[10], out[11]
+    zero = jnp.zeros((), jnp.int32)
+    state = (zero, zero, zero, slot_req, active, tok0[slot_req], jnp.ones((sl,), jnp.int32), cache, nxt, out_ids,
+             out_lps, out_len, stopped)
+    # Shrinking: once no request is pending and at most half the slots are busy, the busy ones move into a batch
+    # half as wide (at most ``slot_halvings`` times), so the tail of long completions does not drag idle slots.
+    widths = [sl]
+    while len(widths) <= cfg.slot_halvings and widths[-1] >= 2:
+        widths.append(widths[-1] // 2)
+    for i, width in enumerate(widths):
+        last = i == len(widths) - 1
+
+        def cond(st, half=None if last else widths[i + 1]):
+            busy = jnp.sum(st[4], dtype=jnp.int32)
+            go = busy > 0
+            return go if half is None else go & ((st[8] < n_queue) | (busy > half))
+
+        state = jax.lax.while_loop(cond, body, state)
+        if not last:  # keep the busy slots (all of them fit), busy first
+            keep = jnp.argsort(~state[4], stable=True)[:widths[i + 1]]
+            c = state[7]
+            c = dataclasses.replace(c, k=c.k[:, keep], v=c.v[:, keep], prompt=c.prompt[keep], length=c.length[keep],
+                                    group=0)
+            state = state[:3] + tuple(x[keep] for x in state[3:7]) + (c,) + state[8:]
+    steps, useful, slot_steps, out_ids, out_lps, out_len, stopped = (state[j] for j in (0, 1, 2, 9, 10, 11, 12))
     mask = jnp.arange(n)[None, :] < out_len[:, None]
-    stats = jnp.stack([steps, useful, jnp.asarray(sl, jnp.int32)])
+    stats = jnp.stack([steps, useful, slot_steps, jnp.asarray(sl, jnp.int32)])
     return (jnp.repeat(prompt_ids, g, axis=0), jnp.repeat(prompt_mask, g, axis=0), out_ids, mask,
             jnp.where(mask, out_lps, 0.0), ~stopped, stats)
 
@@ -601,11 +628,12 @@ class JaxSampler(Sampler):
     @property
     def last_stats(self) -> Dict[str, float]:
         """Decode statistics of the last call (reading them waits for it): ``decode_steps`` (loop iterations
-        after the prefill), ``slots``, ``slot_utilization`` (the fraction of slot-steps that produced a
-        completion token; 1 = no slot ever idle)."""
-        steps, useful, slots = (int(x) for x in np.asarray(self._stats))
-        return {"decode_steps": steps, "slots": slots,
-                "slot_utilization": useful / (steps * slots) if steps else 1.0}
+        after the prefill), ``slots`` (the initial width), ``slot_steps`` (slots x iterations, summed over the
+        shrinking phases), ``useful_slot_steps`` (those that produced a completion token) and
+        ``slot_utilization`` (their ratio; 1 = no slot ever idle)."""
+        steps, useful, slot_steps, slots = (int(x) for x in np.asarray(self._stats))
+        return {"decode_steps": steps, "slots": slots, "slot_steps": slot_steps, "useful_slot_steps": useful,
+                "slot_utilization": useful / slot_steps if slot_steps else 1.0}
 
     def _place(self, params, ids, mask):
         from jax.sharding import NamedSharding, PartitionSpec

@@ -726,6 +726,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     if async_gen and multi:
         raise ValueError("async_generation=True runs in one process for now (its generation thread would issue "
                          "collectives out of order with the training step's); use async_generation=False")
+    if async_gen and lcfg.sampler_correction is None and run.is_main:
+        print("warning: async_generation=True without a sampler_correction: the rollouts are one step stale and "
+              "nothing reweights them (e.g. --preset tis, or --sampler_correction token_truncate)")
     off_policy = spg > 1 or n_iter > 1 or lcfg.sampler_correction is not None or async_gen
     round_len = spg * n_iter
 

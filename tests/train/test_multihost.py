@@ -187,7 +187,8 @@ RESUME = ["--resume", "true", "--max_steps", "2", "--progress", "false", "--batc
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    _CACHE["dir"] = str(root / "jax_cache")
+    # the test session's persistent compilation cache (tests/conftest.py) when there is one, else the module's
+    _CACHE["dir"] = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "jax_cache")
     yield root
     _CACHE.clear()
 
@@ -276,7 +277,9 @@ def _same_params(dir_a, dir_b):
     a, b = _params(dir_a), _params(dir_b)
     assert sorted(a) == sorted(b)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=f"{dir_b}: {k}")
+        # atol 1e-5 (lr 3e-3 steps): Adam's m / sqrt(v) turns float-rounding differences of near-zero gradient
+        # entries into ~5e-6 parameter differences (measured: 3 of 1216 lm_head entries after 2 GRPO steps)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=f"{dir_b}: {k}")
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dpo"])
