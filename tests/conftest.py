@@ -172,6 +172,8 @@ def pytest_runtest_protocol(item, nextitem):
     row["wall_s"] += time.perf_counter() - t0
     row["cpu_s"] += c1 - c0  # this process's CPU seconds (all threads): far less sensitive to load than wall
     row["child_cpu_s"] += k1 - k0  # CPU of subprocesses (8-device runs, launches) waited for meanwhile
+    if nextitem is None or nextitem.nodeid.split("::")[0] != module:
+        _report(module)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ try:
 except (OSError, ValueError, KeyError):
     BUDGETS = {}
 UNLISTED_SECONDS = 20.0  # a module not in budgets.json yet: scheduled as a mid-sized one
+SLOW_MODULE_SECONDS = 60.0  # modules recorded at this or more are marked ``slow``
 
 
 def module_seconds(module):
@@ -195,6 +198,9 @@ def pytest_collection_modifyitems(session, config, items):
     """Heaviest modules first (stable: the order inside a module is kept). With ``--dist loadfile`` and
     ``--no-loadscope-reorder`` (pyproject addopts) xdist hands out whole modules in this order."""
     items.sort(key=lambda item: -module_seconds(item.nodeid.split("::")[0]))
+    for item in items:  # `-m "not slow"`: the quick subset for iteration (CI runs everything)
+        if module_seconds(item.nodeid.split("::")[0]) >= SLOW_MODULE_SECONDS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -203,19 +209,20 @@ def _compile_budget(request):
     executables than tests/budgets.json allows. Raise the budget only with a reason (see tests/README.md)."""
     yield
     module = request.node.nodeid.split("::")[0]
-    budget = BUDGETS.get(module, {}).get("compiles")
-    used = _COMPILES.get(module, {}).get("compiles", 0)
+    check_compile_budget(module, _COMPILES.get(module, {}).get("compiles", 0), BUDGETS.get(module, {}).get("compiles"))
+
+
+def _report(module):
+    """``TRLAX_COMPILE_REPORT=path``: append the module's row (JSON line) when it finishes."""
+    path = os.environ.get("TRLAX_COMPILE_REPORT")
+    if path and module in _COMPILES:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as f:
+            f.write(json.dumps({"module": module, "worker": worker, "time": time.time(), **_COMPILES[module]}) + "\n")
+
+
+def check_compile_budget(module, used, budget):
     if budget is not None and used > budget and not os.environ.get("TRLAX_NO_COMPILE_BUDGET"):
         pytest.fail(f"{module} built {used} XLA executables, over its budget of {budget} (tests/budgets.json): "
                     "share the compiled functions / toy runs (tests/README.md) or raise the budget with a reason",
                     pytrace=False)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    path = os.environ.get("TRLAX_COMPILE_REPORT")
-    if not path or not _COMPILES:
-        return
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    with open(path, "a") as f:
-        for module, row in sorted(_COMPILES.items()):
-            f.write(json.dumps({"module": module, "worker": worker, "time": time.time(), **row}) + "\n")
