@@ -105,7 +105,7 @@ class SamplingConfig:
         stops); an integer ``Sl``: continuous batching, ``Sl`` slots stream through the ``prompts x G``
         requests and a slot whose completion stopped takes the next one at once (needs ``share_prefix``).
         Same tokens for any slot count.
-      slot_halvings: shared-prefix engine: once no request is pending and at most half the slots are busy,
+      slot_halvings: continuous batching: once no request is pending and at most half the slots are busy,
         the busy slots move into a batch half as wide, at most this many times (0: never), so a few long
         completions at the end do not keep the whole width busy (same tokens; each width is one more
         compiled loop).
@@ -549,10 +549,11 @@ def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask
     zero = jnp.zeros((), jnp.int32)
     state = (zero, zero, zero, slot_req, active, tok0[slot_req], jnp.ones((sl,), jnp.int32), cache, nxt, out_ids,
              out_lps, out_len, stopped)
-    # Shrinking: once no request is pending and at most half the slots are busy, the busy ones move into a batch
-    # half as wide (at most ``slot_halvings`` times), so the tail of long completions does not drag idle slots.
+    # Shrinking (continuous batching): once no request is pending and at most half the slots are busy, the busy
+    # ones move into a batch half as wide (at most ``slot_halvings`` times), so the tail of long completions
+    # does not drag idle slots.
     widths = [sl]
-    while len(widths) <= cfg.slot_halvings and widths[-1] >= 2:
+    while cont and len(widths) <= cfg.slot_halvings and widths[-1] >= 2:
         widths.append(widths[-1] // 2)
     for i, width in enumerate(widths):
         last = i == len(widths) - 1
