@@ -64,7 +64,7 @@ def _median_time(fn, repeats):
     return statistics.median(times), out
 
 
-def grpo_cases(repeats: int, slots):
+def grpo_cases(repeats: int, slots, cases="ab"):
     """The GRPO-shaped table (module docstring): trlax engines vs transformers, alternating per repeat."""
     import torch
 
@@ -81,6 +81,8 @@ def grpo_cases(repeats: int, slots):
     rng = np.random.RandomState(0)
     table = []
     for case, plen, n_new, stops in (("a", (1024, 1025), 64, ()), ("b", (48, 65), 512, stop)):
+        if case not in cases:
+            continue
         prompts = [rng.randint(200, vocab, rng.randint(*plen)).tolist() for _ in range(n_prompts)]
         ids, mask = left_pad(prompts, 0)
         base = SamplingConfig(max_new_tokens=n_new, temperature=1.0, stop_token_ids=stops, num_generations=G)
@@ -137,9 +139,13 @@ def grpo_cases(repeats: int, slots):
         print(f"| {c} | {name} | {toks:,.0f} | {t:,.0f} | {r:.2f}x | {h:.2f}x | "
               f"{'-' if u != u else f'{u:.2f}'} | {'-' if comp != comp else f'{comp:.1f}'} |")
     best = {c: max((row for row in table if row[0] == c and row[1] != "transformers"), key=lambda r: r[3])
-            for c in ("a", "b")}
-    a, b = best["a"], best["b"]
-    print(f"\n(a) prefix sharing >= 4x the reference: {'met' if a[4] >= 4 else 'NOT met'} ({a[4]:.2f}x, {a[1]})")
+            for c in cases}
+    if "a" in best:
+        a = best["a"]
+        print(f"\n(a) prefix sharing >= 4x the reference: {'met' if a[4] >= 4 else 'NOT met'} ({a[4]:.2f}x, {a[1]})")
+    if "b" not in best:
+        return
+    b = best["b"]
     print(f"(b) continuous batching >= 1.5x the reference: {'met' if b[4] >= 1.5 else 'NOT met'} ({b[4]:.2f}x, "
           f"{b[1]}); slot use >= 0.85: {'met' if b[6] >= 0.85 else 'NOT met'} ({b[6]:.2f})")
     print(f"(c) >= 3x transformers on (b): {'met' if b[5] >= 3 else 'NOT met'} ({b[5]:.2f}x)")
@@ -150,11 +156,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--grpo", action="store_true", help="the GRPO-shaped table (module docstring)")
     ap.add_argument("--slots", default="16,32", help="--grpo: continuous-batching slot counts for case (b)")
+    ap.add_argument("--cases", default="ab", help="--grpo: which cases to run (a, b or ab)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     args = ap.parse_args()
     if args.grpo:
-        return grpo_cases(args.repeats or 2, [int(k) for k in args.slots.split(",")])
+        return grpo_cases(args.repeats or 2, [int(k) for k in args.slots.split(",")], args.cases)
     import torch
     import transformers
 
