@@ -224,12 +224,6 @@ def _grpo_cls():
         ("environment", str, dataclasses.field(default="")),
         ("tools", str, dataclasses.field(default="")),
         ("max_turns", int, dataclasses.field(default=4)),
-        # multi-turn, tool-using rollouts (trlax.train.agentic): an Environment class "pkg.module:Env", or tool
-        # functions "pkg.module:fn,..." scored by reward_funcs on the final turn; max_turns policy turns per rollout
-        # (max_completion_length is the whole interleaved block: policy and observation tokens)
-        ("environment", str, dataclasses.field(default="")),
-        ("tools", str, dataclasses.field(default="")),
-        ("max_turns", int, dataclasses.field(default=4)),
         # Skywork-OR1 adaptive entropy control (arXiv 2505.22312, sec. 3.2.3): entropy_coef is the start value
         ("use_adaptive_entropy", bool, dataclasses.field(default=False)),
         ("entropy_target", float, dataclasses.field(default=0.2)),
@@ -261,9 +255,6 @@ def _validate_grpo(self) -> None:
     check_range("steps_per_generation", self.steps_per_generation, low=1)
     check_range("decode_slots", self.decode_slots, low=0)
     check_choice("async_generation", self.async_generation, (True, False))
-    from trlax.train.agentic import check_fields
-
-    check_fields(self)
     from trlax.train.agentic import check_fields
 
     check_fields(self)
