@@ -489,8 +489,8 @@ class CalculatorEnv(ToolEnvironment):
     (the toy tokenizer spells unknown characters as one ``<unk>`` each).
     """
 
-    def __init__(self, tool_bonus: float = 0.2, attempt_bonus: float = 0.1, format_bonus: float = 0.5,
-                 max_tool_calls: int = 1, timeout_s: float = 2.0, max_observation_chars: int = 12):
+    def __init__(self, tool_bonus: float = 0.2, attempt_bonus: float = 0.1, format_bonus: float = 0.2,
+                 max_tool_calls: int = 2, timeout_s: float = 2.0, max_observation_chars: int = 12):
         super().__init__([Tool(calculator, timeout_s=timeout_s)], max_tool_calls=max_tool_calls,
                          max_observation_chars=max_observation_chars)
         self.tool_bonus, self.attempt_bonus = float(tool_bonus), float(attempt_bonus)
