@@ -112,6 +112,7 @@ def test_calculator_env_rewards(tok):
     assert len(tok(CALCULATOR_CALL_OPEN + "3+4" + CALCULATOR_CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 5
 
 
+@pytest.mark.trl
 def test_prompts_with_tools_render_as_trl(tok):
     from trl.data_utils import apply_chat_template as trl_apply_chat_template
 
