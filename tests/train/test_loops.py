@@ -124,9 +124,13 @@ def test_dpo_default_data_learns(tmp_path):
     s = loops.run("dpo", build_config("dpo", dict(output_dir=str(tmp_path), max_steps=25, batch_size=16,
                                                   progress=False, export=False)))
     assert s["loss_last_10pct"] < s["loss_first_10pct"] - 0.05, s
-    assert s["accuracy_last_10pct"] > s["accuracy_first_10pct"], s
+    # against chance, not against step 1: there both implicit rewards are 0 (policy = reference) and the
+    # strict comparison makes the accuracy 0 by construction
+    assert s["accuracy_last_10pct"] >= 0.75, s
     rows = _read_jsonl(tmp_path / "metrics.jsonl")
     assert {"rewards/margins", "rewards/accuracies", "loss"} <= set(rows[0])
+    assert rows[0]["rewards/accuracies"] == 0.0 and rows[0]["rewards/margins"] == 0.0  # policy = reference
+    assert np.mean([r["rewards/accuracies"] for r in rows[-5:]]) >= 0.75
 
 
 def test_dpo_on_the_fly_reference_equals_precomputed(tmp_path):
