@@ -810,9 +810,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
             cur = buf["old_logps"] if "old_logps" in buf else run.local(forward_logps(params, *fwd_in))
             ref = run.local(reference_logps(run.frozen_params, *fwd_in))
-            d = np.where(c_mask, np.clip(ref - cur, -20, 20), 0.0)
+            d = np.where(policy_mask, np.clip(ref - cur, -20, 20), 0.0)  # the policy's tokens only
             kl_tok = np.exp(d) - d - 1.0
-            kl_sum, kl_n = D.all_sum(float(kl_tok[c_mask].sum()), float(c_mask.sum()))
+            kl_sum, kl_n = D.all_sum(float(kl_tok[policy_mask].sum()), float(policy_mask.sum()))
             gen_metrics["kl"] = float(kl_sum / kl_n) if kl_n else 0.0
         for j, name in enumerate(reward_names):
             gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
