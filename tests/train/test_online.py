@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _trainer_utils import TINY_RUN, capture_first_step, first_last, read_metrics, run_trainer
+from _trainer_utils import TINY_RUN, capture_first_step, check_loss_and_grad, first_last, read_metrics, run_trainer
 from trlax.train import data as D
 from trlax.train.config import build_config
 
@@ -50,6 +50,9 @@ def toy(request, tmp_path_factory):
 
 
 def test_first_step_equals_objective(toy):
+    """The first step's loss, its gradient norm and the trainer's step from a policy that differs from the
+    reference (:func:`check_loss_and_grad`: at step 1 policy = reference, so online DPO's loss is log 2 and
+    Nash-MD's KL term 0 whatever the batch); XPO's exploration term (~1e-4 of its loss) is compared on its own."""
     from trlax.objectives import nash_md_loss, online_dpo_loss, xpo_loss
 
     algo, box, _ = toy
@@ -58,16 +61,17 @@ def test_first_step_equals_objective(toy):
     for x, y in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(p0)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     if algo == "nash_md":
-        lp = _logps(run, p0, b, b["completion_ids"], b["mask"])
         ref_lp = _logps(run, ref, b, b["completion_ids"], b["mask"])
         np.testing.assert_allclose(b["ref_logps"], ref_lp, rtol=1e-5, atol=1e-6)
         r_pol = _rewards(run, b, b["completion_ids"], b["mask"])
         r_mix = _rewards(run, b, b["mixture_ids"], b["mixture_mask"])
         np.testing.assert_allclose(b["preference"], 1.0 / (1.0 + np.exp(-(r_pol - r_mix))), rtol=1e-6)
-        loss, _ = nash_md_loss(lp, ref_lp, b["mask"], b["preference"], beta=0.1)
+
+        def objective(p, with_metrics=False):
+            lp = _logps(run, p, b, b["completion_ids"], b["mask"])
+            out = nash_md_loss(lp, b["ref_logps"], b["mask"], b["preference"], beta=0.1)
+            return out if with_metrics else out[0]
     else:
-        ch = _logps(run, p0, b, b["chosen_ids"], b["chosen_mask"])
-        rj = _logps(run, p0, b, b["rejected_ids"], b["rejected_mask"])
         ref_ch = _logps(run, ref, b, b["chosen_ids"], b["chosen_mask"]).sum(-1)
         ref_rj = _logps(run, ref, b, b["rejected_ids"], b["rejected_mask"]).sum(-1)
         np.testing.assert_allclose(b["ref_chosen"], ref_ch, rtol=1e-5, atol=1e-5)
@@ -75,14 +79,25 @@ def test_first_step_equals_objective(toy):
         assert np.all(_rewards(run, b, b["chosen_ids"], b["chosen_mask"])
                       >= _rewards(run, b, b["rejected_ids"], b["rejected_mask"]))
         kw = dict(chosen_mask=b["chosen_mask"], rejected_mask=b["rejected_mask"], beta=0.1, loss_type="sigmoid")
-        if algo == "online_dpo":
-            loss, _ = online_dpo_loss(ch, rj, ref_ch, ref_rj, **kw)
-        else:
-            pol = b["chosen_is_policy"][:, None]
-            loss, _ = xpo_loss(ch, rj, ref_ch, ref_rj, jnp.where(pol, rj, ch),
-                               ref_sample_mask=np.where(pol, b["rejected_mask"], b["chosen_mask"]), alpha=1e-5, **kw)
-    assert np.isfinite(box["metrics"]["loss"])
-    np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5, atol=1e-7)
+
+        def objective(p, with_metrics=False):
+            ch = _logps(run, p, b, b["chosen_ids"], b["chosen_mask"])
+            rj = _logps(run, p, b, b["rejected_ids"], b["rejected_mask"])
+            if algo == "online_dpo":
+                out = online_dpo_loss(ch, rj, b["ref_chosen"], b["ref_rejected"], **kw)
+            else:
+                pol = b["chosen_is_policy"][:, None]
+                out = xpo_loss(ch, rj, b["ref_chosen"], b["ref_rejected"], jnp.where(pol, rj, ch),
+                               ref_sample_mask=np.where(pol, b["rejected_mask"], b["chosen_mask"]), alpha=1e-5,
+                               **kw)
+            return out if with_metrics else out[0]
+
+    check_loss_and_grad(box, objective)
+    if algo == "xpo":  # the exploration term alone: alpha * log-probs of the reference's samples
+        _, m = objective(p0, with_metrics=True)
+        assert abs(float(m["loss/xpo"])) > 0 and abs(float(m["loss/xpo"])) < 1e-2 * abs(float(m["loss/dpo"]))
+        for key in ("loss/xpo", "loss/dpo"):
+            np.testing.assert_allclose(box["metrics"][key], float(m[key]), rtol=1e-5, atol=1e-12)
 
 
 def test_toy_run_judged_reward_rises(toy):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _trainer_utils import capture_first_step, first_last, read_metrics, run_trainer
+from _trainer_utils import (addition_task_rewards, capture_first_step, first_last, group_advantages, read_metrics,
+                            run_trainer)
 from trlax.train.config import build_config
 
 TOY = dict(max_steps=40, batch_size=32, seed=0)
@@ -37,20 +38,7 @@ def _logps(run, params, b, temperature=1.0):
 
 
 def _task_rewards(run, b):
-    """accuracy (1 if the completion is exactly str(a+b) then EOS) + format (0.5 for 1-2 digits then EOS),
-    recomputed from the decoded batch."""
-    tok = run.tokenizer
-    out = []
-    for p_ids, p_m, c_ids, c_m in zip(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"]):
-        prompt = tok.decode(p_ids[p_m].tolist(), skip_special_tokens=True)
-        a, rest = prompt.rstrip("=").split("+")
-        toks = c_ids[c_m].tolist()
-        done = bool(toks) and toks[-1] == tok.eos_token_id
-        text = tok.decode(toks, skip_special_tokens=True)
-        acc = 1.0 if done and text == str(int(a) + int(rest)) else 0.0
-        fmt = 0.5 if done and text.isdigit() and len(text) <= 2 else 0.0
-        out.append(acc + fmt)
-    return np.asarray(out)
+    return addition_task_rewards(run, b)
 
 
 def _assert_learns(box, margin):
@@ -194,8 +182,13 @@ def test_gmpo_first_step_equals_gmpo_loss(gmpo):
 
     run, b, p = gmpo["run"], gmpo["batch"], gmpo["state"].params
     assert (run.cfg.loss_type, run.cfg.epsilon, run.cfg.epsilon_high, run.cfg.beta) == ("gmpo", 0.4, 0.4, 0.0)
+    # group-relative advantages recomputed in NumPy from the decoded batch's rewards (groups of 4 rows)
+    adv = group_advantages(_task_rewards(run, b), 4, run.cfg.scale_rewards)
+    assert np.any(adv != 0)
+    np.testing.assert_allclose(b["advantages"], adv, rtol=1e-6, atol=1e-6)
     logps, ent = _logps(run, p, b, run.cfg.temperature)
-    loss, _ = policy_loss(logps, None, b["advantages"], b["mask"], PolicyLossConfig.gmpo(), entropies=ent)
+    loss, _ = policy_loss(logps, None, adv, b["mask"], PolicyLossConfig.gmpo(), entropies=ent)
+    assert abs(gmpo["metrics"]["loss"]) > 0
     np.testing.assert_allclose(gmpo["metrics"]["loss"], float(loss), rtol=1e-5, atol=1e-7)
 
 
