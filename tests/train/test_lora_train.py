@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from _trainer_utils import TINY_RUN, capture_first_step, first_last, read_metrics, run_trainer
+from _trainer_utils import (TINY_RUN, addition_task_rewards, capture_first_step, check_loss_and_grad, first_last,
+                            group_advantages, read_metrics, run_trainer)
 from trlax.train import data as D, loops
 from trlax.models import completion_logps, merge_lora
 from trlax.train.config import build_config, loss_config
@@ -85,17 +86,22 @@ def test_dpo_dora(tmp_path, monkeypatch):
                                    lora_target_modules="q_proj,v_proj,up_proj,down_proj", export=True, seed=4))
     loops.run("dpo", cfg, rows=D.preference_examples(16, 4))
     run, b = box["run"], box["batch"]
-    p = box["state"].params
-    ch = _merged_logps(run, p, b["prompt_ids"], b["prompt_mask"], b["chosen_ids"], b["chosen_mask"])
-    rj = _merged_logps(run, p, b["prompt_ids"], b["prompt_mask"], b["rejected_ids"], b["rejected_mask"])
     # the reference: the base decoder alone (adapters off)
     base = nnx.merge(run.policy.base_graphdef, run.policy.frozen["base"])
     ref = [completion_logps(base, b["prompt_ids"], b["prompt_mask"], b[k + "_ids"], b[k + "_mask"])[0]
            for k in ("chosen", "rejected")]
     np.testing.assert_allclose(b["ref_chosen"], np.asarray(ref[0]), rtol=1e-6, atol=1e-6)
-    loss, _ = preference_loss(ch, rj, ref[0], ref[1], b["chosen_mask"], b["rejected_mask"],
-                              loss_config("dpo", run.cfg))
-    np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5)
+    np.testing.assert_allclose(b["ref_rejected"], np.asarray(ref[1]), rtol=1e-6, atol=1e-6)
+
+    def objective(p):
+        ch = _merged_logps(run, p, b["prompt_ids"], b["prompt_mask"], b["chosen_ids"], b["chosen_mask"])
+        rj = _merged_logps(run, p, b["prompt_ids"], b["prompt_mask"], b["rejected_ids"], b["rejected_mask"])
+        return preference_loss(ch, rj, ref[0], ref[1], b["chosen_mask"], b["rejected_mask"],
+                               loss_config("dpo", run.cfg))[0]
+
+    # value (log 2 at step 1: the adapters start as the identity), gradient norm, and the trainer's step from
+    # adapters that differ from the base model's
+    check_loss_and_grad(box, objective)
     hist = read_metrics(tmp_path)
     first, last = first_last([r["loss"] for r in hist])
     assert last < first - 0.1, (first, last)  # 0.69 -> 0.55 at this seed
@@ -119,7 +125,9 @@ def test_grpo_lora_first_step(tmp_path, monkeypatch):
     base = nnx.merge(run.policy.base_graphdef, run.policy.frozen["base"])
     ref = completion_logps(base, b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])[0]
     np.testing.assert_allclose(b["ref_logps"], np.asarray(ref), rtol=1e-6, atol=1e-6)
-    loss, _ = policy_loss(logps, None, b["advantages"], b["mask"], loss_config("grpo", run.cfg),
+    adv = group_advantages(addition_task_rewards(run, b), 4, run.cfg.scale_rewards)  # from the rewards
+    np.testing.assert_allclose(b["advantages"], adv, rtol=1e-6, atol=1e-6)
+    loss, _ = policy_loss(logps, None, adv, b["mask"], loss_config("grpo", run.cfg),
                           ref_logps=ref, entropies=ent)
     np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5, atol=1e-7)
     # the sampler's parameters are the merged decoder's state
