@@ -2,7 +2,9 @@
 TR-DPO's reference) runs on a data=2 x fsdp=2 x tensor=2 mesh of 8 simulated CPU devices (one
 subprocess, since the device count is fixed when JAX starts). The offline trainers' first-step loss on the
 mesh equals the one-device loss (float32, 1e-4): sharding changes nothing but the placement. The sampling
-trainers (RL, online preference, distillation) must run and log finite losses."""
+trainers (RL, online preference, distillation) must run and log finite losses. DPO runs its RPO preset: at
+step 1 the policy is the reference, so the plain DPO loss is log 2 on any layout, while RPO's added NLL of the
+chosen completions depends on the batch and the model (the gradient norm is compared too)."""
 
 import json
 import os
@@ -15,11 +17,13 @@ import pytest
 from _trainer_utils import read_metrics, run_trainer
 
 COMPARED = {"kto": {}, "bco": {}, "cpo": {"preset": "simpo"}, "reward": {},
-            "prm": {"max_prompt_length": 8, "max_completion_length": 16}}
+            "prm": {"max_prompt_length": 8, "max_completion_length": 16},
+            "dpo": {"preset": "rpo"}, "orpo": {}, "tpo": {}}
 RUN_ONLY = {"ppo": {"num_mini_batches": 1, "num_ppo_epochs": 1}, "a2po": {"num_value_samples": 2},
             "online_dpo": {}, "nash_md": {}, "gkd": {"lmbda": 1.0}, "sdft": {},
             "sft": {"bema": True, "bema_update_freq": 1},
-            "dpo": {"preset": "tr_dpo", "ref_model_sync_steps": 1}}
+            "tr_dpo": {"preset": "tr_dpo", "ref_model_sync_steps": 1}}
+ALGO = {"tr_dpo": "dpo"}  # job name -> trainer (default: the job name itself)
 COMMON = {"batch_size": 8, "max_prompt_length": 4, "max_completion_length": 3, "progress": False,
           "export": False}
 
@@ -37,9 +41,10 @@ def mesh_runs(tmp_path_factory):
         "from trlax.train import loops\n"
         "from trlax.train.config import build_config\n"
         f"jobs = json.loads({json.dumps(json.dumps(jobs))})\n"
+        f"algo = json.loads({json.dumps(json.dumps(ALGO))})\n"
         "for name, kw in jobs.items():\n"
         f"    kw = dict(kw, output_dir=os.path.join({str(root)!r}, name), mesh_data=2, mesh_fsdp=2, mesh_tensor=2)\n"
-        "    loops.run(name, build_config(name, kw))\n"
+        "    loops.run(algo.get(name, name), build_config(algo.get(name, name), kw))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
     env["JAX_PLATFORMS"] = "cpu"
