@@ -44,9 +44,9 @@ import numpy as np
 from flax import nnx
 
 from trlax.models.attention import SlotCache
-from trlax.models.decoder import Decoder, positions_from_mask, rms_norm, rope_inv_freq
+from trlax.models.decoder import Decoder, rms_norm, rope_inv_freq
 from trlax.rollouts.environments import ChatFormat, Environment, EnvironmentRunError, StepResult, Tool
-from trlax.rollouts.sampler import Rollout, SamplingConfig, _heads, _layers_forward, _row_keys, left_pad
+from trlax.rollouts.sampler import Rollout, SamplingConfig, _heads, _prefill_prompts, _row_keys, left_pad
 
 __all__ = ["MultiTurnRollout", "MultiTurnSampler", "turn_token_rewards"]
 
@@ -102,8 +102,6 @@ def _decode_loop(model: Decoder, cfg: SamplingConfig, stop, cache, plen, row_key
     n = out[0].shape[1]
     head, draw = _heads(model, cfg)
     inv_freq = rope_inv_freq(mc)
-    r_all = prev.shape[0]
-    slots = jnp.arange(r_all)
     alive = alive & ~jnp.isin(prev, stop) & (pos < n)
 
     def body(state):
@@ -113,12 +111,7 @@ def _decode_loop(model: Decoder, cfg: SamplingConfig, stop, cache, plen, row_key
         x, cache = model.run_layers(x, (plen[cache.prompt] + pos - 1)[:, None], inv_freq, None, cache, 0)
         h = rms_norm(x[:, 0], model.final_norm[...], mc.rms_norm_eps)
         tok, lp = draw(jax.vmap(jax.random.fold_in)(row_keys, pos), head(h))
-        at = jnp.where(alive, slots, r_all)
-        ids = ids.at[at, pos].set(tok, mode="drop")
-        lps = lps.at[at, pos].set(lp, mode="drop")
-        pol = pol.at[at, pos].set(True, mode="drop")
-        pos = pos + alive.astype(jnp.int32)
-        prev = jnp.where(alive, tok, prev)
+        prev, pos, (ids, lps, pol) = _emit(alive, tok, lp, prev, pos, (ids, lps, pol))
         alive = alive & ~jnp.isin(tok, stop) & (pos < n)
         return cache, prev, pos, alive, (ids, lps, pol)
 
@@ -127,24 +120,28 @@ def _decode_loop(model: Decoder, cfg: SamplingConfig, stop, cache, plen, row_key
     return cache, pos, out
 
 
+def _emit(active, tok, lp, prev, pos, out):
+    """Write each active slot's policy token ``tok`` (log-prob ``lp``) at its position ``pos`` of the
+    completion block, then advance it: returns ``(prev, pos, (ids, lps, pol))``."""
+    ids, lps, pol = out
+    slots = jnp.arange(ids.shape[0])
+    at = jnp.where(active, slots, ids.shape[0])  # inactive slots write nowhere
+    ids = ids.at[at, pos].set(tok, mode="drop")
+    lps = lps.at[at, pos].set(lp, mode="drop")
+    pol = pol.at[at, pos].set(True, mode="drop")
+    return jnp.where(active, tok, prev), pos + active.astype(jnp.int32), (ids, lps, pol)
+
+
 def _first_turn(graphdef, cfg: SamplingConfig, n: int, params, prompt_ids, prompt_mask, key):
     """Prefill the ``B0`` distinct prompts, draw every rollout's first token from its prompt's logits, decode
     turn 1. Returns ``(cache, plen, pos, (ids, lps, pol))``."""
     model = nnx.merge(graphdef, params)
     mc = model.config
-    b0, p = prompt_ids.shape
     g = cfg.num_generations
-    r_all = b0 * g
-    head, draw = _heads(model, cfg)
+    r_all = prompt_ids.shape[0] * g
     stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     prompt_mask = prompt_mask.astype(bool)
-    shape = (mc.num_layers, b0, p, mc.num_kv_heads, mc.head_dim)
-    kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-    h, (pk, pv) = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), prompt_mask, kvs,
-                                  jnp.zeros((), jnp.int32))
-    plen = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    row_keys = _row_keys(key, jnp.arange(r_all))
-    tok, lp = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, 0), jnp.repeat(head(h[:, -1]), g, axis=0))
+    pk, pv, plen, row_keys, tok, lp = _prefill_prompts(model, cfg, prompt_ids, prompt_mask, key)
     ids = jnp.full((r_all, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok)
     lps = jnp.zeros((r_all, n), jnp.float32).at[:, 0].set(lp)
     pol = jnp.zeros((r_all, n), bool).at[:, 0].set(True)
@@ -181,12 +178,7 @@ def _next_turn(graphdef, cfg: SamplingConfig, params, cache, plen, key, feed, fe
     ids = ids.at[jnp.where(valid, slots[:, None], r_all), cols].set(feed, mode="drop")
     pos = pos + jnp.where(active, feed_len, 0)
     tok, lp = draw(jax.vmap(jax.random.fold_in)(row_keys, pos), head(h))
-    at = jnp.where(active, slots, r_all)
-    ids = ids.at[at, pos].set(tok, mode="drop")
-    lps = lps.at[at, pos].set(lp, mode="drop")
-    pol = pol.at[at, pos].set(True, mode="drop")
-    pos = pos + active.astype(jnp.int32)
-    prev = jnp.where(active, tok, prev)
+    prev, pos, (ids, lps, pol) = _emit(active, tok, lp, prev, pos, (ids, lps, pol))
     cache, pos, out = _decode_loop(model, cfg, stop, cache, plen, row_keys, prev, pos, active, (ids, lps, pol))
     return cache, pos, out
 

@@ -464,6 +464,23 @@ def _decode(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key)
     return prompt_ids, prompt_mask, ids, mask, lps, ~done, stats
 
 
+def _prefill_prompts(model: Decoder, cfg: SamplingConfig, prompt_ids, prompt_mask, key):
+    """One prefill of the ``B0`` distinct prompts (``prompt_mask`` bool) and every request's first token:
+    ``(prefix_k, prefix_v [L, B0, P, K, D], prompt lengths [B0], per-request keys [R], first tokens [R],
+    their log-probs [R])`` with ``R = B0·G``; all samples of a prompt draw from the same logits."""
+    mc, g = model.config, cfg.num_generations
+    b0, p = prompt_ids.shape
+    head, draw = _heads(model, cfg)
+    shape = (mc.num_layers, b0, p, mc.num_kv_heads, mc.head_dim)
+    kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
+    h, (pk, pv) = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), prompt_mask, kvs,
+                                  jnp.zeros((), jnp.int32))
+    plen = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
+    row_keys = _row_keys(key, jnp.arange(b0 * g))
+    tok0, lp0 = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, 0), jnp.repeat(head(h[:, -1]), g, axis=0))
+    return pk, pv, plen, row_keys, tok0, lp0
+
+
 def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask, key):
     """The shared-prefix engine: one prefill of the ``B0`` distinct prompts fills a
     :class:`~trlax.models.SlotCache`; then ``Sl`` decode slots stream through the ``R = B0·G`` requests
@@ -483,15 +500,8 @@ def _decode_slots(graphdef, cfg: SamplingConfig, params, prompt_ids, prompt_mask
     head, draw = _heads(model, cfg)
     stop = jnp.asarray(cfg.stop_token_ids or (-1,), jnp.int32)
     prompt_mask = prompt_mask.astype(bool)
-    shape = (mc.num_layers, b0, p, mc.num_kv_heads, mc.head_dim)
-    kvs = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
-    h, (pk, pv) = _layers_forward(model, prompt_ids, positions_from_mask(prompt_mask), prompt_mask, kvs,
-                                  jnp.zeros((), jnp.int32))
-    plen = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     req = jnp.arange(r_all)
-    row_keys = _row_keys(key, req)
-    first = head(h[:, -1])  # [B0, V]: every sample of a prompt draws its first token from the same logits
-    tok0, lp0 = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, 0), jnp.repeat(first, g, axis=0))
+    pk, pv, plen, row_keys, tok0, lp0 = _prefill_prompts(model, cfg, prompt_ids, prompt_mask, key)
     out_ids = jnp.full((r_all, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(tok0)
     out_lps = jnp.zeros((r_all, n), jnp.float32).at[:, 0].set(lp0)
     out_len = jnp.ones((r_all,), jnp.int32)

@@ -75,6 +75,27 @@ def run_trainer(name, tmp_path, **values):
     return loops.run(name, cfg)
 
 
+class Killed(Exception):
+    """Raised by :func:`run_killed_after` to stop a run as a kill would (after a finalised checkpoint)."""
+
+
+def run_killed_after(name, tmp_path, monkeypatch, step, **values):
+    """Run trainer ``name`` and stop it once ``step`` optimiser steps are logged and its checkpoint is written."""
+    def kill(run, at):
+        if at >= step:
+            run.ckpt.wait()
+            raise Killed
+
+    monkeypatch.setattr(loops, "_after_step", kill)
+    try:
+        run_trainer(name, tmp_path, **values)
+    except Killed:
+        return
+    finally:
+        monkeypatch.setattr(loops, "_after_step", None)
+    raise AssertionError(f"{name} finished before step {step}")
+
+
 def read_metrics(tmp_path):
     with open(tmp_path / "metrics.jsonl") as fh:
         return [json.loads(line) for line in fh]

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from _trainer_utils import first_last, gather_logps, plain_completion_logits, read_metrics, run_trainer
+from _trainer_utils import (first_last, gather_logps, plain_completion_logits, read_metrics, run_killed_after,
+                            run_trainer)
 from trlax.rollouts import JaxSampler
 from trlax.train import loops
 
@@ -83,23 +84,10 @@ def test_async_run_reward_rises(recorded):
     assert last >= first + 0.15, (first, last)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_kill_and_resume_with_a_round_in_flight_is_exact(tmp_path, monkeypatch):
     kw = dict(SHAPES, max_steps=5, save_every=2, seed=3)
     run_trainer("grpo", tmp_path / "full", **kw)
-
-    def kill(run, step):
-        if step >= 2:
-            run.ckpt.wait()
-            raise _Killed
-
-    monkeypatch.setattr(loops, "_after_step", kill)
-    with pytest.raises(_Killed):
-        run_trainer("grpo", tmp_path / "part", **kw)
-    monkeypatch.setattr(loops, "_after_step", None)
+    run_killed_after("grpo", tmp_path / "part", monkeypatch, 2, **kw)
     run_trainer("grpo", tmp_path / "part", resume=True, **kw)
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]

@@ -6,8 +6,7 @@ step 2 and resumed logs exactly the losses of an uninterrupted run and ends with
 import numpy as np
 import pytest
 
-from _trainer_utils import read_metrics, run_trainer
-from trlax.train import loops
+from _trainer_utils import read_metrics, run_killed_after, run_trainer
 
 CASES = {
     "ppo": dict(kl_ctl="adaptive", batch_size=4, num_mini_batches=1, num_ppo_epochs=2),
@@ -16,10 +15,6 @@ CASES = {
     "grpo": dict(preset="skywork_or1", batch_size=4, num_generations=2, entropy_target=5.0),
     "sdft": dict(batch_size=4),
 }
-
-
-class _Killed(Exception):
-    pass
 
 
 def _safetensors(path):
@@ -33,15 +28,7 @@ def test_kill_and_resume_is_exact(name, tmp_path, monkeypatch):
     kw = dict(CASES[name], max_steps=4, save_every=2, export=True, seed=1)
     full = run_trainer(name, tmp_path / "full", **kw)
 
-    def kill(run, step):
-        if step >= 2:
-            run.ckpt.wait()
-            raise _Killed
-
-    monkeypatch.setattr(loops, "_after_step", kill)
-    with pytest.raises(_Killed):
-        run_trainer(name, tmp_path / "part", **kw)
-    monkeypatch.setattr(loops, "_after_step", None)
+    run_killed_after(name, tmp_path / "part", monkeypatch, 2, **kw)
     assert not (tmp_path / "part" / "final").exists()
     part = run_trainer(name, tmp_path / "part", resume=True, **kw)
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
