@@ -265,7 +265,7 @@ def _validate_grpo(self) -> None:
     check_range("entropy_coef_max", self.entropy_coef_max, low=self.entropy_coef_min)
     if self.use_adaptive_entropy:
         check_range("entropy_coef", self.entropy_coef, low=self.entropy_coef_min, high=self.entropy_coef_max)
-    from trlax.train.loops import check_reward_fields
+    from trlax.train.rewarding import check_reward_fields
 
     check_reward_fields(self)
 
