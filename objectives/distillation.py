@@ -6,7 +6,10 @@
 - :func:`on_policy_distillation_loss` — per-token reverse KL ``−(ℓ_S − ℓ_T)`` on student samples used as
   a policy-gradient advantage (Agarwal et al. 2306.13649 sec. 3; Thinking Machines "On-Policy
   Distillation"); :func:`on_policy_distillation_advantages` is the advantage alone.
-- :func:`iw_opd_loss` — IW-OPD position-bias importance weighting (arXiv 2606.22600).
+- :func:`iw_opd_loss` — IW-OPD position-bias importance weighting (arXiv 2606.22600);
+  :func:`sparse_top1_divergence` — its sparse top-1 generalised JSD (TRL ``loss_top_k=1``).
+- :func:`uld_loss` — ULD / GOLD cross-tokenizer distillation on sorted probabilities (arXiv 2402.12030).
+- :func:`transform_logits` — LM-head bias, logit scale and soft-capping (``gkd_loss``'s head options).
 - :func:`self_distillation_loss` — SDPO / SDFT self-distillation on the student's top-k logits (or full
   vocabulary, or the sampled token) with an importance-sampling clip (arXiv 2601.20802, 2601.19897).
 - :func:`minillm_loss` — MiniLLM reverse-KL policy gradient (arXiv 2306.08543, eq. 5-7).
@@ -22,10 +25,12 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
+from trlax.objectives._checks import (as_float, as_mask, check_choice, check_range, check_rank, check_same_shape,
+                                      check_shape)
 from trlax.objectives.aggregation import AGGREGATION_MODES, aggregate, masked_sum, mean_metric
 
-DISTILLATION_LEVELS = ("token", "sequence")
+DISTILLATION_LEVELS = ("token", "sequence", "mean", "sum")
+TOP1_REVERSE_MODES = ("sampled", "argmax")
 SELF_DISTILLATION_MODES = ("topk_logits", "full_logit", "sampled_token")
 
 _sg = jax.lax.stop_gradient
@@ -46,26 +51,77 @@ def _divergence(log_s, log_t, beta: float) -> jnp.ndarray:
         return _kl_from_logprobs(log_t, log_s)
     if beta == 1.0:
         return _kl_from_logprobs(log_s, log_t)
-    log_m = jnp.logaddexp(log_s + jnp.log1p(-beta), log_t + jnp.log(beta))
+    both = (log_s == -jnp.inf) & (log_t == -jnp.inf)  # (an empty support entry: no NaN gradient)
+    log_m = jnp.logaddexp(jnp.where(both, 0.0, log_s) + jnp.log1p(-beta), jnp.where(both, 0.0, log_t) + jnp.log(beta))
     return beta * _kl_from_logprobs(log_t, log_m) + (1.0 - beta) * _kl_from_logprobs(log_s, log_m)
 
 
-def _logits_pair(student_logits, teacher_logits):
+def _logits_pair(student_logits, teacher_logits, same_vocab: bool = True):
     s = as_float(student_logits, "student_logits")
     t = _sg(as_float(teacher_logits, "teacher_logits"))
     check_rank(s, 3, "student_logits")
-    check_same_shape(s, "student_logits", teacher_logits=t)
+    if same_vocab:
+        check_same_shape(s, "student_logits", teacher_logits=t)
+    else:
+        check_rank(t, 3, "teacher_logits")
     dt = jnp.promote_types(s.dtype, t.dtype)
     return s.astype(dt), t.astype(dt)
 
 
-def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temperature: float = 1.0) -> jnp.ndarray:
+def transform_logits(logits, *, bias=None, scale: float = 1.0, softcap: Optional[float] = None) -> jnp.ndarray:
+    """Final-logit post-processing of LM heads, in TRL ``DistillationTrainer``'s order: ``z = (z + bias)·scale``
+    (LM-head bias; Cohere / Granite-style ``logit_scale``), then Gemma-style soft-capping
+    ``softcap·tanh(z / softcap)``. ``[..., V]`` in and out; ``bias`` is ``[V]``."""
+    z = as_float(logits, "logits")
+    if bias is not None:
+        b = as_float(bias, "bias")
+        if b.shape != z.shape[-1:]:
+            raise ValueError(f"`bias` must have shape {tuple(z.shape[-1:])}, got {tuple(b.shape)}")
+        z = z + b.astype(z.dtype)
+    check_range("scale", scale, low=0.0, low_inclusive=False)
+    check_range("softcap", softcap, low=0.0, low_inclusive=False, allow_none=True)
+    z = z * scale
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def _head_options(s, t, heads):
+    """Apply the ``student_*`` / ``teacher_*`` :func:`transform_logits` options (``HEAD_OPTIONS``)."""
+    bad = sorted(set(heads) - set(HEAD_OPTIONS))
+    if bad:
+        raise TypeError(f"unknown logit option(s) {bad}; allowed: {', '.join(HEAD_OPTIONS)}")
+    if not heads:
+        return s, t
+    for who, x in (("student", s), ("teacher", t)):  # errors name the option
+        check_range(f"{who}_logit_scale", heads.get(f"{who}_logit_scale", 1.0), low=0.0, low_inclusive=False)
+        cap = f"{who}_final_logit_softcapping"
+        check_range(cap, heads.get(cap), low=0.0, low_inclusive=False, allow_none=True)
+        bias = heads.get(f"{who}_lm_head_bias")
+        if bias is not None and jnp.shape(bias) != x.shape[-1:]:
+            raise ValueError(f"`{who}_lm_head_bias` must have shape {tuple(x.shape[-1:])}, got {jnp.shape(bias)}")
+
+    def opts(who):
+        return dict(bias=heads.get(f"{who}_lm_head_bias"), scale=heads.get(f"{who}_logit_scale", 1.0),
+                    softcap=heads.get(f"{who}_final_logit_softcapping"))
+    return transform_logits(s, **opts("student")), _sg(transform_logits(t, **opts("teacher")))
+
+
+HEAD_OPTIONS = ("student_lm_head_bias", "teacher_lm_head_bias", "student_logit_scale", "teacher_logit_scale",
+                "student_final_logit_softcapping", "teacher_final_logit_softcapping")
+
+
+def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temperature: float = 1.0,
+                    **head_options) -> jnp.ndarray:
     """Per-token generalised JSD of GKD (Agarwal et al., arXiv 2306.13649, eq. 1; TRL
     ``GKDTrainer.generalized_jsd_loss`` before reduction).
 
     With ``p_S = softmax(z_S/τ)``, ``p_T = softmax(z_T/τ)`` and ``M = (1−β)p_S + βp_T``:
     ``JSD_β = β·KL(p_T‖M) + (1−β)·KL(p_S‖M)``; ``β = 0`` gives KL(p_T‖p_S) and ``β = 1``
     KL(p_S‖p_T) exactly (not the degenerate mixture).
+
+    ``head_options`` (TRL ``DistillationTrainer``, read there from each model's config / LM head) are applied
+    before the temperature by :func:`transform_logits`: ``student_lm_head_bias`` / ``teacher_lm_head_bias``
+    (``[V]``), ``student_logit_scale`` / ``teacher_logit_scale`` (> 0, default 1),
+    ``student_final_logit_softcapping`` / ``teacher_final_logit_softcapping`` (> 0 or None).
 
     Args:
       student_logits, teacher_logits: ``[B, T, V]`` (teacher is a constant).
@@ -76,7 +132,7 @@ def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temper
     """
     check_range("beta", beta, low=0.0, high=1.0)
     check_range("temperature", temperature, low=0.0, low_inclusive=False)
-    s, t = _logits_pair(student_logits, teacher_logits)
+    s, t = _head_options(*_logits_pair(student_logits, teacher_logits), head_options)
     log_s = jax.nn.log_softmax(s / temperature, axis=-1)
     log_t = jax.nn.log_softmax(t / temperature, axis=-1)
     return _divergence(log_s, log_t, float(beta))
@@ -104,13 +160,20 @@ def gkd_loss(
     level: str = "token",
     num_items: Optional[Any] = None,
     num_sequences: Optional[Any] = None,
+    **head_options,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
     """GKD loss (arXiv 2306.13649, eq. 1-2; TRL ``GKDTrainer``): masked generalised JSD, reduced
 
     - ``token``: ``Σ_{b,t} m·JSD / max(N, 1)`` with ``N = num_items`` (global token count of the
       optimiser batch) or the local count — TRL's ``num_items_in_batch`` / ``batchmean`` reduction;
     - ``sequence``: ``Σ_b Σ_t m·JSD / num_sequences`` — the sequence-level divergence (sum over
-      positions, the chain rule of KL) averaged over rows (``num_sequences`` defaults to ``B``).
+      positions, the chain rule of KL) averaged over rows (``num_sequences`` defaults to ``B``);
+    - ``mean``: ``Σ_{b,t} m·JSD / max(N·V, 1)`` — TRL's ``reduction="mean"`` (the mean over the masked
+      ``[N, V]`` elementwise divergence terms, i.e. ``token`` divided by the vocabulary size);
+    - ``sum``: ``Σ_{b,t} m·JSD`` (TRL ``reduction="sum"``).
+
+    ``head_options``: the logit post-processing of :func:`generalized_jsd` (LM-head bias, logit scale,
+    final-logit soft-capping of either model; TRL ``DistillationTrainer``).
 
     Which sequences are fed (on-policy student samples with probability ``lmbda``, teacher or
     dataset otherwise) is the data pipeline's choice; the loss is the same.
@@ -119,20 +182,23 @@ def gkd_loss(
       student_logits, teacher_logits: ``[B, T, V]``.
       mask: ``[B, T]`` completion mask.
       beta: β in [0, 1] (paper index 0.5). temperature: τ > 0 (TRL's loss uses 1).
-      level: ``token`` | ``sequence``.
+      level: ``token`` (TRL ``batchmean``) | ``sequence`` | ``mean`` | ``sum``.
 
     Returns:
       ``(loss, metrics)`` with ``jsd`` (Mean over tokens).
     """
     check_choice("level", level, DISTILLATION_LEVELS)
-    jsd = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature)
+    jsd = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature, **head_options)
     m = as_mask(mask)
     check_same_shape(jsd, "student_logits[..., 0]", mask=m)
     total = masked_sum(jsd, m)
-    if level == "token":
+    if level in ("token", "mean"):
         n = jnp.sum(m).astype(jsd.dtype) if num_items is None else jnp.asarray(num_items, jsd.dtype)
-    else:
+        n = n * jnp.shape(student_logits)[-1] if level == "mean" else n
+    elif level == "sequence":
         n = jnp.asarray(jsd.shape[0] if num_sequences is None else num_sequences, jsd.dtype)
+    else:
+        n = jnp.ones((), jsd.dtype)
     loss = total / jnp.maximum(n, 1)
     return loss, {"jsd": mean_metric(_sg(jsd), m)}
 
@@ -267,6 +333,166 @@ def iw_opd_loss(
         "mean_abs_advantage": mean_metric(jnp.abs(a), m),
         "mean_weight": mean_metric(w, m),
     }
+
+
+def sparse_top1_divergence(
+    student_logits,
+    teacher_logits,
+    tokens,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    add_tail: bool = True,
+    reverse_token: str = "sampled",
+) -> jnp.ndarray:
+    """Sparse top-1 generalised JSD of TRL ``IWOPDTrainer`` (``loss_top_k=1``, ``beta > 0``;
+    ``_compute_sparse_top_1_divergence_loss``): the support is the teacher's top-1 token (forward term) and
+    a reverse-KL token — the sampled ``tokens`` (``reverse_token="sampled"``) or the student's argmax
+    (``"argmax"``); one token when both coincide, only the reverse token when ``beta == 1``. Student and
+    teacher log-probs at ``temperature`` are gathered on it and, with ``add_tail``, completed by the tail
+    bucket ``log(1 − Σ p)`` (else renormalised on the support); then :func:`generalized_jsd`'s divergence.
+
+    Args:
+      student_logits, teacher_logits: ``[B, T, V]``. tokens: ``[B, T]`` int sampled tokens.
+      beta: β in [0, 1]. temperature: τ > 0. add_tail: TRL ``loss_add_tail``.
+      reverse_token: TRL ``reverse_kl_top_1_mode`` (``sampled`` | ``argmax``).
+
+    Returns:
+      ``[B, T]`` per-token divergence (unmasked).
+    """
+    check_range("beta", beta, low=0.0, high=1.0)
+    check_range("temperature", temperature, low=0.0, low_inclusive=False)
+    check_choice("reverse_token", reverse_token, TOP1_REVERSE_MODES)
+    s, t = _logits_pair(student_logits, teacher_logits)
+    tok = jnp.asarray(tokens)
+    if tok.shape != s.shape[:2] or not jnp.issubdtype(tok.dtype, jnp.integer):
+        raise ValueError(f"`tokens` must be integers of shape {tuple(s.shape[:2])}, got {tok.dtype}{tuple(tok.shape)}")
+    log_s = jax.nn.log_softmax(s / temperature, axis=-1)
+    log_t = jax.nn.log_softmax(t / temperature, axis=-1)
+    rev = tok if reverse_token == "sampled" else jnp.argmax(s, axis=-1)
+    if float(beta) == 1.0:
+        support, valid = rev[..., None], jnp.ones(rev.shape + (1,), bool)
+    else:
+        top = jnp.argmax(t, axis=-1)
+        support = jnp.stack([top, rev], axis=-1)
+        valid = jnp.stack([jnp.ones_like(top, bool), rev != top], axis=-1)
+    ls = jnp.where(valid, jnp.take_along_axis(log_s, support, axis=-1), -jnp.inf)
+    lt = jnp.where(valid, jnp.take_along_axis(log_t, support, axis=-1), -jnp.inf)
+    if add_tail:
+        ls, lt = _add_tail_bucket(ls), _add_tail_bucket(lt)
+    else:
+        ls = ls - jax.scipy.special.logsumexp(ls, axis=-1, keepdims=True)
+        lt = lt - jax.scipy.special.logsumexp(lt, axis=-1, keepdims=True)
+    return _divergence(ls, lt, float(beta))
+
+
+def sparse_top1_distillation_loss(
+    student_logits,
+    teacher_logits,
+    tokens,
+    mask,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    add_tail: bool = True,
+    reverse_token: str = "sampled",
+    num_items: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """:func:`sparse_top1_divergence` reduced like TRL (``Σ m·D / max(N, 1)``, ``N = num_items`` or the
+    local token count). Returns ``(loss, metrics)`` with ``jsd`` (Mean over tokens)."""
+    d = sparse_top1_divergence(student_logits, teacher_logits, tokens, beta=beta, temperature=temperature,
+                               add_tail=add_tail, reverse_token=reverse_token)
+    m = as_mask(mask)
+    check_same_shape(d, "tokens", mask=m)
+    return aggregate(d, m, "token_mean", num_items=num_items), {"jsd": mean_metric(_sg(d), m)}
+
+
+# ------------------------------------------------------------------------- cross-tokenizer distillation
+
+
+def uld_divergence(student_logits, teacher_logits, *, student_temperature: float = 1.0,
+                   teacher_temperature: float = 1.0) -> jnp.ndarray:
+    """Universal Logit Distillation per-token distance (Boizard et al., arXiv 2402.12030, eq. 4-5; TRL
+    ``GOLDTrainer``'s ``ULDLoss``): ``Σ_i |p_S^(i) − p_T^(i)|`` between the *sorted* (descending) next-token
+    probabilities, the smaller vocabulary zero-padded — the closed-form Wasserstein-1 distance between the
+    two distributions up to a permutation of tokens, so student and teacher may use different tokenizers.
+
+    Args:
+      student_logits: ``[B, T, V_S]``. teacher_logits: ``[B, T, V_T]`` (a constant), positions aligned with
+        the student's (``V_S`` and ``V_T`` may differ).
+      student_temperature, teacher_temperature: > 0 (TRL ``uld_student_temperature`` / ``uld_teacher_temperature``).
+
+    Returns:
+      ``[B, T]`` distances in [0, 2] (unmasked).
+    """
+    check_range("student_temperature", student_temperature, low=0.0, low_inclusive=False)
+    check_range("teacher_temperature", teacher_temperature, low=0.0, low_inclusive=False)
+    s, t = _logits_pair(student_logits, teacher_logits, same_vocab=False)
+    if s.shape[:2] != t.shape[:2]:
+        raise ValueError(f"`teacher_logits` must have shape {tuple(s.shape[:2]) + ('V_T',)}, got {tuple(t.shape)}")
+    ps = -jnp.sort(-jax.nn.softmax(s / student_temperature, axis=-1), axis=-1)
+    pt = -jnp.sort(-jax.nn.softmax(t / teacher_temperature, axis=-1), axis=-1)
+    v = max(ps.shape[-1], pt.shape[-1])
+    pad = lambda p: jnp.pad(p, [(0, 0), (0, 0), (0, v - p.shape[-1])])  # noqa: E731
+    return jnp.sum(jnp.abs(pad(ps) - pad(pt)), axis=-1)
+
+
+def uld_loss(
+    student_logits,
+    teacher_logits,
+    student_mask,
+    teacher_mask,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    distillation_weight: float = 1.0,
+    crossentropy_weight: float = 0.0,
+    logps=None,
+    num_sequences: Optional[Any] = None,
+) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    """ULD / GOLD cross-tokenizer distillation loss (arXiv 2402.12030, eq. 5; TRL ``GOLDTrainer`` with
+    ``use_uld_loss=True``, positional alignment, no hybrid matching).
+
+    Each row's completion is tokenised by each model's own tokenizer (student ``[B, T_S]``, teacher
+    ``[B, T_T]``, both right-padded); the ``k``-th student position is paired with the ``k``-th teacher
+    position for ``k < min(n_S, n_T)`` (the row's two lengths). Per row, the mean of
+    :func:`uld_divergence` over its pairs; rows averaged (``num_sequences``, default ``B``; a row without a
+    pair counts 0); times ``distillation_weight``, plus ``crossentropy_weight`` × the student's token-mean
+    NLL of ``logps`` (over ``student_mask``).
+
+    Args:
+      student_logits: ``[B, T_S, V_S]``. teacher_logits: ``[B, T_T, V_T]`` (constant).
+      student_mask: ``[B, T_S]``. teacher_mask: ``[B, T_T]`` (completion tokens, left-aligned).
+      student_temperature, teacher_temperature: > 0. distillation_weight, crossentropy_weight: ≥ 0.
+      logps: ``[B, T_S]`` student log-probs of its completion tokens (required if ``crossentropy_weight > 0``).
+
+    Returns:
+      ``(loss, metrics)`` with ``uld`` (Mean over paired positions) and ``aligned_tokens``.
+    """
+    check_range("distillation_weight", distillation_weight, low=0.0)
+    check_range("crossentropy_weight", crossentropy_weight, low=0.0)
+    s, t = _logits_pair(student_logits, teacher_logits, same_vocab=False)
+    ms, mt = as_mask(student_mask, "student_mask"), as_mask(teacher_mask, "teacher_mask")
+    check_shape(ms, s.shape[:2], "student_mask")
+    check_shape(mt, t.shape[:2], "teacher_mask")
+    n = min(s.shape[1], t.shape[1])
+    pairs = jnp.minimum(jnp.sum(ms, axis=1), jnp.sum(mt, axis=1))
+    m = jnp.arange(n)[None, :] < pairs[:, None]
+    d = uld_divergence(s[:, :n], t[:, :n], student_temperature=student_temperature,
+                       teacher_temperature=teacher_temperature)
+    per_row = masked_sum(d, m, axis=1) / jnp.maximum(pairs, 1).astype(d.dtype)
+    rows = jnp.asarray(s.shape[0] if num_sequences is None else num_sequences, d.dtype)
+    loss = distillation_weight * jnp.sum(per_row) / jnp.maximum(rows, 1)
+    metrics: Dict[str, Any] = {"uld": mean_metric(_sg(d), m), "aligned_tokens": jnp.sum(m).astype(jnp.float32)}
+    if crossentropy_weight != 0:
+        if logps is None:
+            raise ValueError(f"crossentropy_weight={crossentropy_weight!r} needs `logps` ([B, T_S]); got None")
+        lp = as_float(logps, "logps")
+        check_same_shape(ms, "student_mask", logps=lp)
+        nll = aggregate(-jnp.where(ms, lp, 0.0), ms, "token_mean")
+        loss = loss + crossentropy_weight * nll
+        metrics["nll"] = mean_metric(_sg(-jnp.where(ms, lp, 0.0)), ms)
+    return loss, metrics
 
 
 # ------------------------------------------------------------------------------- self-distillation
@@ -460,6 +686,8 @@ def minillm_loss(
 
 __all__ = [
     "DISTILLATION_LEVELS",
+    "HEAD_OPTIONS",
+    "TOP1_REVERSE_MODES",
     "SELF_DISTILLATION_MODES",
     "forward_kl",
     "generalized_jsd",
@@ -471,5 +699,10 @@ __all__ = [
     "on_policy_distillation_loss",
     "reverse_kl",
     "self_distillation_loss",
+    "sparse_top1_distillation_loss",
+    "sparse_top1_divergence",
     "topk_distillation_divergence",
+    "transform_logits",
+    "uld_divergence",
+    "uld_loss",
 ]

@@ -3,6 +3,7 @@
 - :func:`sft_loss` — token-level NLL (or DFT) normalised by the *global* token count, so micro-batch
   losses sum to the full-batch loss (TRL ``SFTTrainer`` with ``num_items_in_batch``).
 - :func:`sft_mask` — completion-only / assistant-only loss masks.
+- :func:`mean_log_softmax` — the uniform-target term of label smoothing (``sft_loss(label_smoothing=ε)``).
 - :func:`dft_per_token_loss` — Dynamic Fine-Tuning, ``−sg(p_t)·log p_t`` (arXiv 2508.05629, eq. 9).
 - :func:`bema` — bias-corrected EMA of parameters (arXiv 2508.00180), an optax-shaped ``(init, update)``
   pair of pure functions on parameter pytrees (objectives/ does not import optax).
@@ -52,12 +53,23 @@ def dft_per_token_loss(logps) -> jnp.ndarray:
     return -_sg(jnp.exp(lp)) * lp
 
 
+def mean_log_softmax(logits) -> jnp.ndarray:
+    """``[B, T, V] -> [B, T]``: ``(1/V)·Σ_v log p_v`` with ``p = softmax(logits)`` — minus the cross-entropy
+    to the uniform distribution, the term label smoothing mixes in (Szegedy et al., arXiv 1512.00567,
+    sec. 7). Computed in float32 or wider."""
+    z = as_float(logits, "logits")
+    check_rank(z, 3, "logits")
+    return jnp.mean(jax.nn.log_softmax(z, axis=-1), axis=-1)
+
+
 def sft_loss(
     logps,
     mask,
     *,
     loss_type: str = "nll",
     num_items: Optional[Any] = None,
+    label_smoothing: float = 0.0,
+    logits=None,
 ) -> Tuple[jnp.ndarray, Dict[str, Any]]:
     """SFT loss: ``Σ_{b,t} m·L_t / max(N, 1)`` (TRL ``SFTTrainer.compute_loss``).
 
@@ -66,22 +78,43 @@ def sft_loss(
     batch (all micro-batches, all devices) — or the local count when None; with ``num_items`` the
     micro-batch losses add up exactly to the full-batch loss. A batch without loss tokens gives 0.
 
+    Label smoothing ε (Szegedy et al., arXiv 1512.00567, sec. 7; transformers ``LabelSmoother``, which
+    TRL ``SFTTrainer`` applies for ``label_smoothing_factor``): the target is ``(1 − ε)·onehot + ε/V``, so
+    ``L_t^ε = (1 − ε)·(−log p_t) + ε·(−(1/V)·Σ_v log p_v)`` (:func:`mean_log_softmax`) — it needs the full
+    ``logits``; masked positions are ignored and ``N`` is the same. ``dft`` reweights the smoothed loss,
+    ``sg(p_t)·L_t^ε`` (an extension: TRL applies ``label_smoothing_factor`` only with ``nll``).
+
     Args:
-      logps: ``[B, T]`` per-token log-probs of the target tokens (any float dtype; computed in ≥ f32).
+      logps: ``[B, T]`` per-token log-probs of the target tokens (any float dtype; computed in ≥ f32);
+        with ``logits``, they must be ``log_softmax(logits)`` at the targets.
       mask: ``[B, T]`` loss mask (see :func:`sft_mask`).
       loss_type: ``nll`` | ``dft``.
       num_items: global loss-token count.
+      label_smoothing: ε in [0, 1].
+      logits: ``[B, T, V]``; required when ``label_smoothing`` is not 0.
 
     Returns:
       ``(loss, metrics)`` with ``nll`` (Mean over tokens) and ``num_tokens``.
     """
     check_choice("loss_type", loss_type, SFT_LOSS_TYPES)
+    check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
     lp = as_float(logps, "logps")
     check_rank(lp, 2, "logps")
     m = as_mask(mask)
     check_same_shape(lp, "logps", mask=m)
-    lp = jnp.where(m, lp, jnp.zeros((), lp.dtype))
-    per_token = -lp if loss_type == "nll" else dft_per_token_loss(lp)
+    zero = jnp.zeros((), lp.dtype)
+    lp = jnp.where(m, lp, zero)
+    per_token = -lp
+    if label_smoothing != 0:
+        if logits is None:
+            raise ValueError(f"label_smoothing={label_smoothing!r} needs the full `logits` ([B, T, V]); got None")
+        z = as_float(logits, "logits")
+        if z.ndim != 3 or z.shape[:2] != lp.shape:
+            raise ValueError(f"`logits` must have shape {tuple(lp.shape) + ('V',)}, got {tuple(z.shape)}")
+        uniform = jnp.where(m, mean_log_softmax(z).astype(lp.dtype), zero)
+        per_token = (1.0 - label_smoothing) * per_token - label_smoothing * uniform
+    if loss_type == "dft":
+        per_token = _sg(jnp.exp(lp)) * per_token
     n = jnp.sum(m).astype(lp.dtype) if num_items is None else jnp.asarray(num_items, lp.dtype)
     loss = masked_sum(per_token, m) / jnp.maximum(n, 1)
     metrics = {"nll": mean_metric(_sg(-lp), m), "num_tokens": jnp.sum(m).astype(jnp.float32)}
@@ -202,6 +235,7 @@ __all__ = [
     "SFT_LOSS_TYPES",
     "bema",
     "dft_per_token_loss",
+    "mean_log_softmax",
     "sft_loss",
     "sft_mask",
 ]
