@@ -115,9 +115,10 @@ def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 
         ext = os.path.splitext(dataset)[1].lower()
         if os.path.isfile(dataset):
             rows = read_local(dataset)
-        elif os.path.exists(dataset) or ext in LOCAL_FORMATS + (".csv", ".tsv", ".txt", ".arrow"):
-            raise FileNotFoundError(f"dataset={dataset!r}: no such file" if not os.path.exists(dataset) else
-                                    f"dataset={dataset!r} is a directory; give a .json, .jsonl or .parquet file")
+        elif os.path.isdir(dataset):
+            rows = read_saved(dataset, split)
+        elif ext in LOCAL_FORMATS + (".csv", ".tsv", ".txt", ".arrow"):
+            raise FileNotFoundError(f"dataset={dataset!r}: no such file")
         else:
             try:
                 import datasets
@@ -127,8 +128,33 @@ def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 
                 msg = " ".join(str(e).split())[:200]
                 raise ValueError(f"dataset={dataset!r} is not a local file and could not be loaded from the Hugging "
                                  f"Face hub ({type(e).__name__}: {msg})") from None
+    if {"prompt", "chosen", "rejected"} <= set(spec.columns):  # preference rows with an implicit prompt
+        for i, r in enumerate(rows):
+            if isinstance(r, dict) and "chosen" in r and "rejected" in r:
+                try:
+                    rows[i] = extract_prompt(r)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"dataset={dataset!r}, row {i}: no prompt column, and {e}") from None
     check_records(algo, dataset, rows, spec.columns, spec.builtin(1, seed)[0])
     return rows
+
+
+def read_saved(path: str, split: str = "train") -> List[Dict[str, Any]]:
+    """The rows of a ``datasets`` directory written by ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` from
+    which ``split`` is taken); anything else raises naming the directory."""
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - not a saved dataset: one clear line
+        raise ValueError(f"dataset={path!r} is a directory but not a dataset saved with save_to_disk "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); give a .json, .jsonl or .parquet "
+                         "file or such a directory") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"dataset={path!r} has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+    return [dict(r) for r in ds]
 
 
 def read_local(path: str) -> List[Dict[str, Any]]:
@@ -187,8 +213,11 @@ def read_local(path: str) -> List[Dict[str, Any]]:
 
 
 def _is_messages(v) -> bool:
+    """Chat messages: dicts with a string ``role`` and a string ``content`` (or, for an assistant's tool calls,
+    ``tool_calls`` and no content)."""
     return (isinstance(v, list) and len(v) > 0 and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in v))
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and (isinstance(m.get("content"), str) or m.get("content") is None and "tool_calls" in m) for m in v))
 
 
 def _value_error(v, example) -> str:
@@ -225,8 +254,21 @@ def check_records(algo: str, dataset: str, rows, columns, example) -> None:
                 raise ValueError(f"dataset={dataset!r}, row {i}, column {c!r}: {why}, got "
                                  f"{type(r[c]).__name__} {_short(r[c])}")
         p = r["prompt"] if "prompt" in columns else None
-        if isinstance(p, str) and not p.strip() or isinstance(p, list) and not any(m["content"].strip() for m in p):
+        if isinstance(p, str) and not p.strip() or isinstance(p, list) and not any(
+                (m.get("content") or "").strip() for m in p):
             raise ValueError(f"dataset={dataset!r}, row {i}, column 'prompt': the prompt is empty")
+        chat = [c for c in CHAT_KEYS if c in r and c in columns]
+        kinds = {c: _is_messages(r[c]) for c in chat}
+        if len(set(kinds.values())) > 1:
+            msgs = ", ".join(repr(c) for c in chat if kinds[c])
+            text = ", ".join(repr(c) for c in chat if not kinds[c])
+            raise ValueError(f"dataset={dataset!r}, row {i}: column(s) {msgs} are chat messages but {text} plain "
+                             "text; a row is either standard (all text) or conversational (all messages)")
+        if kinds and all(kinds.values()) and "prompt" in kinds:
+            try:
+                _prompt_kwargs(r["prompt"])
+            except ValueError as e:
+                raise ValueError(f"dataset={dataset!r}, row {i}, column 'prompt': {e}") from None
 
 
 def _short(v) -> str:
@@ -234,13 +276,118 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def as_text(tokenizer, value: Any) -> str:
-    """A prompt / completion as text: plain strings pass through, chat messages go through the
-    tokenizer's chat template."""
+# --------------------------------------------------------------------------- TRL dataset formats
+#
+# TRL's dataset types (standard = text, conversational = lists of {"role", "content"} messages): prompt-only
+# (prompt), prompt-completion (prompt, completion), preference (prompt, chosen, rejected; or chosen, rejected with
+# the prompt implicit in both), unpaired preference (prompt, completion, label), stepwise supervision (prompt,
+# completions, labels) and language modelling (messages / text). Conversational rows are rendered as TRL renders
+# them: the prompt with the generation prompt (or, when it ends with an assistant message, continuing that
+# message), each completion as the text the whole conversation adds after the prompt; a row's ``tools`` (JSON
+# schemas, or a JSON string of them) and ``chat_template_kwargs`` go to the template.
+
+CHAT_KEYS = ("prompt", "completion", "chosen", "rejected", "messages")
+
+
+def is_conversational(row: Dict[str, Any]) -> bool:
+    """Whether a row's text columns are chat messages (lists of ``{"role": ..., "content": ...}``)."""
+    v = next((row[k] for k in CHAT_KEYS if k in row), None)
+    return isinstance(v, list) and bool(v) and isinstance(v[0], dict) and "role" in v[0]
+
+
+def _prompt_kwargs(messages) -> Dict[str, bool]:
+    """A prompt ending with a user / tool turn gets the generation prompt; one ending with an assistant turn (a
+    prefilled answer) is continued."""
+    role = messages[-1].get("role")
+    if role in ("user", "tool"):
+        return {"add_generation_prompt": True}
+    if role == "assistant":
+        return {"continue_final_message": True}
+    raise ValueError(f"a prompt must end with a user, tool or assistant message, not {role!r}")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def row_tools(row: Dict[str, Any]):
+    """The row's ``tools`` column (a list of JSON schemas, or a JSON string of one), else None."""
+    import json
+
+    tools = row.get("tools")
+    return (json.loads(tools) if isinstance(tools, str) else tools) or None
+
+
+def render_example(tokenizer, row: Dict[str, Any], tools=None) -> Dict[str, Any]:
+    """A TRL-format row with its chat messages rendered to text by the tokenizer's chat template (standard rows
+    are returned unchanged): ``prompt`` with the generation prompt (continued if it ends with an assistant
+    message); ``completion`` / ``chosen`` / ``rejected`` as the text that ``prompt + completion`` adds after the
+    prompt (the prompt is cut to the part common to all, for templates that render the generation prompt
+    differently); with an implicit prompt, ``chosen`` / ``rejected`` whole; ``messages`` -> ``text``. Other
+    columns pass through. ``tools`` (default: the row's ``tools`` column) and the row's ``chat_template_kwargs``
+    are passed to the template."""
+    if not is_conversational(row):
+        return dict(row)
+    tools = tools if tools is not None else row_tools(row)
+    extra = dict(row.get("chat_template_kwargs") or {})
+
+    def chat(messages, **kw):
+        return tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False, **kw, **extra)
+
+    out = {k: v for k, v in row.items() if k != "messages"}
+    if "messages" in row:
+        out["text"] = chat(row["messages"])
+    answers = [k for k in ("chosen", "rejected", "completion") if k in row]
+    if "prompt" in row:
+        prompt = chat(row["prompt"], **_prompt_kwargs(row["prompt"]))
+        full = {k: chat(list(row["prompt"]) + list(row[k])) for k in answers}
+        for text in full.values():
+            prompt = _common_prefix(prompt, text)
+        out["prompt"] = prompt
+        out.update({k: text[len(prompt):] for k, text in full.items()})
+    else:
+        out.update({k: chat(row[k]) for k in answers})
+    return out
+
+
+def column_texts(tokenizer, rows: Sequence[Dict[str, Any]], column: str) -> List[str]:
+    """Column ``column`` of every row as text (:func:`render_example`)."""
+    return [str(render_example(tokenizer, r)[column]) for r in rows]
+
+
+def extract_prompt(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A preference row with an implicit prompt (``chosen`` and ``rejected`` both start with it) as an explicit
+    one: the longest common prefix of the two (messages, or characters with a space before the first difference
+    left to the answers) becomes ``prompt``; each answer keeps at least its last element. A row that has a
+    ``prompt`` of the same kind (text / messages) as its answers is returned unchanged."""
+    ch, rj = row["chosen"], row["rejected"]
+    if "prompt" in row and is_conversational({"prompt": row["prompt"]}) == is_conversational({"chosen": ch}):
+        return row
+    n = 0
+    while n < min(len(ch), len(rj)) and ch[n] == rj[n]:
+        n += 1
+    if n == min(len(ch), len(rj)):  # one contains the other: keep the last element in the answers
+        n -= 1
+    elif n and isinstance(ch, str) and ch[n - 1] == " ":
+        n -= 1
+    if n <= 0:
+        raise ValueError("chosen and rejected share no prompt")
+    return dict(row, prompt=ch[:n], chosen=ch[n:], rejected=rj[n:])
+
+
+def as_text(tokenizer, value: Any, tools=None) -> str:
+    """A prompt as text: a plain string passes through; chat messages are rendered by the tokenizer's chat
+    template with the generation prompt (continuing a final assistant message) and ``tools`` (JSON schemas), as
+    TRL renders prompts (:func:`render_example` renders whole rows, with their ``tools`` column)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        return tokenizer.apply_chat_template(value, tokenize=False)
+    if _is_messages(value):
+        return tokenizer.apply_chat_template(list(value), tools=tools or None, tokenize=False, **_prompt_kwargs(value))
     raise ValueError(f"cannot turn {type(value).__name__} into text")
 
 
@@ -259,12 +406,14 @@ def truncated_prompts(reset: bool = False) -> int:
 def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int):
     """``(ids [N, L], mask [N, L])`` left-padded to ``max_length``. A longer prompt is truncated from the left
     (it keeps its last ``max_length`` tokens, as TRL's ``truncation_side="left"``): the first one prints a note,
-    all are counted (:func:`truncated_prompts`)."""
+    all are counted (:func:`truncated_prompts`). As TRL, a plain-text prompt gets the tokenizer's special tokens
+    (e.g. Llama's BOS); a prompt that starts with one (rendered by a chat template) is tokenised as it is."""
     pad = tokenizer.pad_token_id
     ids = np.full((len(texts), max_length), pad, np.int32)
     mask = np.zeros((len(texts), max_length), bool)
+    added = tuple(t for t in tokenizer.get_added_vocab() if t)
     for i, t in enumerate(texts):
-        toks = tokenizer(t, add_special_tokens=False)["input_ids"]
+        toks = tokenizer(t, add_special_tokens=not t.startswith(added))["input_ids"]
         if len(toks) > max_length:
             if not _TRUNCATED:
                 print(f"note: prompts longer than max_prompt_length={max_length} tokens are truncated to their last "
@@ -279,13 +428,16 @@ def encode_left_padded(tokenizer, texts: Sequence[str], max_length: int):
 
 
 def encode_right_padded(tokenizer, texts: Sequence[str], max_length: int, add_eos: bool = True):
-    """``(ids [N, L], mask [N, L])`` right-padded, EOS appended, truncated at ``max_length``."""
+    """``(ids [N, L], mask [N, L])`` right-padded, EOS appended, truncated at ``max_length``. As TRL, no EOS is
+    appended to a text that already ends with it (a chat-rendered completion ends with the template's end of turn,
+    e.g. ``<|im_end|>\n``)."""
     pad = tokenizer.pad_token_id
     ids = np.full((len(texts), max_length), pad, np.int32)
     mask = np.zeros((len(texts), max_length), bool)
+    eos = tokenizer.eos_token
     for i, t in enumerate(texts):
         toks = tokenizer(t, add_special_tokens=False)["input_ids"]
-        if add_eos:
+        if add_eos and not (eos and t.rstrip().endswith(eos)):
             toks = toks + [tokenizer.eos_token_id]
         toks = toks[:max_length]
         ids[i, : len(toks)] = toks
@@ -421,12 +573,18 @@ __all__ = [
     "REWARD_NAMES",
     "addition_rewards",
     "as_text",
+    "column_texts",
+    "extract_prompt",
+    "is_conversational",
+    "render_example",
+    "row_tools",
     "build_tokenizer",
     "encode_left_padded",
     "encode_right_padded",
     "check_records",
     "load_records",
     "read_local",
+    "read_saved",
     "truncated_prompts",
     "preference_examples",
     "sft_examples",

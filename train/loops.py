@@ -346,7 +346,7 @@ def first_last(values, frac: float = 0.1):
 
 
 def _texts(tok, rows, col):
-    return [D.as_text(tok, r[col]) for r in rows]
+    return D.column_texts(tok, rows, col)  # TRL's rendering of conversational rows (generation prompt ...)
 
 
 def _to_float(m) -> Dict[str, float]:
