@@ -8,6 +8,9 @@ outside the gradient with the teacher's frozen parameters (one jitted forward) a
   probability ``lmbda`` the batch's completions are sampled from the student (on-policy), else they are the
   teacher's samples (``seq_kd``) or the dataset's; loss :func:`trlax.objectives.gkd_loss` (generalised JSD
   with ``beta``, token level, global token count).
+- ``gold`` — GOLD cross-tokenizer distillation (TRL ``GOLDTrainer`` with ``use_uld_loss``): the teacher
+  has its own tokenizer; completions are re-tokenised for it and the loss is ULD (arXiv 2402.12030,
+  :func:`trlax.objectives.uld_loss`). Its ``builtin`` teacher uses :func:`cross_tokenizer`.
 - ``opd`` — on-policy distillation (Thinking Machines, "On-Policy Distillation", 2025; GKD sec. 3 with
   β = 1): student samples, per-token reverse-KL advantage ``−(ℓ_S − ℓ_T)`` as a policy gradient
   (:func:`trlax.objectives.on_policy_distillation_loss`). The full-vocabulary reverse-KL variant is
@@ -81,12 +84,12 @@ def _sub_run(algo: str, values: Dict[str, Any], rows) -> str:
     return final
 
 
-def builtin_teacher(cfg) -> str:
+def builtin_teacher(cfg, model: Optional[str] = None) -> str:
     """Train the ``teacher_model="builtin"`` teacher: SFT of the run's initial model (``cfg.model``, seed
-    ``cfg.seed``) on the built-in addition task for ``cfg.teacher_steps`` steps; returns its checkpoint dir
-    (``<output_dir>/teacher/final``)."""
+    ``cfg.seed``; or ``model``) on the built-in addition task for ``cfg.teacher_steps`` steps; returns its
+    checkpoint dir (``<output_dir>/teacher/final``)."""
     return _sub_run("sft", dict(
-        model=cfg.model, seed=cfg.seed, output_dir=os.path.join(cfg.output_dir, "teacher"),
+        model=model or cfg.model, seed=cfg.seed, output_dir=os.path.join(cfg.output_dir, "teacher"),
         max_steps=cfg.teacher_steps, batch_size=32, learning_rate=3e-3, max_prompt_length=cfg.max_prompt_length,
         max_completion_length=cfg.max_completion_length, param_dtype=cfg.param_dtype,
         compute_dtype=cfg.compute_dtype), D.sft_examples(1024, cfg.seed))
@@ -94,10 +97,11 @@ def builtin_teacher(cfg) -> str:
 
 @dataclasses.dataclass
 class Teacher:
-    """A frozen teacher: graph, parameters (placed like the policy's) and jitted forwards."""
+    """A frozen teacher: graph, parameters (placed like the policy's), its tokenizer and jitted forwards."""
 
     graphdef: Any
     params: Any
+    tokenizer: Any = None
 
     def __post_init__(self):
         g = self.graphdef
@@ -112,24 +116,28 @@ class Teacher:
         return L._host(self._logps(self.params, p_ids, p_mask, c_ids, c_mask, temperature))
 
 
-def load_teacher(cfg, run) -> Teacher:
-    """The run's teacher (``cfg.teacher_model``: ``builtin`` or a checkpoint dir), checked to share the
-    student's vocabulary, placed on the run's mesh."""
+def load_teacher(cfg, run, path: Optional[str] = None, same_tokenizer: bool = True) -> Teacher:
+    """The run's teacher (``path``, else ``cfg.teacher_model``: ``builtin`` or a checkpoint dir), checked to
+    share the student's vocabulary unless ``same_tokenizer=False``, placed on the run's mesh."""
     from trlax.models import load_pretrained
     from trlax.models.sharding import param_shardings, sharding_rules
     from trlax.train.modeling import _DTYPES
 
-    path = builtin_teacher(cfg) if cfg.teacher_model == "builtin" else cfg.teacher_model
+    path = path or (builtin_teacher(cfg) if cfg.teacher_model == "builtin" else cfg.teacher_model)
     model, tok = load_pretrained(path, dtype=_DTYPES[cfg.param_dtype], compute_dtype=_DTYPES[cfg.compute_dtype],
                                  return_tokenizer=True)
-    if model.config.vocab_size != run.policy.config.vocab_size:
+    if not same_tokenizer:
+        if tok is None:
+            raise ValueError(f"teacher_model={cfg.teacher_model!r} has no tokenizer files; cross-tokenizer "
+                             "distillation re-tokenises every completion with the teacher's tokenizer")
+    elif model.config.vocab_size != run.policy.config.vocab_size:
         raise ValueError(f"teacher_model={cfg.teacher_model!r} has vocab_size={model.config.vocab_size}, the student "
                          f"{run.policy.config.vocab_size}; distillation needs the same tokenizer")
-    if tok is not None and tok.get_vocab() != run.tokenizer.get_vocab():
+    if same_tokenizer and tok is not None and tok.get_vocab() != run.tokenizer.get_vocab():
         raise ValueError(f"teacher_model={cfg.teacher_model!r} has a different tokenizer than the student")
     graphdef, params = nnx.split(model)
     params = jax.device_put(params, param_shardings(params, run.mesh, sharding_rules("fsdp_tp")))
-    return Teacher(graphdef, params)
+    return Teacher(graphdef, params, tok)
 
 
 def _sampler(run, cfg, graphdef=None, **kw):
@@ -211,6 +219,113 @@ def run_gkd(cfg, rows=None, algo: str = "gkd") -> Dict[str, Any]:
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
         run.maybe_checkpoint(step, {"data": data.state()})
     return _finish(run, cfg, algo, "jsd", {"beta": cfg.beta, "lmbda": cfg.lmbda})
+
+
+# ------------------------------------------------------------------------------ GOLD (cross-tokenizer)
+
+
+def cross_tokenizer(directory: str):
+    """The teacher tokenizer of ``trlax train gold --teacher_model builtin``: character-level like the
+    student's (:func:`trlax.train.data.build_tokenizer`) but a different tokenizer — its own token ids
+    (characters in reverse order, special tokens last) and a larger vocabulary (lower-case letters added).
+    Saved to ``directory`` as a transformers ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = D._CHARS[::-1] + list("abcdefghijklmnopqrstuvwxyz")
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(chars + D._SPECIALS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    fast.chat_template = D.CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def builtin_cross_teacher(cfg) -> str:
+    """``trlax train gold --teacher_model builtin``: a tiny model with :func:`cross_tokenizer` (random,
+    seed ``cfg.seed + 1``, saved to ``<output_dir>/teacher_init``) trained like :func:`builtin_teacher`;
+    returns its checkpoint dir."""
+    from trlax.models import Decoder, DecoderConfig, save_pretrained
+    from trlax.train.modeling import tiny_hf_config
+
+    init = os.path.join(cfg.output_dir, "teacher_init")
+    if not os.path.isfile(os.path.join(init, "config.json")):
+        tok = cross_tokenizer(init)
+        save_pretrained(Decoder(DecoderConfig.from_hf(tiny_hf_config(tok)), rngs=nnx.Rngs(cfg.seed + 1)), init,
+                        tokenizer=tok)
+    return builtin_teacher(cfg, model=init)
+
+
+def _drop_eos(ids, mask, eos_id):
+    return mask & (ids != eos_id)
+
+
+def run_gold(cfg, rows=None, algo: str = "gold") -> Dict[str, Any]:
+    """GOLD (TRL ``GOLDTrainer`` with ``use_uld_loss``): distillation from a teacher whose tokenizer differs
+    from the student's. Per step, with probability ``lmbda`` the completions are the student's own samples,
+    else the dataset's; each prompt and completion is decoded to text and re-tokenised with the teacher's
+    tokenizer, the teacher gives its logits on its own tokens, and the loss is
+    :func:`trlax.objectives.uld_loss` (Universal Logit Distillation, arXiv 2402.12030: sorted-probability
+    L1 between positionally aligned tokens) plus ``uld_crossentropy_weight`` × the student's NLL. EOS
+    positions are left out of the alignment when ``uld_skip_student_eos`` / ``uld_skip_teacher_eos``
+    (TRL's defaults). Logs ``uld`` (mean distance per aligned token)."""
+    from trlax.objectives.distillation import uld_loss
+
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+
+    def loss_builder(run):
+        eos = run.tokenizer.eos_token_id
+
+        def loss_fn(params, b, totals):
+            s = completion_logits(run.policy.model(params), b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
+                                  b["mask"])
+            s_mask = _drop_eos(b["completion_ids"], b["mask"], eos) if cfg.uld_skip_student_eos else b["mask"]
+            return uld_loss(s, b["teacher_logits"], s_mask, b["teacher_mask"],
+                            student_temperature=cfg.uld_student_temperature,
+                            teacher_temperature=cfg.uld_teacher_temperature,
+                            distillation_weight=cfg.uld_distillation_weight,
+                            crossentropy_weight=cfg.uld_crossentropy_weight,
+                            logps=_token_logps(s, b["completion_ids"], b["mask"]),
+                            num_sequences=totals["num_sequences"])
+        return loss_fn
+
+    run = L._Run(algo, cfg, loss_builder)
+    path = builtin_cross_teacher(cfg) if cfg.teacher_model == "builtin" else None
+    teacher = load_teacher(cfg, run, path, same_tokenizer=False)
+    tok, t_tok = run.tokenizer, teacher.tokenizer
+    P_ids, P_mask = _prompts(run, cfg, rows)
+    C_ids, C_mask = D.encode_right_padded(tok, L._texts(tok, rows, "completion"), cfg.max_completion_length)
+    tP_ids, tP_mask = D.encode_left_padded(t_tok, L._texts(t_tok, rows, "prompt"), cfg.max_prompt_length)
+    sampler = _sampler(run, cfg, temperature=cfg.temperature)
+    data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        idx = data.next()
+        on_policy = np.random.default_rng([cfg.seed, step]).random() < cfg.lmbda
+        if on_policy:
+            b = _roll_batch(sampler.generate(run.policy.sampler_params(run.state.params), (P_ids[idx], P_mask[idx]),
+                                             _step_key(cfg, step)))
+        else:
+            b = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx], "completion_ids": C_ids[idx],
+                 "mask": C_mask[idx]}
+        texts = tok.batch_decode([r[m].tolist() for r, m in zip(b["completion_ids"], b["mask"])],
+                                 skip_special_tokens=True)
+        ended = [bool(m.any()) and r[m][-1] == tok.eos_token_id for r, m in zip(b["completion_ids"], b["mask"])]
+        tc_ids, tc_mask = D.encode_right_padded(t_tok, texts, cfg.max_completion_length, add_eos=False)
+        for i in np.flatnonzero(ended):  # the teacher's EOS where the student's completion ended
+            n = int(tc_mask[i].sum())
+            if n < tc_mask.shape[1]:
+                tc_ids[i, n], tc_mask[i, n] = t_tok.eos_token_id, True
+        b["teacher_logits"] = teacher.logits(tP_ids[idx], tP_mask[idx], tc_ids, tc_mask)
+        b["teacher_mask"] = _drop_eos(tc_ids, tc_mask, t_tok.eos_token_id) if cfg.uld_skip_teacher_eos else tc_mask
+        b["teacher_prompt_ids"], b["teacher_prompt_mask"] = tP_ids[idx], tP_mask[idx]  # (for the record / tests)
+        b["teacher_completion_ids"], b["teacher_completion_mask"] = tc_ids, tc_mask
+        m = run.train_step(b)
+        m["on_policy"] = float(on_policy)
+        run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        run.maybe_checkpoint(step, {"data": data.state()})
+    return _finish(run, cfg, algo, "uld", {"lmbda": cfg.lmbda})
 
 
 # ------------------------------------------------------------------------------ on-policy distillation
@@ -446,6 +561,29 @@ def _gkd_cls():
     ], defaults=_COMMON, validate=_validate_gkd, doc="trlax train gkd: Generalized Knowledge Distillation")
 
 
+def _validate_gold(self) -> None:
+    _check_teacher(self)
+    check_range("lmbda", self.lmbda, low=0.0, high=1.0)
+    for f in ("uld_student_temperature", "uld_teacher_temperature"):
+        check_range(f, getattr(self, f), low=0.0, low_inclusive=False)
+    for f in ("uld_distillation_weight", "uld_crossentropy_weight"):
+        check_range(f, getattr(self, f), low=0.0)
+
+
+def _gold_cls():
+    # field names and defaults of TRL's GOLDConfig (use_uld_loss=True, positional alignment)
+    return make_run_config("gold", _TEACHER + [
+        ("lmbda", float, 0.5),  # probability of a student-generated (on-policy) batch
+        ("uld_student_temperature", float, 1.0),
+        ("uld_teacher_temperature", float, 1.0),
+        ("uld_distillation_weight", float, 1.0),
+        ("uld_crossentropy_weight", float, 0.0),
+        ("uld_skip_student_eos", bool, True),
+        ("uld_skip_teacher_eos", bool, True),
+    ], defaults=_COMMON, validate=_validate_gold,
+        doc="trlax train gold: cross-tokenizer distillation (GOLD / Universal Logit Distillation)")
+
+
 def _validate_opd(self) -> None:
     _check_teacher(self)
     check_range("kl_coef", self.kl_coef, low=0.0)
@@ -533,6 +671,9 @@ def _specs() -> List[Any]:
         TrainerSpec("gkd", _gkd_cls, run_gkd, ("prompt", "completion"), D.sft_examples, metric="jsd",
                     presets={"gkd": dict(lmbda=0.5, beta=0.5, kd_temperature=1.0)},
                     description="GKD: generalised JSD to a teacher on student / dataset / teacher samples"),
+        TrainerSpec("gold", _gold_cls, run_gold, ("prompt", "completion"), D.sft_examples, metric="uld",
+                    presets={"gold": dict(lmbda=0.5, uld_distillation_weight=1.0, uld_crossentropy_weight=0.0)},
+                    description="GOLD: cross-tokenizer distillation (ULD sorted-probability loss, arXiv 2402.12030)"),
         TrainerSpec("opd", _opd_cls, opd, ("prompt",), D.addition_examples, metric="sampled_reverse_kl",
                     presets={"opd": dict(kl_coef=1.0, temperature=1.0)},
                     description="on-policy distillation: per-token reverse-KL advantage on student samples"),
@@ -557,5 +698,5 @@ def _specs() -> List[Any]:
 
 SPECS = _specs()
 
-__all__ = ["Teacher", "builtin_teacher", "completion_logits", "load_teacher", "run_gkd", "run_opd",
-           "run_self_distill", "run_ssd"]
+__all__ = ["Teacher", "builtin_cross_teacher", "builtin_teacher", "completion_logits", "cross_tokenizer",
+           "load_teacher", "run_gkd", "run_gold", "run_opd", "run_self_distill", "run_ssd"]
