@@ -379,7 +379,8 @@ def test_weights_resharded_from_trainer_mesh_to_separate_sampler_devices():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_ENABLE_X64",)}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8 " + os.environ.get("TRLAX_TEST_XLA_FLAGS", ""),
+               JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])

@@ -268,7 +268,7 @@ def test_loops_on_eight_devices_fsdp_tp(tmp_path):
                                                     progress=False, mesh_data=1)))
     code = (
         "import os\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 ' + os.environ.get('TRLAX_TEST_XLA_FLAGS', '')\n"
         "import sys, jax\n"
         "assert len(jax.devices()) == 8\n"
         "from trlax.train import cli\n"

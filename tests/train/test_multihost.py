@@ -47,6 +47,7 @@ _CACHE = {}
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = env.get("TRLAX_TEST_XLA_FLAGS", "")  # the test session's compile flags (conftest.py)
     if _CACHE:  # one persistent compilation cache for this module's subprocesses (model init, checkpoint ops)
         env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -143,7 +144,7 @@ class _Worker:
 
     def __init__(self, root, name, devices):
         env = _env()
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {env.get('TRLAX_TEST_XLA_FLAGS', '')}"
         self.go_path, self.log = str(root / f"{name}.go"), str(root / f"{name}.log")
         self._out = open(self.log, "w")
         code = _WORKER.format(n=devices, wait=WAIT_S * 3)

@@ -11,8 +11,10 @@ once); from it, two checks:
 - learning: mean reward of the last fifth of the steps exceeds the first fifth by a clear margin.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from _trainer_utils import (addition_task_rewards, capture_first_step, first_last, group_advantages, read_metrics,
@@ -186,10 +188,17 @@ def test_gmpo_first_step_equals_gmpo_loss(gmpo):
     adv = group_advantages(_task_rewards(run, b), 4, run.cfg.scale_rewards)
     assert np.any(adv != 0)
     np.testing.assert_allclose(b["advantages"], adv, rtol=1e-6, atol=1e-6)
-    logps, ent = _logps(run, p, b, run.cfg.temperature)
-    loss, _ = policy_loss(logps, None, adv, b["mask"], PolicyLossConfig.gmpo(), entropies=ent)
-    assert abs(gmpo["metrics"]["loss"]) > 0
+
+    def objective(params):
+        logps, ent = _logps(run, params, b, run.cfg.temperature)
+        return policy_loss(logps, None, adv, b["mask"], PolicyLossConfig.gmpo(), entropies=ent)[0]
+
+    # at ratio 1 GMPO's loss is -mean(A), 0 up to rounding (group advantages sum to 0), whatever the model:
+    # the value alone checks little, so the logged gradient norm must equal the objective's too
+    loss, grad = jax.jit(jax.value_and_grad(objective))(p)
     np.testing.assert_allclose(gmpo["metrics"]["loss"], float(loss), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gmpo["metrics"]["grad_norm"], float(optax.tree.norm(grad)), rtol=1e-4)
+    assert gmpo["metrics"]["grad_norm"] > 1e-3
 
 
 def test_gmpo_toy_run_learns(gmpo):

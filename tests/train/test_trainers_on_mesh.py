@@ -35,7 +35,7 @@ def mesh_runs(tmp_path_factory):
     jobs.update({n: {**COMMON, **kw, "max_steps": 2} for n, kw in RUN_ONLY.items()})
     code = (
         "import os, json, sys\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 ' + os.environ.get('TRLAX_TEST_XLA_FLAGS', '')\n"
         "import jax\n"
         "assert len(jax.devices()) == 8\n"
         "from trlax.train import loops\n"
