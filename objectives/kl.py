@@ -58,7 +58,11 @@ def _log_ratio(logps, ref_logps, mask, clamp) -> jnp.ndarray:
         mask = as_mask(mask)
         check_same_shape(logps, "logps", mask=mask)
         d = jnp.where(mask, d, jnp.zeros((), d.dtype))
-    return d if clamp is None else jnp.clip(d, -clamp, clamp)
+    if clamp is None:
+        return d
+    # torch.clamp's gradient (verl, OpenRLHF): 1 on the closed interval, also exactly at ±clamp (jnp.clip's
+    # gradient is ½ there)
+    return jnp.where(jnp.abs(d) <= clamp, d, jnp.clip(d, -clamp, clamp))
 
 
 def kl_penalty(

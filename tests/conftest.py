@@ -62,9 +62,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # jit compile time dominates on CPU: few examples, no deadline (compiles are slow, not the code). The README
 # test command (CI) draws derandomized examples (the same per test, so CI is deterministic); a session seed
 # (`--hypothesis-seed N` or TRLAX_HYPOTHESIS_SEED=N, e.g. a random one) draws other examples, printed in the
-# header and in every failure's report. A seeded session found a real edge case on 2026-11-30:
-# test_beyond_surrogates.py::test_straight_through_value_and_gradient(x=[0, 0, 0, 20], kind='k1') with seed
-# 66086800 (value 10 where the reference gives 0) — open, see the issue tracker.
+# header and in every failure's report. A seeded session found a real edge case on 2026-11-30 (seed 66086800:
+# kl_penalty's clamp gave half the gradient exactly at ±20), fixed and kept as a plain test.
 settings.register_profile(
     "trlax", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
     database=None, print_blob=True,

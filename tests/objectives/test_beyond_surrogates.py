@@ -703,7 +703,15 @@ def test_straight_through_value_and_gradient(x, kind):
     np.testing.assert_allclose(v, tx.kl_penalty(lp, rf, kind=kind), rtol=1e-12, atol=1e-12)
     g = jgrad(lambda a: jnp.sum(tx.kl_penalty(a, rf, kind=kind + "+")), lp)
     d = lp - rf
-    np.testing.assert_allclose(g, np.where(np.abs(d) < 20, d, 0.0), rtol=1e-12, atol=1e-12)
+    # the clamp passes the gradient on the closed interval [-20, 20], as torch.clamp does (verl)
+    np.testing.assert_allclose(g, np.where(np.abs(d) <= 20, d, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_straight_through_gradient_at_the_clamp_bound():
+    """The case a seeded hypothesis session found (x = [0, 0, 0, 20]: d exactly at the clamp): gradient d, as
+    torch.clamp gives it, not jnp.clip's ½d."""
+    test_straight_through_value_and_gradient.hypothesis.inner_test([0.0, 0.0, 0.0, 20.0], "k1")
+    test_straight_through_value_and_gradient.hypothesis.inner_test([-20.0, 3.0, 0.0, 20.0], "k3")
 
 
 @given(beta=st.floats(1e-5, 1.0), kl=st.floats(0.0, 5.0), n=st.integers(1, 4096),
