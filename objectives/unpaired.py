@@ -7,7 +7,8 @@ Everything here that is not the offline, paired, reference-based DPO family (tha
 function               objective
 =====================  =======================================================================
 :func:`kto_loss`       KTO (arXiv 2402.01306, eq. 7-8) and unpaired APO-zero (arXiv 2408.06266)
-:func:`bco_loss`       BCO (arXiv 2404.04656, eq. 9) with the running reward mean δ as explicit state
+:func:`bco_loss`       BCO (arXiv 2404.04656, eq. 9) with the running reward mean δ as explicit state;
+                       UDM weights (sec. 4.3): :func:`bco_udm_fit`, :func:`bco_udm_probs`, :func:`bco_udm_weights`
 :func:`orpo_loss`      ORPO (arXiv 2403.07691, eq. 6-7): NLL − λ·log σ(log odds ratio)
 :func:`cpo_loss`       CPO (arXiv 2401.08417, eq. 3), SimPO (arXiv 2405.14734, eq. 6), AlphaPO
                        (arXiv 2501.03884, eq. 5), hinge / IPO variants; + ``cpo_alpha``·NLL
@@ -284,21 +285,90 @@ def bco_update_moments(state: BCOState, rewards, mask=None) -> BCOState:
     return BCOState(jnp.where(keep, new_mean, mean), jnp.where(keep, new_var, var), jnp.where(keep, tot, count))
 
 
-def bco_udm_weights(desirable_probs, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0):
+class UDMClassifier(NamedTuple):
+    """BCO's UDM prompt classifier (arXiv 2404.04656, sec. 4.3): logistic regression
+    ``P(desirable | x) = σ(e(x)·w + b)`` on prompt embeddings ``e(x)`` (``w``: ``[D]``, ``b``: scalar)."""
+
+    w: jnp.ndarray
+    b: jnp.ndarray
+
+
+def bco_udm_fit(embeddings, labels, *, mask=None, l2: float = 1.0, num_steps: int = 20) -> UDMClassifier:
+    """Fit BCO's UDM density-ratio classifier (arXiv 2404.04656, sec. 4.3) as TRL's ``BCOTrainer`` does —
+    scikit-learn ``LogisticRegression(class_weight="balanced")`` (C = 1) on prompt embeddings, desirable = 1 —
+    by ``num_steps`` Newton steps from 0 on the same convex objective::
+
+        C·Σ_i s_i·(softplus(z_i) − y_i·z_i) + ½‖w‖²,   z_i = e_i·w + b,   s_i = N / (2·N_{y_i})
+
+    (``C = 1 / l2``; the intercept is not penalised; a class without rows gets weight 0). Pure and jit-able.
+
+    Args:
+      embeddings: ``[N, D]`` prompt embeddings (constants). labels: ``[N]`` bool, True = desirable.
+      mask: optional ``[N]`` rows to fit on. l2: penalty ``1/C`` > 0. num_steps: Newton steps ≥ 1.
+
+    Returns:
+      :class:`UDMClassifier`.
+    """
+    check_range("l2", l2, low=0.0, low_inclusive=False)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} is out of range; allowed: integers >= 1")
+    x = _sg(as_float(embeddings, "embeddings"))
+    check_rank(x, 2, "embeddings")
+    y = as_mask(labels, "labels")
+    valid = jnp.ones_like(y) if mask is None else as_mask(mask, "mask")
+    _check_rows(y, "labels", mask=valid)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"`labels` must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    n1, n0 = jnp.sum(valid & y), jnp.sum(valid & ~y)
+    n = (n0 + n1).astype(x.dtype)
+    s = jnp.where(valid, n / (2.0 * jnp.maximum(jnp.where(y, n1, n0), 1).astype(x.dtype)), 0.0)
+    X = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+    yf = y.astype(x.dtype)
+    reg = jnp.concatenate([jnp.full((x.shape[1],), l2, x.dtype), jnp.zeros((1,), x.dtype)])
+
+    def newton(_, theta):
+        p = jax.nn.sigmoid(X @ theta)
+        g = X.T @ (s * (p - yf)) + reg * theta
+        h = (X.T * (s * p * (1.0 - p))) @ X + jnp.diag(reg + 1e-10)
+        return theta - jnp.linalg.solve(h, g)
+
+    theta = jax.lax.fori_loop(0, num_steps, newton, jnp.zeros((X.shape[1],), x.dtype))
+    return UDMClassifier(theta[:-1], theta[-1])
+
+
+def bco_udm_probs(classifier: UDMClassifier, embeddings) -> jnp.ndarray:
+    """``[N]`` ``P(desirable | prompt) = σ(e·w + b)`` of a :func:`bco_udm_fit` classifier (constants)."""
+    x = _sg(as_float(embeddings, "embeddings"))
+    check_rank(x, 2, "embeddings")
+    if x.shape[1] != jnp.shape(classifier.w)[0]:
+        raise ValueError(f"`embeddings` must have {jnp.shape(classifier.w)[0]} columns, got {x.shape[1]}")
+    return _sg(jax.nn.sigmoid(x @ classifier.w.astype(x.dtype) + classifier.b.astype(x.dtype)))
+
+
+def bco_udm_weights(desirable_probs, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0,
+                    labels=None):
     """BCO underlying-distribution matching weights (arXiv 2404.04656, sec. 4.3 / eq. 11): with
-    ``p = P(desirable | prompt)`` from a prompt classifier, the density ratio ``p / (1 − p)``
-    (``+1e-8`` in the denominator, as TRL) clipped to ``[min_density_ratio, max_density_ratio]``.
+    ``p = P(desirable | prompt)`` from a prompt classifier (:func:`bco_udm_fit`, :func:`bco_udm_probs`),
+    the density ratio ``p / (1 − p)`` (``+1e-8`` in the denominator, as TRL) clipped to
+    ``[min_density_ratio, max_density_ratio]``.
 
     Args:
       desirable_probs: ``[B]`` classifier probabilities in [0, 1] (constants).
+      labels: optional ``[B]`` bool; desirable rows then get weight 1 (TRL weights undesirable rows only),
+        so the result is the ``weights`` argument of :func:`bco_loss`.
 
     Returns:
-      ``[B]`` weights for the undesirable rows of :func:`bco_loss`.
+      ``[B]`` weights for the undesirable rows of :func:`bco_loss` (all rows with ``labels``).
     """
     check_range("min_density_ratio", min_density_ratio, low=0.0)
     check_range("max_density_ratio", max_density_ratio, low=min_density_ratio)
     p = _sg(as_float(desirable_probs, "desirable_probs"))
-    return jnp.clip(p / (1.0 - p + 1e-8), min_density_ratio, max_density_ratio)
+    w = jnp.clip(p / (1.0 - p + 1e-8), min_density_ratio, max_density_ratio)
+    if labels is None:
+        return w
+    lab = as_mask(labels, "labels")
+    _check_rows(p, "desirable_probs", labels=lab)
+    return jnp.where(lab, jnp.ones((), w.dtype), w)
 
 
 def bco_loss(
@@ -926,7 +996,10 @@ __all__ = [
     "astar_po_values",
     "bco_init",
     "bco_loss",
+    "bco_udm_fit",
+    "bco_udm_probs",
     "bco_udm_weights",
+    "UDMClassifier",
     "bco_update_moments",
     "cpo_loss",
     "kto_kl_baseline",

@@ -454,3 +454,101 @@ def test_uld_errors():
         O.uld_divergence(s, t[:, :T], teacher_temperature=0)
     with pytest.raises(ValueError, match="`teacher_logits` must have shape"):
         O.uld_divergence(s, t)
+
+
+# ------------------------------------------------------------------------------------------- BCO UDM
+
+
+def _udm_data(seed, n=24, d=3):
+    r = np.random.default_rng(seed)
+    y = r.random(n) < 0.35
+    y[:2] = (True, False)
+    x = r.normal(0, 1, (n, d)) + 0.8 * y[:, None] * np.array([1.0, -0.5, 0.0])[:d]
+    return x, y
+
+
+def np_udm_objective(theta, x, y, l2):
+    """sklearn's ``LogisticRegression(class_weight="balanced", C=1/l2)`` objective, scaled by l2."""
+    w, b = theta[:-1], theta[-1]
+    s = np.where(y, len(y) / (2 * y.sum()), len(y) / (2 * (~y).sum()))
+    z = x @ w + b
+    return (s * (np.logaddexp(0, z) - y * z)).sum() + 0.5 * l2 * (w @ w)
+
+
+_UDM_FIT = jax.jit(lambda x, y, m: O.bco_udm_fit(x, y, mask=m, l2=0.5))
+
+
+def test_udm_fit_reference():
+    from scipy.optimize import minimize
+
+    x, y = _udm_data(13)
+    clf = _UDM_FIT(x, y, None)
+    ref = minimize(np_udm_objective, np.zeros(x.shape[1] + 1), args=(x, y, 0.5), method="BFGS",
+                   options={"gtol": 1e-12})
+    _close(np.append(clf.w, clf.b), ref.x, rtol=1e-5, atol=1e-7)
+    # the reference objective is at its minimum: no direction decreases it
+    g = fd_grad(lambda t: np_udm_objective(t, x, y, 0.5), np.append(clf.w, clf.b))
+    assert np.abs(g).max() < 1e-6
+    # probabilities and weights (TRL: ratio p/(1−p+1e-8) clipped, undesirable rows only)
+    p = 1 / (1 + np.exp(-(x @ ref.x[:-1] + ref.x[-1])))
+    _close(O.bco_udm_probs(clf, x), p, rtol=1e-5)
+    w = O.bco_udm_weights(O.bco_udm_probs(clf, x), min_density_ratio=0.6, max_density_ratio=1.5, labels=y)
+    _close(w, np.where(y, 1.0, np.clip(p / (1 - p + 1e-8), 0.6, 1.5)), rtol=1e-5)
+    # the classifier's output is a constant of the BCO loss
+    assert np.all(np.asarray(jax.grad(lambda e: O.bco_udm_probs(clf, e).sum())(jnp.asarray(x))) == 0)
+
+
+def test_udm_weighted_bco_gradient():
+    """``bco_loss`` with UDM weights: value and gradient against a float64 NumPy BCO (δ from the batch)."""
+    x, y = _udm_data(14, n=8)
+    r = np.random.default_rng(14)
+    lp, ref = -r.uniform(1, 5, 8), -r.uniform(1, 5, 8)
+    w = np.asarray(O.bco_udm_weights(O.bco_udm_probs(_UDM_FIT(x, y, None), x), labels=y))
+
+    def np_loss(v):
+        rew = 0.1 * (v - ref)
+        st = O.bco_update_moments(O.bco_init(jnp.float64), jnp.asarray(0.1 * (lp - ref)))
+        z = rew - float(st.mean)
+        return np.where(y, np.logaddexp(0, -z), w * np.logaddexp(0, z)).mean()
+
+    val, g = jax.value_and_grad(lambda v: O.bco_loss(v, ref, y, O.bco_init(jnp.float64), beta=0.1, weights=w)[0])(
+        jnp.asarray(lp))
+    _close(val, np_loss(lp))
+    _close(g, fd_grad(np_loss, lp), rtol=1e-5, atol=1e-9)
+
+
+@given(seed=st.integers(0, 2**16))
+def test_udm_fit_properties(seed):
+    x, y = _udm_data(seed)
+    ones = np.ones(len(y), bool)
+    clf = _UDM_FIT(x, y, ones)
+    theta = np.append(clf.w, clf.b)
+    assert np.all(np.isfinite(theta))
+    # swapping the labels flips the classifier (balanced weights and the log-loss are symmetric)
+    flip = _UDM_FIT(x, ~y, ones)
+    _close(np.append(flip.w, flip.b), -theta, rtol=1e-6, atol=1e-9)
+    # masked rows change nothing, whatever their embeddings; the row order does not matter
+    m = ones.copy()
+    m[-4:] = False
+    x2 = x.copy()
+    x2[-4:] = 1e3
+    a = _UDM_FIT(x2, y, m)
+    sub = O.bco_udm_fit(x[:-4], y[:-4], l2=0.5)
+    _close(np.append(a.w, a.b), np.append(sub.w, sub.b), rtol=1e-6, atol=1e-9)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    pc = _UDM_FIT(x[perm], y[perm], ones)
+    _close(np.append(pc.w, pc.b), theta, rtol=1e-6, atol=1e-9)
+    w = O.bco_udm_weights(O.bco_udm_probs(clf, x), min_density_ratio=0.5, max_density_ratio=10.0)
+    assert np.all((np.asarray(w) >= 0.5) & (np.asarray(w) <= 10.0))
+
+
+def test_udm_errors():
+    x, y = _udm_data(15)
+    with pytest.raises(ValueError, match="l2=0"):
+        O.bco_udm_fit(x, y, l2=0)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        O.bco_udm_fit(x, y, num_steps=0)
+    with pytest.raises(ValueError, match="`labels` must have shape"):
+        O.bco_udm_fit(x, y[:5])
+    with pytest.raises(ValueError, match="`embeddings` must have 3 columns"):
+        O.bco_udm_probs(O.bco_udm_fit(x, y), x[:, :2])
