@@ -54,6 +54,7 @@ __all__ = [
     "SoftOverlongPunishment",
     "RewardFunctionError",
     "nan_reward_counts",
+    "reward_metrics",
     "compute_rewards",
     "weighted_reward_sum",
     "decode_rollout",
@@ -430,6 +431,24 @@ def nan_reward_counts(rewards) -> dict:
     the weighted sum, unscorable rows get advantage 0)."""
     r = np.isnan(np.asarray(rewards, np.float64))
     return {"rewards/nan": float(r.sum()), "rewards/unscorable": float(r.all(axis=1).sum())}
+
+
+def reward_metrics(rewards, names: Sequence[str]) -> dict:
+    """Per-function metrics of a ``[N, R]`` reward matrix, as TRL logs them: ``rewards/<name>/mean`` and
+    ``rewards/<name>/std`` over the entries the function scored (NaN left out; the std with Bessel's correction,
+    0 with fewer than two entries), ``rewards/<name>`` (the mean again, trlax's earlier key) and
+    :func:`nan_reward_counts`."""
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 2 or r.shape[1] != len(names):
+        raise ValueError(f"`rewards` must be [N, {len(names)}] (one column per name), got shape {r.shape}")
+    out = {}
+    for j, name in enumerate(names):
+        col = r[:, j][~np.isnan(r[:, j])]
+        mean = float(col.mean()) if col.size else float("nan")
+        out[f"rewards/{name}"] = out[f"rewards/{name}/mean"] = mean
+        out[f"rewards/{name}/std"] = float(col.std(ddof=1)) if col.size > 1 else 0.0
+    out.update(nan_reward_counts(r))
+    return out
 
 
 def weighted_reward_sum(rewards: np.ndarray, weights: Optional[Sequence[float]] = None) -> np.ndarray:

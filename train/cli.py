@@ -6,7 +6,9 @@
 Every field of the algorithm's run config (train/config.py) is a flag; ``--help`` lists them with
 their defaults. Values from ``--config`` are overridden by flags. The resolved config is written to
 ``<output_dir>/config.yaml`` beside the run. Bad values, unknown fields and unknown algorithms stop
-the run before any compute, with a message naming the field.
+the run before any compute, with a message naming the field. ``--config`` also reads a TRL trainer's YAML /
+JSON config (GRPOConfig, DPOConfig, SFTConfig ... field names and values; see
+:func:`trlax.train.config.from_trl_config`): what trlax has is applied, the rest listed in one warning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 
@@ -103,26 +105,28 @@ def initialize_distributed(values: Dict[str, object]) -> None:
           f"{jax.device_count()} global devices", flush=True)
 
 
-def _read_values(rest: List[str]) -> Dict[str, object]:
-    """``--config`` file values overridden by the ``--name value`` flags (plain Python: no JAX yet)."""
-    overrides = _parse_overrides(rest)
-    values: Dict[str, object] = {}
-    cfg_file = overrides.pop("config", None)
-    if cfg_file:
-        import yaml
+def _read_values(rest: List[str]) -> Tuple[Dict[str, object], Dict[str, object], str]:
+    """``(file_values, flags, config_path)``: the ``--config`` file's values (YAML or JSON), the ``--name value``
+    flags (which override them) and the file's path (plain Python: no JAX yet)."""
+    flags: Dict[str, object] = dict(_parse_overrides(rest))
+    cfg_file = str(flags.pop("config", None) or "")
+    return (read_config_file(cfg_file) if cfg_file else {}), flags, cfg_file
 
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"config={cfg_file!r}: no such file")
-        try:
-            with open(cfg_file) as fh:
-                loaded = yaml.safe_load(fh) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"config={cfg_file!r} is not valid YAML: {_one_line(e)}") from None
-        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
-            raise ValueError(f"config={cfg_file!r} must be a YAML mapping of field names to values")
-        values.update(loaded)
-    values.update(overrides)
-    return values
+
+def read_config_file(path: str) -> Dict[str, object]:
+    """A YAML (or JSON, a subset of YAML) mapping of field names to values; errors name ``config`` and the file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config={path!r}: no such file")
+    try:
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"config={path!r} is not valid YAML / JSON: {_one_line(e)}") from None
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise ValueError(f"config={path!r} must be a YAML / JSON mapping of field names to values")
+    return loaded
 
 
 def _one_line(err) -> str:
@@ -151,9 +155,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     rest = argv[2:]
     wants_help = len(argv) < 2 or argv[1] in ("-h", "--help") or "-h" in rest or "--help" in rest
     values: Dict[str, object] = {}
+    file_values: Dict[str, object] = {}
+    flags: Dict[str, object] = {}
+    cfg_file = ""
     if not wants_help:
         try:
-            values = _read_values(rest)
+            file_values, flags, cfg_file = _read_values(rest)
+            values = {**file_values, **flags}
             if _truthy(values.get("distributed", False)):
                 # before anything touches the XLA backend: importing the trainers / objectives does
                 initialize_distributed(values)
@@ -183,8 +191,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_field_help(algo))
         return 0
     try:
-        from trlax.train.config import build_config
+        from trlax.train.config import build_config, from_trl_config, is_trl_config
 
+        if is_trl_config(file_values):  # a TRL trainer's config: translated, the rest listed in one warning
+            values = {**from_trl_config(algo, file_values, source=f"config={cfg_file!r}"), **flags}
         cfg = build_config(algo, values)
         from trlax.train.data import load_records
 

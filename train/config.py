@@ -391,6 +391,153 @@ def parse_value(field: str, tp, raw: Any):
 
 
 
+# ------------------------------------------------------------------------------------ TRL configs
+#
+# `trlax train NAME --config x.yaml` also reads the YAML / JSON config of the corresponding TRL trainer
+# (GRPOConfig, DPOConfig, SFTConfig, KTOConfig ... and the `trl` CLI's script / model arguments): fields with a
+# trlax equivalent are applied (same name and meaning, or translated below; the loss fields through the
+# objective config's ``from_trl``), the others are listed in one warning, bad values raise naming the TRL field.
+
+# TRL / transformers field -> the trlax field with the same meaning
+TRL_RENAMES = {"save_total_limit": "keep_checkpoints", "reward_model_name_or_path": "reward_model",
+               "model_name_or_path": "model", "dataset_name": "dataset", "lora_r": "lora_rank",
+               "precompute_ref_log_probs": "precompute_ref_logps"}
+# the `trl grpo` CLI's built-in reward names -> trlax's
+TRL_REWARD_NAMES = {"accuracy_reward": "accuracy", "think_format_reward": "think_format",
+                    "get_soft_overlong_punishment": "soft_overlong"}
+# fields only a TRL / transformers config has: one of them marks a config file as TRL's
+TRL_MARKERS = frozenset(TRL_RENAMES) | {
+    "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps",
+    "report_to", "lr_scheduler_type", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing", "save_steps", "save_strategy",
+    "warmup_ratio", "use_vllm", "use_peft", "per_device_eval_batch_size", "eval_strategy", "packing_strategy",
+    "generation_batch_size", "dataset_train_split", "torch_dtype", "dtype"}
+
+
+def is_trl_config(mapping: Dict[str, Any]) -> bool:
+    """Whether a config mapping is a TRL trainer config (it has a field only TRL / transformers configs have)."""
+    return any(k in TRL_MARKERS for k in mapping)
+
+
+def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
+    """The run-config values of trainer ``algo`` from a TRL config mapping (``GRPOConfig.to_dict()``, a ``trl``
+    CLI YAML ...): trlax fields of the same name and meaning as they are; TRL's batch (``per_device_train_batch_
+    size x gradient_accumulation_steps`` completions / rows per optimiser step, the accumulation as micro-batches),
+    warm-up ratio, ``bf16`` / ``fp16`` (compute dtype), ``gradient_checkpointing`` (remat), checkpointing,
+    ``packing``, PEFT LoRA, reward function and renamed fields (:data:`TRL_RENAMES`) translated; the loss fields
+    through the objective config's ``from_trl`` (e.g. ``use_vllm`` + ``vllm_importance_sampling_*`` -> the
+    sampler correction). Fields that do not apply are listed in one ``UserWarning``; a bad value raises a
+    ``ValueError`` naming the TRL field."""
+    import warnings
+
+    from trlax.train import registry
+
+    cls = config_class(algo)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    m = {k: v for k, v in mapping.items()}
+    out: Dict[str, Any] = {}
+    skipped = []
+
+    def put(trl_name: str, field: str, raw) -> None:
+        if field not in fields:
+            skipped.append(trl_name)
+            return
+        try:
+            out[field] = parse_value(field, fields[field].type, raw)
+        except ValueError as e:
+            raise ValueError(f"{source}: {trl_name}={raw!r}: {e}") from None
+
+    def integer(name: str, default: int) -> int:
+        raw = m.pop(name, default)
+        if raw is None:
+            return default
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ValueError(f"{source}: {name}={raw!r} is not an integer")
+        try:
+            v = float(raw)
+        except ValueError:
+            raise ValueError(f"{source}: {name}={raw!r} is not an integer") from None
+        if not v.is_integer() or v < 1:
+            raise ValueError(f"{source}: {name}={raw!r} must be an integer >= 1")
+        return int(v)
+
+    if "per_device_train_batch_size" in m or "gradient_accumulation_steps" in m:
+        accum = integer("gradient_accumulation_steps", 1)
+        if "per_device_train_batch_size" in m:
+            put("per_device_train_batch_size", "batch_size", integer("per_device_train_batch_size", 1) * accum)
+        put("gradient_accumulation_steps", "num_microbatches", accum)
+    if m.get("max_steps") is not None and not isinstance(m["max_steps"], bool) and _num(m["max_steps"]) <= 0:
+        m.pop("max_steps")
+        skipped.append("max_steps (<= 0: TRL trains num_train_epochs; trlax needs max_steps)")
+    ratio = m.pop("warmup_ratio", None) or 0.0
+    if isinstance(m.get("warmup_steps"), float) and 0 < m["warmup_steps"] < 1:  # transformers 5: a ratio
+        ratio = m.pop("warmup_steps")
+    if ratio:
+        steps = out.get("max_steps", m.get("max_steps", fields["max_steps"].default))
+        put("warmup_ratio", "warmup_steps", math.ceil(_num(ratio) * _num(steps)))
+    for flag, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if flag in m and parse_value(f"{source}: {flag}", bool, m.pop(flag)):
+            put(flag, "compute_dtype", dtype)
+    for flag in ("gradient_checkpointing", "activation_checkpointing"):  # transformers 5 renamed the first
+        if flag in m and parse_value(f"{source}: {flag}", bool, m.pop(flag)):
+            put(flag, "remat", "full")
+    strategy = m.pop("save_strategy", "steps")
+    if "save_steps" in m or strategy == "no":
+        save_steps = m.pop("save_steps", 0)
+        put("save_steps", "save_every", 0 if strategy == "no" else save_steps)
+    if "packing" in m and "packing" in fields:
+        on = parse_value(f"{source}: packing", bool, m.pop("packing"))
+        put("packing", "packing", m.pop("packing_strategy", "bfd") if on else "")
+    if "use_peft" in m:
+        lora = {k: m.pop(k) for k in ("lora_r", "lora_alpha", "lora_target_modules", "use_dora", "use_rslora")
+                if k in m}
+        if parse_value(f"{source}: use_peft", bool, m.pop("use_peft")):
+            lora.setdefault("lora_r", 16)  # TRL ModelConfig's default rank
+            for k, v in lora.items():
+                if k == "lora_target_modules" and isinstance(v, (list, tuple)):
+                    v = ",".join(v)
+                put(k, TRL_RENAMES.get(k, k), v)
+    for key in ("reward_funcs", "reward_weights"):
+        if isinstance(m.get(key), (list, tuple)):
+            items = [TRL_REWARD_NAMES.get(str(x), str(x)) if key == "reward_funcs" else str(x) for x in m.pop(key)]
+            put(key, key, ",".join(items))
+    if isinstance(m.get("reward_funcs"), str):
+        m["reward_funcs"] = ",".join(TRL_REWARD_NAMES.get(x.strip(), x.strip()) for x in m["reward_funcs"].split(","))
+    L = registry.get(algo).loss_config_cls
+    if L is not None and hasattr(L, "from_trl"):
+        try:
+            lc = L.from_trl(**m)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+        default = L()
+        for f in dataclasses.fields(lc):
+            v = getattr(lc, f.name)
+            if f.name in fields and (f.name in m or v != getattr(default, f.name)):
+                out[f.name] = v
+                m.pop(f.name, None)
+        for k in [k for k in m if k.startswith("vllm_importance_sampling") or k == "use_vllm"]:
+            if "sampler_correction" in out:
+                m.pop(k)  # applied: the sampler correction
+    for k, v in m.items():
+        field = TRL_RENAMES.get(k, k)
+        if field not in fields:
+            skipped.append(k)
+        elif v is None and not _is_optional(fields[field].type)[0]:
+            skipped.append(f"{k} (null)")
+        else:
+            put(k, field, v)
+    if skipped:
+        warnings.warn(f"{source}: a TRL config; {len(skipped)} field(s) do not apply to `trlax train {algo}` and are "
+                      f"ignored: {', '.join(skipped)}", UserWarning, stacklevel=2)
+    return out
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{v!r} is not a number") from None
+
+
 def build_config(algo: str, values: Dict[str, Any]):
     """Instantiate and validate the run config of ``algo`` from a dict of raw values (strings from the
     command line or typed values from YAML). Errors name the field. A ``preset`` is resolved here
@@ -460,4 +607,4 @@ def loss_config(algo: str, cfg, explicit=None):
     return L(**kw)
 
 
-__all__ = ["CommonConfig", "build_config", "check_mesh", "config_class", "loss_config", "check_sampling", "make_run_config", "parse_value"]
+__all__ = ["CommonConfig", "build_config", "from_trl_config", "is_trl_config", "check_mesh", "config_class", "loss_config", "check_sampling", "make_run_config", "parse_value"]

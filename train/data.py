@@ -128,6 +128,16 @@ def load_records(algo: str, dataset: str, *, n_builtin: int = 1024, seed: int = 
                 msg = " ".join(str(e).split())[:200]
                 raise ValueError(f"dataset={dataset!r} is not a local file and could not be loaded from the Hugging "
                                  f"Face hub ({type(e).__name__}: {msg})") from None
+    return prepare_records(algo, dataset, rows, seed=seed)
+
+
+def prepare_records(algo: str, dataset: str, rows: List[Dict[str, Any]], seed: int = 0) -> List[Dict[str, Any]]:
+    """Rows for ``algo`` from rows already read (``dataset`` names them in errors): preference rows with an
+    implicit prompt get it extracted (:func:`extract_prompt`), then every row is checked (:func:`check_records`)."""
+    from trlax.train import registry
+
+    spec = registry.get(algo)
+    rows = list(rows)
     if {"prompt", "chosen", "rejected"} <= set(spec.columns):  # preference rows with an implicit prompt
         for i, r in enumerate(rows):
             if isinstance(r, dict) and "chosen" in r and "rejected" in r:
@@ -583,6 +593,7 @@ __all__ = [
     "encode_right_padded",
     "check_records",
     "load_records",
+    "prepare_records",
     "read_local",
     "read_saved",
     "truncated_prompts",

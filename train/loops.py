@@ -722,11 +722,10 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             kl_tok = np.exp(d) - d - 1.0
             kl_sum, kl_n = D.all_sum(float(kl_tok[policy_mask].sum()), float(policy_mask.sum()))
             gen_metrics["kl"] = float(kl_sum / kl_n) if kl_n else 0.0
-        for j, name in enumerate(reward_names):
-            gen_metrics[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
-        from trlax.rollouts.rewards import nan_reward_counts
+        from trlax.rollouts.rewards import reward_metrics
 
-        gen_metrics.update(nan_reward_counts(R))  # NaN rewards: left out of the weighted sum (TRL), counted
+        # per function: rewards/<name>/mean, /std (TRL); NaN rewards left out of the weighted sum (TRL), counted
+        gen_metrics.update(reward_metrics(R, reward_names))
         gen_metrics["policy_version"] = version
         if agent is not None:
             gen_metrics.update(agent_metrics)
