@@ -169,17 +169,51 @@ def run_kto(cfg, rows=None, algo: str = "kto") -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- BCO
 
 
+def prompt_embeddings(run, ids, mask) -> np.ndarray:
+    """``[N, H]`` UDM prompt embeddings: the frozen initial policy's final hidden states mean-pooled over the
+    prompt tokens (TRL's BCO takes a user ``embedding_func``; trlax uses the reference model), computed in
+    chunks of ``batch_size`` rows (one compiled forward)."""
+    if not hasattr(run, "_embed_fn"):
+        def embed(p, i, m):
+            h = run.policy.model(p).hidden_states(i, attention_mask=m).astype(jnp.float32)
+            return jnp.sum(h * m[..., None], 1) / jnp.maximum(jnp.sum(m, 1, keepdims=True), 1)
+        run._embed_fn = jax.jit(embed)
+    n, bs = len(ids), run.cfg.batch_size
+    pad = -n % bs
+    ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+    mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
+    return np.concatenate([_host(run._embed_fn(run.frozen_params, ids[i:i + bs], mask[i:i + bs]))
+                           for i in range(0, n + pad, bs)])[:n]
+
+
+def fit_udm(run, cfg, rows) -> U.UDMClassifier:
+    """BCO's UDM classifier (arXiv 2404.04656, sec. 4.3; TRL ``BCOTrainer``): :func:`trlax.objectives.bco_udm_fit`
+    on the :func:`prompt_embeddings` of up to ``prompt_sample_size`` rows (a sample fixed by the seed, so a
+    resumed run refits the same classifier), desirable = 1."""
+    tok = run.tokenizer
+    sample = np.sort(np.random.default_rng([cfg.seed, 1]).permutation(len(rows))[:cfg.prompt_sample_size])
+    ids, mask = D.encode_left_padded(tok, _texts(tok, [rows[i] for i in sample], "prompt"), cfg.max_prompt_length)
+    labels = np.asarray([bool(rows[i]["label"]) for i in sample])
+    if labels.all() or not labels.any():
+        raise ValueError(f"use_udm=True needs desirable and undesirable rows among the prompt_sample_size="
+                         f"{cfg.prompt_sample_size} sampled rows of dataset={cfg.dataset!r}")
+    return U.bco_udm_fit(prompt_embeddings(run, ids, mask), labels)
+
+
 def run_bco(cfg, rows=None, algo: str = "bco") -> Dict[str, Any]:
     """BCO (arXiv 2404.04656, eq. 9): a binary classifier on the implicit reward ``β(log π_θ − log π_ref)``
-    shifted by the running reward mean δ (sec. 4.2), kept in ``TrainState.extra``. UDM density-ratio
-    weights (sec. 4.3) need a prompt classifier and are not wired here."""
+    shifted by the running reward mean δ (sec. 4.2), kept in ``TrainState.extra``. With ``use_udm``, the
+    undesirable rows are weighted by the clipped density ratio of a prompt classifier (UDM, sec. 4.3;
+    :func:`fit_udm` before the first step, :func:`trlax.objectives.bco_udm_weights` per batch)."""
+    rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
             (lp,) = _block_logps(run, params, b, ("completion",))
             state = U.BCOState(b["bco_mean"][0], b["bco_var"][0], b["bco_count"][0])
             loss, _, metrics = U.bco_loss(lp, b["ref_completion"], b["labels"], state, mask=b["completion_mask"],
-                                          beta=cfg.beta, update_state=True, num_sequences=totals["num_sequences"])
+                                          beta=cfg.beta, update_state=True, num_sequences=totals["num_sequences"],
+                                          weights=b["udm_weights"] if cfg.use_udm else None)
             r = cfg.beta * jax.lax.stop_gradient(
                 jnp.sum(jnp.where(b["completion_mask"], lp - b["ref_completion"], 0.0), axis=-1))
             n = jnp.asarray(r.shape[0], jnp.float32)
@@ -191,6 +225,13 @@ def run_bco(cfg, rows=None, algo: str = "bco") -> Dict[str, Any]:
         n = batch["prompt_ids"].shape[0]
         out = {f"bco_{k}": np.full(n, float(_host(v)), np.float32) for k, v in run.state.extra._asdict().items()}
         out.update(_ref_columns(run, batch, ("completion",)))
+        if cfg.use_udm:
+            if not hasattr(run, "_udm"):
+                run._udm = fit_udm(run, cfg, rows)
+            probs = U.bco_udm_probs(run._udm, prompt_embeddings(run, batch["prompt_ids"], batch["prompt_mask"]))
+            out["udm_weights"] = np.asarray(U.bco_udm_weights(
+                probs, min_density_ratio=cfg.min_density_ratio, max_density_ratio=cfg.max_density_ratio,
+                labels=batch["labels"]), np.float32)
         return out
 
     def after(run, m):
@@ -283,6 +324,13 @@ def _validate_kto(cfg):
                          "point pairs each prompt with another row's completion)")
 
 
+def _validate_bco(cfg):
+    _pos("beta", cfg)
+    check_range("prompt_sample_size", cfg.prompt_sample_size, low=2)
+    check_range("min_density_ratio", cfg.min_density_ratio, low=0.0)
+    check_range("max_density_ratio", cfg.max_density_ratio, low=cfg.min_density_ratio)
+
+
 def _validate_cpo(cfg):
     check_choice("loss_type", cfg.loss_type, U.CPO_LOSS_TYPES)
     _pos("beta", cfg)
@@ -316,11 +364,12 @@ SPECS = [
         presets={"kto": dict(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)},
         description="KTO (2402.01306), unpaired; KL reference point from mismatched pairs; apo_zero_unpaired"),
     TrainerSpec(
-        "bco", _cfg("bco", [("beta", float, 0.1)], lambda c: _pos("beta", c),
+        "bco", _cfg("bco", [("beta", float, 0.1), ("use_udm", bool, False), ("prompt_sample_size", int, 1024),
+                            ("min_density_ratio", float, 0.5), ("max_density_ratio", float, 10.0)], _validate_bco,
                     "trlax train bco: BCO (arXiv 2404.04656) on unpaired (prompt, completion, label) rows."),
         run_bco, ("prompt", "completion", "label"), unpaired_examples, metric="rewards/margins",
         presets={"bco": dict(beta=0.1)},
-        description="BCO (2404.04656), unpaired; running reward mean δ in the train state (no UDM)"),
+        description="BCO (2404.04656), unpaired; running reward mean δ in the train state; UDM (`use_udm`)"),
     TrainerSpec(
         "orpo", _cfg("orpo", [("beta", float, 0.1)], lambda c: _pos("beta", c, strict=False),
                      "trlax train orpo: ORPO (arXiv 2403.07691), reference-free, paired."),
@@ -345,5 +394,5 @@ SPECS = [
         description="TPO / TPO-L (2405.16681): preference contrast + gold-response NLL, reference-free"),
 ]
 
-__all__ = ["SPECS", "run_bco", "run_cpo", "run_kto", "run_orpo", "run_tpo", "triple_examples",
+__all__ = ["SPECS", "fit_udm", "prompt_embeddings", "run_bco", "run_cpo", "run_kto", "run_orpo", "run_tpo", "triple_examples",
            "unpaired_examples"]
