@@ -71,13 +71,13 @@ def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable:
 
     if spec.startswith("python:"):
         if spec not in _CALLABLES:
-            raise ValueError(f"{field}: {spec!r} was a Python callable given to the trlax Python API in another "
+            raise ValueError(f"{field}={spec!r} was a Python callable given to the trlax Python API in another "
                              "process; give its import path (pkg.module:function) or pass the function again")
         return _CALLABLES[spec]
     if ":" not in spec:
         mod, _, name = spec.rpartition(".")
         if not mod:
-            raise ValueError(f"{field}: {spec!r} is neither a built-in reward ({', '.join(REWARD_FUNCS)}) nor an "
+            raise ValueError(f"{field}={spec!r} is neither a built-in reward ({', '.join(REWARD_FUNCS)}) nor an "
                              "import path pkg.module:function / pkg.module.function")
         spec_colon = f"{mod}:{name}"
     else:
@@ -86,10 +86,12 @@ def load_reward_function(spec: str, field: str = "reward_funcs") -> Callable:
         sys.path.append(os.getcwd())
     try:
         obj = load_object(spec_colon, field)
-    except ValueError as e:
-        raise ValueError(f"{field}: cannot load the reward function {spec!r}: {e}") from None
+    except ValueError as e:  # names the field and the path (as pkg.module:function)
+        if spec_colon == spec:
+            raise
+        raise ValueError(f"{field}={spec!r}: {e}") from None
     if not callable(obj):
-        raise ValueError(f"{field}: {spec!r} is a {type(obj).__name__}, not a callable reward function")
+        raise ValueError(f"{field}={spec!r} is a {type(obj).__name__}, not a callable reward function")
     return obj
 
 
