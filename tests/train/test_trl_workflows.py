@@ -210,7 +210,8 @@ GRPO_YAML = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, l
                  warmup_ratio=0.1, bf16=True, gradient_checkpointing=True, save_strategy="steps", save_steps=20,
                  save_total_limit=3, logging_steps=5, report_to="none", lr_scheduler_type="cosine",
                  reward_funcs=["accuracy_reward", "think_format_reward"], reward_weights=[1.0, 0.5],
-                 model_name_or_path="tiny", num_train_epochs=3)
+                 model_name_or_path="tiny", num_train_epochs=3, use_peft=True, lora_r=8, lora_alpha=32,
+                 lora_target_modules=["q_proj", "v_proj"])
 
 
 def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
@@ -231,6 +232,7 @@ def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
     assert (cfg.temperature, cfg.top_p, cfg.warmup_steps, cfg.seed) == (0.9, 0.95, 4, 5)
     assert (cfg.compute_dtype, cfg.remat, cfg.save_every, cfg.keep_checkpoints) == ("bfloat16", "full", 20, 3)
     assert (cfg.reward_funcs, cfg.reward_weights) == ("accuracy,think_format", "1.0,0.5")
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules) == (8, 32.0, "q_proj,v_proj")
     msgs = [str(x.message) for x in w if "TRL config" in str(x.message)]
     assert len(msgs) == 1
     for field in ("logging_steps", "report_to", "lr_scheduler_type", "num_train_epochs"):
