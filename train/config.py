@@ -69,6 +69,12 @@ class CommonConfig:
     lora_target_modules: str = "all-linear"  # comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     use_dora: bool = False  # weight-decomposed adapters (DoRA)
     use_rslora: bool = False  # rank-stabilised scaling (arXiv 2312.03732)
+    # held-out evaluation (RL: mean reward, accuracy, pass@k; preference: reward accuracy / margin; SFT: loss):
+    # eval_dataset is a local file or directory like `dataset`; eval_split > 0 instead holds out that fraction
+    # of the training set's distinct prompts; eval_steps: every this many steps (0: only before and after training)
+    eval_dataset: str = ""
+    eval_split: float = 0.0
+    eval_steps: int = 0
 
     def validate(self) -> None:
         check_range("max_steps", self.max_steps, low=1)
@@ -96,6 +102,10 @@ class CommonConfig:
         from trlax.train.modeling import check_model
 
         check_model(self.model)
+        check_range("eval_split", self.eval_split, low=0.0, high=1.0, high_inclusive=False)
+        check_range("eval_steps", self.eval_steps, low=0)
+        if self.eval_dataset and self.eval_split:
+            raise ValueError(f"give either eval_dataset={self.eval_dataset!r} or eval_split={self.eval_split}, not both")
         check_range("lora_rank", self.lora_rank, low=0)
         check_range("lora_alpha", self.lora_alpha, low=0.0, low_inclusive=False)
         check_choice("use_dora", self.use_dora, (True, False))
@@ -230,6 +240,9 @@ def _grpo_cls():
         ("entropy_coef_delta", float, dataclasses.field(default=0.005)),
         ("entropy_coef_min", float, dataclasses.field(default=0.0)),
         ("entropy_coef_max", float, dataclasses.field(default=1.0)),
+        # R1-style cold start (trlax.train.loops.format_warmup): this many SFT steps on the answer format (each
+        # prompt paired with a random row's answer) before GRPO, which starts from that model; 0 = off
+        ("sft_warmup_steps", int, dataclasses.field(default=0)),
     ]
     common = [(k, type(v), dataclasses.field(default=v)) for k, v in GRPO_DEFAULTS.items()]
     skip = {"max_completion_length"}  # shared with CommonConfig
@@ -251,6 +264,7 @@ def _validate_grpo(self) -> None:
     check_sampling(self)
     check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
+    check_range("sft_warmup_steps", self.sft_warmup_steps, low=0)
     check_range("num_iterations", self.num_iterations, low=1)
     check_range("steps_per_generation", self.steps_per_generation, low=1)
     check_range("decode_slots", self.decode_slots, low=0)
@@ -410,7 +424,7 @@ TRL_MARKERS = frozenset(TRL_RENAMES) | {
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps",
     "report_to", "lr_scheduler_type", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing", "save_steps", "save_strategy",
     "warmup_ratio", "use_vllm", "use_peft", "per_device_eval_batch_size", "eval_strategy", "packing_strategy",
-    "generation_batch_size", "dataset_train_split", "torch_dtype", "dtype"}
+    "generation_batch_size", "dataset_train_split"}
 
 
 def is_trl_config(mapping: Dict[str, Any]) -> bool:

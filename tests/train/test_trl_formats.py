@@ -240,3 +240,16 @@ def test_format_errors_name_the_row(tmp_path):
         D.load_records("grpo", p)
     with pytest.raises(ValueError, match="not a dataset saved with save_to_disk"):
         D.load_records("grpo", str(tmp_path))
+
+
+def test_saved_dataset_dict_split(tmp_path):
+    """A `save_to_disk` DatasetDict: the split asked for (default train); a missing one is named."""
+    datasets = pytest.importorskip("datasets")
+    rows = make_rows("prompt_only", True, n=8)
+    test = make_rows("prompt_only", True, n=3, seed=2)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(test)}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    assert [r["prompt"] for r in D.load_records("grpo", str(tmp_path / "dd"))] == [r["prompt"] for r in rows]
+    assert len(D.load_records("grpo", str(tmp_path / "dd"), split="test")) == 3
+    with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        D.load_records("grpo", str(tmp_path / "dd"), split="validation")

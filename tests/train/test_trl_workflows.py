@@ -148,6 +148,28 @@ def test_python_api_with_callables_and_rows(tmp_path):
         trlax.train.grpo(dict(SMALL_GRPO, max_steps=1), reward_funcs=[3], train_dataset=rows)
 
 
+def test_python_api_takes_a_dataset_and_a_trl_config(tmp_path, monkeypatch):
+    """`trlax.train.train("dpo", DPOConfig(...), train_dataset=datasets.Dataset)`: an implicit-prompt conversational
+    preference set gets its prompt extracted before the run; a trlax YAML is not mistaken for a TRL one."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    import trlax.train
+    from trlax.train.config import is_trl_config
+
+    user = [{"role": "user", "content": "2+2="}]
+    ds = datasets.Dataset.from_list([{"chosen": user + [{"role": "assistant", "content": "4"}],
+                                      "rejected": user + [{"role": "assistant", "content": "5"}]}] * 4)
+    got = {}
+    monkeypatch.setattr(loops, "run", lambda algo, cfg, rows: got.update(algo=algo, cfg=cfg, rows=rows))
+    with pytest.warns(UserWarning, match="DPOConfig: a TRL config"):
+        trlax.train.train("dpo", trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, beta=0.3),
+                          train_dataset=ds, max_steps=3)
+    assert got["algo"] == "dpo" and (got["cfg"].beta, got["cfg"].max_steps) == (0.3, 3)
+    assert got["rows"][0]["prompt"] == user and got["rows"][0]["chosen"] == [{"role": "assistant", "content": "4"}]
+    saved = yaml.safe_load(yaml.safe_dump({"dtype": "bfloat16", "beta": 0.1, "max_steps": 2}))
+    assert not is_trl_config(saved)
+
+
 def test_reward_function_wrong_length_is_named(tmp_path):
     def short(prompts, completions, **kw):
         return [0.0]
