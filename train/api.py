@@ -63,6 +63,8 @@ def train(algo: str, config: Any = None, *, reward_funcs: Union[None, str, Any, 
     if reward_funcs is not None:
         funcs = [reward_funcs] if isinstance(reward_funcs, str) or callable(reward_funcs) else list(reward_funcs)
         values["reward_funcs"] = ",".join(reward_spec(f) for f in funcs)
+    if isinstance(values.get("reward_weights"), (list, tuple)):  # TRL's form: one number per reward function
+        values["reward_weights"] = ",".join(str(float(w)) for w in values["reward_weights"])
     rows = None
     if isinstance(train_dataset, str):
         values["dataset"] = train_dataset

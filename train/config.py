@@ -216,7 +216,8 @@ def _grpo_cls():
         ("scale_rewards", str, dataclasses.field(default="group")),
         ("multi_objective_aggregation", str, dataclasses.field(default="sum_then_normalize")),
         # comma-separated: builtin (accuracy + format of the built-in task), exact_match, accuracy, format,
-        # think_format, cosine, repetition, soft_overlong (trlax.rollouts.rewards)
+        # think_format, cosine, repetition, soft_overlong (trlax.rollouts.rewards), reward_model, or a Python
+        # reward function with TRL's signature by import path pkg.module:function (trlax.train.rewarding)
         ("reward_funcs", str, dataclasses.field(default="builtin")),
         ("reward_weights", str, dataclasses.field(default="")),  # comma-separated, one per reward column
         # reward_funcs=reward_model: a local sequence-classification checkpoint (e.g. `trlax train reward`'s export)

@@ -137,7 +137,7 @@ def test_python_api_with_callables_and_rows(tmp_path):
 
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
     s = trlax.train.grpo(dict(SMALL_GRPO, max_steps=1, output_dir=str(tmp_path / "o")), reward_funcs=[half],
-                         train_dataset=rows, reward_weights="2.0")
+                         train_dataset=rows, reward_weights=[2])  # TRL's list form
     assert s["steps"] == 1 and len(seen) == 1 and set(seen[0]) <= {r["answer"] for r in rows}
     (r,) = _jsonl(tmp_path / "o" / "metrics.jsonl")
     assert r["rewards/half/mean"] == 1.0 and r["rewards/half/std"] == 0.0
