@@ -475,11 +475,26 @@ def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") 
             raise ValueError(f"{source}: {name}={raw!r} must be an integer >= 1")
         return int(v)
 
-    if "per_device_train_batch_size" in m or "gradient_accumulation_steps" in m:
-        accum = integer("gradient_accumulation_steps", 1)
-        if "per_device_train_batch_size" in m:
-            put("per_device_train_batch_size", "batch_size", integer("per_device_train_batch_size", 1) * accum)
+    given_batch = "per_device_train_batch_size" in m
+    accum = integer("gradient_accumulation_steps", 1)
+    per = integer("per_device_train_batch_size", 1)
+    if given_batch:
+        put("per_device_train_batch_size", "batch_size", per * accum)
+    if accum > 1:
         put("gradient_accumulation_steps", "num_microbatches", accum)
+    # TRL counts steps_per_generation (and generation_batch_size / per_device_train_batch_size) in micro-batches,
+    # trlax in optimiser steps of batch_size = per_device x accumulation completions
+    gen_batch = m.pop("generation_batch_size", None)
+    spg = m.pop("steps_per_generation", None)
+    if spg is None and gen_batch is not None:
+        spg = _num(gen_batch) / per
+    if spg is not None and "steps_per_generation" in fields:
+        if _num(spg) % accum or _num(spg) < accum:
+            raise ValueError(f"{source}: steps_per_generation={spg!r} (micro-batches) must be a multiple of "
+                             f"gradient_accumulation_steps={accum}")
+        put("steps_per_generation", "steps_per_generation", int(_num(spg)) // accum)
+    elif spg is not None:
+        skipped.append("steps_per_generation")
     if m.get("max_steps") is not None and not isinstance(m["max_steps"], bool) and _num(m["max_steps"]) <= 0:
         m.pop("max_steps")
         skipped.append("max_steps (<= 0: TRL trains num_train_epochs; trlax needs max_steps)")

@@ -225,7 +225,8 @@ def test_conversational_jsonl_with_chat_templated_checkpoint(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------- TRL configs
 
 
-GRPO_YAML = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, max_steps=40,
+GRPO_YAML = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, steps_per_generation=4,
+                 learning_rate=3e-3, max_steps=40,
                  num_generations=4, beta=0.04, loss_type="dr_grpo", epsilon_high=0.28, use_vllm=True,
                  vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=2.5,
                  scale_rewards="batch", temperature=0.9, top_p=0.95, max_completion_length=3, seed=3,
@@ -249,6 +250,7 @@ def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
     assert rc == 0
     cfg = got["cfg"]
     assert (cfg.batch_size, cfg.num_microbatches, cfg.learning_rate, cfg.max_steps) == (16, 2, 3e-3, 40)
+    assert cfg.steps_per_generation == 2  # TRL's 4 micro-batches of 8 = 2 optimiser steps of 16 completions
     assert (cfg.beta, cfg.loss_type, cfg.epsilon_high, cfg.scale_rewards) == (0.04, "dr_grpo", 0.28, "batch")
     assert (cfg.sampler_correction, cfg.sampler_clip_max) == ("token_truncate", 2.5)
     assert (cfg.temperature, cfg.top_p, cfg.warmup_steps, cfg.seed) == (0.9, 0.95, 4, 5)
@@ -267,6 +269,7 @@ def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
     ("loss_type", "nope", "loss_type='nope' is not allowed"),
     ("temperature", "hot", "temperature='hot' is not a valid float"),
     ("save_total_limit", "x", "save_total_limit='x'"),
+    ("steps_per_generation", 3, r"steps_per_generation=3 \(micro-batches\) must be a multiple of gradient_acc"),
 ])
 def test_trl_config_bad_values_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -290,5 +293,7 @@ def test_whole_trl_config_objects(algo, name, tmp_path):
     for k in ("beta", "loss_type", "num_generations", "temperature", "max_completion_length"):
         if k in d and hasattr(cfg, k) and d[k] is not None:
             assert getattr(cfg, k) == (d[k] if not isinstance(d[k], list) else d[k][0]), k
+    if algo == "grpo":  # TRL: steps_per_generation defaults to the accumulation (micro-batches): one step here
+        assert d["steps_per_generation"] == 2 and cfg.steps_per_generation == 1
     if algo == "sft":
         assert cfg.packing == ("bfd" if d["packing"] else "")
