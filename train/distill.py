@@ -336,14 +336,32 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
     (``iw_opd``: :func:`trlax.objectives.iw_opd_loss`): each step samples one completion per prompt from the
     current student (λ = 1), scores its tokens with the teacher (log-probs at ``temperature``) and takes a
     policy-gradient step on the per-token reverse-KL advantage. Logs ``reverse_kl``: the sampled tokens'
-    mean ``ℓ_sampler − ℓ_T`` (a Monte-Carlo estimate of the per-token KL(student ‖ teacher))."""
-    from trlax.objectives.distillation import iw_opd_loss, on_policy_distillation_loss
+    mean ``ℓ_sampler − ℓ_T`` (a Monte-Carlo estimate of the per-token KL(student ‖ teacher)).
+
+    ``iw_opd`` with ``distillation_objective="jsd"`` (TRL ``IWOPDTrainer``) distils the teacher's logits on
+    the same samples instead: generalised JSD(``beta``) over the full vocabulary (``loss_top_k=0``,
+    :func:`trlax.objectives.gkd_loss`) or on the sparse top-1 support (``loss_top_k=1``,
+    :func:`trlax.objectives.sparse_top1_distillation_loss`: teacher top-1 + the ``reverse_kl_top_1_mode``
+    token, tail bucket with ``loss_add_tail``), both at ``temperature``."""
+    from trlax.objectives.distillation import (gkd_loss, iw_opd_loss, on_policy_distillation_loss,
+                                               sparse_top1_distillation_loss)
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
     iw = algo == "iw_opd"
+    jsd = iw and cfg.distillation_objective == "jsd"
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
+            if jsd:
+                s = completion_logits(run.policy.model(params), b["prompt_ids"], b["prompt_mask"],
+                                      b["completion_ids"], b["mask"])
+                if cfg.loss_top_k == 1:
+                    return sparse_top1_distillation_loss(
+                        s, b["teacher_logits"], b["completion_ids"], b["mask"], beta=cfg.beta,
+                        temperature=cfg.temperature, add_tail=cfg.loss_add_tail,
+                        reverse_token=cfg.reverse_kl_top_1_mode, num_items=totals["num_items"])
+                return gkd_loss(s, b["teacher_logits"], b["mask"], beta=cfg.beta, temperature=cfg.temperature,
+                                num_items=totals["num_items"])
             lp, _ = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"], b["completion_ids"],
                                                 b["mask"], temperature=cfg.temperature)
             if iw:
@@ -365,6 +383,8 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
         b = _roll_batch(roll)
         b["teacher_logps"] = teacher.logps(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"],
                                            cfg.temperature)
+        if jsd:
+            b["teacher_logits"] = teacher.logits(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"])
         rkl = _masked_mean(L._host(roll.logps) - b["teacher_logps"], b["mask"])
         m = run.train_step(b)
         m.setdefault("reverse_kl", rkl)
@@ -595,13 +615,29 @@ def _opd_cls():
 
 
 def _validate_iw(self) -> None:
+    from trlax.objectives.distillation import TOP1_REVERSE_MODES
+
     _check_teacher(self)
     check_range("iw_opd_gamma", self.iw_opd_gamma, low=0.0)
+    check_choice("distillation_objective", self.distillation_objective, ("iw_opd", "jsd"))
+    check_range("beta", self.beta, low=0.0, high=1.0)
+    check_choice("loss_top_k", self.loss_top_k, (0, 1))
+    check_choice("reverse_kl_top_1_mode", self.reverse_kl_top_1_mode, TOP1_REVERSE_MODES)
+    if self.distillation_objective == "jsd" and self.loss_top_k == 1 and self.beta == 0:
+        raise ValueError("loss_top_k=1 with beta=0 (TRL: the teacher's top-1 support only) is not supported; "
+                         "allowed: beta > 0 or loss_top_k=0")
 
 
 def _iw_cls():
-    return make_run_config("iw_opd", _TEACHER + [("iw_opd_gamma", float, 0.5)], defaults=_COMMON,
-                           validate=_validate_iw, doc="trlax train iw_opd: position-weighted on-policy distillation")
+    # TRL IWOPDConfig names; the jsd fields only act with distillation_objective="jsd"
+    return make_run_config("iw_opd", _TEACHER + [
+        ("iw_opd_gamma", float, 0.5),
+        ("distillation_objective", str, "iw_opd"),  # iw_opd | jsd
+        ("beta", float, 1.0),  # jsd: 0 forward KL, 1 reverse KL
+        ("loss_top_k", int, 1),  # jsd: 1 sparse top-1 support, 0 full vocabulary
+        ("loss_add_tail", bool, True),
+        ("reverse_kl_top_1_mode", str, "sampled"),  # sampled | argmax
+    ], defaults=_COMMON, validate=_validate_iw, doc="trlax train iw_opd: position-weighted on-policy distillation")
 
 
 def _validate_self(self) -> None:
