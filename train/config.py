@@ -461,17 +461,18 @@ def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") 
         except ValueError as e:
             raise ValueError(f"{source}: {trl_name}={raw!r}: {e}") from None
 
+    def number(name: str, raw) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ValueError(f"{source}: {name}={raw!r} is not a number")
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{source}: {name}={raw!r} is not a number") from None
+
     def integer(name: str, default: int) -> int:
         raw = m.pop(name, default)
-        if raw is None:
-            return default
-        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-            raise ValueError(f"{source}: {name}={raw!r} is not an integer")
-        try:
-            v = float(raw)
-        except ValueError:
-            raise ValueError(f"{source}: {name}={raw!r} is not an integer") from None
-        if not v.is_integer() or v < 1:
+        v = default if raw is None else number(name, raw)
+        if not float(v).is_integer() or v < 1:
             raise ValueError(f"{source}: {name}={raw!r} must be an integer >= 1")
         return int(v)
 
@@ -487,15 +488,15 @@ def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") 
     gen_batch = m.pop("generation_batch_size", None)
     spg = m.pop("steps_per_generation", None)
     if spg is None and gen_batch is not None:
-        spg = _num(gen_batch) / per
+        spg = number("generation_batch_size", gen_batch) / per
     if spg is not None and "steps_per_generation" in fields:
-        if _num(spg) % accum or _num(spg) < accum:
+        if number("steps_per_generation", spg) % accum or number("steps_per_generation", spg) < accum:
             raise ValueError(f"{source}: steps_per_generation={spg!r} (micro-batches) must be a multiple of "
                              f"gradient_accumulation_steps={accum}")
-        put("steps_per_generation", "steps_per_generation", int(_num(spg)) // accum)
+        put("steps_per_generation", "steps_per_generation", int(number("steps_per_generation", spg)) // accum)
     elif spg is not None:
         skipped.append("steps_per_generation")
-    if m.get("max_steps") is not None and not isinstance(m["max_steps"], bool) and _num(m["max_steps"]) <= 0:
+    if m.get("max_steps") is not None and number("max_steps", m["max_steps"]) <= 0:
         m.pop("max_steps")
         skipped.append("max_steps (<= 0: TRL trains num_train_epochs; trlax needs max_steps)")
     ratio = m.pop("warmup_ratio", None) or 0.0
@@ -503,7 +504,7 @@ def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") 
         ratio = m.pop("warmup_steps")
     if ratio:
         steps = out.get("max_steps", m.get("max_steps", fields["max_steps"].default))
-        put("warmup_ratio", "warmup_steps", math.ceil(_num(ratio) * _num(steps)))
+        put("warmup_ratio", "warmup_steps", math.ceil(number("warmup_ratio", ratio) * number("max_steps", steps)))
     for flag, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         if flag in m and parse_value(f"{source}: {flag}", bool, m.pop(flag)):
             put(flag, "compute_dtype", dtype)
@@ -559,13 +560,6 @@ def from_trl_config(algo: str, mapping: Dict[str, Any], source: str = "config") 
         warnings.warn(f"{source}: a TRL config; {len(skipped)} field(s) do not apply to `trlax train {algo}` and are "
                       f"ignored: {', '.join(skipped)}", UserWarning, stacklevel=2)
     return out
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{v!r} is not a number") from None
 
 
 def build_config(algo: str, values: Dict[str, Any]):

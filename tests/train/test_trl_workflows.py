@@ -265,7 +265,7 @@ def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("per_device_train_batch_size", "eight", "per_device_train_batch_size='eight' is not an integer"),
+    ("per_device_train_batch_size", "eight", "per_device_train_batch_size='eight' is not a number"),
     ("loss_type", "nope", "loss_type='nope' is not allowed"),
     ("temperature", "hot", "temperature='hot' is not a valid float"),
     ("save_total_limit", "x", "save_total_limit='x'"),
