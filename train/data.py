@@ -1,5 +1,6 @@
 """Data: a tiny local tokenizer, built-in toy tasks, Hugging Face ``datasets`` loading with column
-checks, and tokenisation into fixed-shape numpy batches.
+checks, TRL's dataset formats rendered as TRL renders them (chat templates: :func:`render_example`), and
+tokenisation into fixed-shape numpy batches.
 
 Nothing here downloads anything unless the user names a hub dataset.
 """
@@ -62,6 +63,20 @@ def addition_examples(n: int, seed: int = 0, max_sum: int = 9) -> List[Dict[str,
         if a + b <= max_sum:
             out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
     return out
+
+
+def split_by_prompt(rows: Sequence[Dict[str, Any]], fraction: float, seed: int = 0):
+    """``(train_rows, eval_rows)``: the rows of a random ``fraction`` of the *distinct* prompts (at least one)
+    held out for evaluation, every row of a held-out prompt with it, so no evaluation prompt is ever trained on
+    (the built-in task repeats its prompts). Needs at least two distinct prompts."""
+    keys = [repr(r["prompt"]) for r in rows]
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise ValueError(f"eval_split={fraction}: the data set has {len(distinct)} distinct prompt(s); a held-out "
+                         "split needs at least 2 (or pass --eval_dataset)")
+    n_eval = min(len(distinct) - 1, max(1, int(round(fraction * len(distinct)))))
+    held = set(random.Random(seed).sample(distinct, n_eval))
+    return [r for r, k in zip(rows, keys) if k not in held], [r for r, k in zip(rows, keys) if k in held]
 
 
 def preference_examples(n: int, seed: int = 0) -> List[Dict[str, str]]:
@@ -580,6 +595,7 @@ __all__ = [
     "local_slice",
     "required_columns",
     "addition_examples",
+    "split_by_prompt",
     "REWARD_NAMES",
     "addition_rewards",
     "as_text",
