@@ -3,6 +3,12 @@
 Shape checks run at trace time (they cost nothing under ``jit``) and name the offending argument, so
 a user who passes ``mask`` with the wrong shape reads ``mask`` in the error, not an XLA broadcast
 message. Config checks raise ``ValueError`` naming the field, the value and what is allowed.
+
+Continuous hyperparameters (β, ε, temperatures, coefficients ...) are Python numbers *or* JAX / NumPy
+arrays, traced or not: :func:`check_range` validates numbers and lets arrays through (their values
+are unknown under ``jit``), and :func:`register_config` makes a frozen config dataclass a pytree whose
+float fields are leaves (so it can be a ``jit`` / ``vmap`` / ``grad`` argument) and whose other fields
+are static.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Optional, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,6 +90,18 @@ def per_row(x: Any, batch: int, name: str, dtype=None) -> jnp.ndarray:
 # ----------------------------------------------------------------------------- config field checks
 
 
+def is_array(value: Any) -> bool:
+    """True for a JAX array (a tracer included) or a NumPy array: a hyperparameter whose value is data,
+    not a Python / NumPy scalar number."""
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def maybe_nonzero(value: Any) -> bool:
+    """False only for a number equal to 0 (or None): a term whose coefficient is an array is kept,
+    since a traced value cannot be inspected."""
+    return is_array(value) or (value is not None and value != 0)
+
+
 def check_choice(field: str, value: Any, allowed: Iterable[Any]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -103,16 +122,58 @@ def check_range(
         if allow_none:
             return
         raise ValueError(f"{field}=None is not allowed; a number is required")
+    if is_array(value):  # traced or batched: checked by the caller's own tests, not here
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{field}={value!r} must be a number")
     if not np.isfinite(value):
         raise ValueError(f"{field}={value!r} must be finite")
+    low = None if is_array(low) else low  # a bound given by another (traced) hyperparameter
+    high = None if is_array(high) else high
     bad_low = low is not None and (value < low if low_inclusive else value <= low)
     bad_high = high is not None and (value > high if high_inclusive else value >= high)
     if bad_low or bad_high:
         lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + repr(low)
         hi = "inf)" if high is None else repr(high) + ("]" if high_inclusive else ")")
         raise ValueError(f"{field}={value!r} is out of range; allowed: {lo}, {hi}")
+
+
+def check_order(low_field: str, low: Any, high_field: str, high: Any, *, strict: bool = False) -> None:
+    """``low <= high`` (``<`` if ``strict``) when both are numbers; None or an array skips the check."""
+    if low is None or high is None or is_array(low) or is_array(high):
+        return
+    if low > high or (strict and low == high):
+        raise ValueError(f"{low_field}={low} must be {'<' if strict else '<='} {high_field}={high}")
+
+
+def register_config(cls):
+    """Register the frozen dataclass ``cls`` as a pytree: fields annotated with ``float`` (``float``,
+    ``Optional[float]``, ``Tuple[float, ...]``) are leaves, every other field (loss types, modes, flags,
+    integer lengths) is static aux data. Unflattening bypasses ``__init__`` (JAX rebuilds pytrees with
+    placeholder leaves), so validation runs only when a config is constructed or ``replace``-d.
+
+    A config of Python numbers stays hashable, so it can still be closed over or passed as a static
+    argument of ``jit``; passed as an ordinary argument, its float fields become traced leaves.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    leaves = tuple(f.name for f in dataclasses.fields(cls) if "float" in str(f.type))
+    static = tuple(n for n in fields if n not in leaves)
+
+    def flatten_with_keys(c):
+        return [(jax.tree_util.GetAttrKey(n), getattr(c, n)) for n in leaves], tuple(getattr(c, n) for n in static)
+
+    def flatten(c):
+        return [getattr(c, n) for n in leaves], tuple(getattr(c, n) for n in static)
+
+    def unflatten(aux, values):
+        obj = object.__new__(cls)
+        for n, v in zip(static + leaves, tuple(aux) + tuple(values)):
+            object.__setattr__(obj, n, v)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    cls.LEAF_FIELDS, cls.STATIC_FIELDS = leaves, static
+    return cls
 
 
 class ConfigMixin:

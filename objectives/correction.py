@@ -34,13 +34,13 @@ bool, already AND-ed with ``mask``: AND the stages together) or weights (``[B, T
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
+from trlax.objectives._checks import (as_float, as_mask, check_choice, check_order, check_range, check_rank,
+                                      check_same_shape)
 from trlax.objectives.aggregation import Mean
 
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -83,8 +83,7 @@ def sampler_importance_weights(
     check_choice("mode", mode, SAMPLER_CORRECTION_MODES)
     if clip_min is None and clip_max is None:
         raise ValueError("clip_min and clip_max are both None; at least one bound is required")
-    if clip_min is not None and clip_max is not None and clip_min > clip_max:
-        raise ValueError(f"clip_min={clip_min} must be <= clip_max={clip_max}")
+    check_order("clip_min", clip_min, "clip_max", clip_max)
     d = sampler_log_ratio(old_logps, sampler_logps, mask)
     if mode.startswith("sequence"):
         d = jnp.sum(d, axis=-1, keepdims=True)
@@ -155,18 +154,18 @@ ROLLOUT_LOSS_TYPES = ("ppo_clip", "reinforce")
 _PPL_LOG_CAP = 80.0
 
 
-def _rs_bounds(option: str, upper, lower) -> Tuple[Optional[float], float]:
+def _rs_bounds(option: str, upper, lower) -> Tuple[Optional[Any], Any]:
     """Validate the bounds of one rejection option; return ``(lower, upper)`` (lower None for k2/k3)."""
     check_choice("option", option, ROLLOUT_RS_OPTIONS)
     check_range("upper", upper, low=0.0, low_inclusive=False)
     if option.endswith("k1"):
         lo = 1.0 / upper if lower is None else lower
         check_range("lower", lo, low=0.0, low_inclusive=False, high=upper)
-        return float(lo), float(upper)
+        return lo, upper
     if lower is not None:
         raise ValueError(f"lower={lower!r} is not allowed for option {option!r}: k2 / k3 statistics are "
                          "non-negative divergences and take an upper bound only (k1 options take ratio bounds)")
-    return None, float(upper)
+    return None, upper
 
 
 def _clamped_log_ratio(anchor_logps, sampler_logps, mask, log_clamp):
@@ -226,7 +225,7 @@ def divergence_rejection_mask(
         stat = jnp.max(jnp.where(m, stat, -jnp.inf), axis=-1, keepdims=True)
         stat = jnp.where(jnp.any(m, axis=-1, keepdims=True), stat, zero)
     if kind == "k1":
-        keep = (stat >= math.log(lo)) & (stat <= math.log(hi))
+        keep = (stat >= jnp.log(lo)) & (stat <= jnp.log(hi))
     else:
         keep = stat <= hi
     return _sg(jnp.broadcast_to(keep, m.shape) & m)
@@ -260,7 +259,7 @@ def token_veto_mask(
     check_range("threshold", threshold, low=0.0, low_inclusive=False)
     m = as_mask(mask)
     d = _clamped_log_ratio(old_logps, sampler_logps, m, log_clamp)
-    bad = jnp.any(m & (d < math.log(threshold)), axis=-1, keepdims=True)
+    bad = jnp.any(m & (d < jnp.log(threshold)), axis=-1, keepdims=True)
     return _sg(~bad & m)
 
 

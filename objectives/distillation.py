@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from trlax.objectives._checks import (as_float, as_mask, check_choice, check_range, check_rank, check_same_shape,
-                                      check_shape)
+                                      check_shape, is_array)
 from trlax.objectives.aggregation import AGGREGATION_MODES, aggregate, masked_sum, mean_metric
 
 DISTILLATION_LEVELS = ("token", "sequence", "mean", "sum")
@@ -47,10 +47,18 @@ def _kl_from_logprobs(log_p, log_q) -> jnp.ndarray:
 
 def _divergence(log_s, log_t, beta: float) -> jnp.ndarray:
     """Generalised JSD between log-prob vectors (last axis): β·KL(T‖M) + (1−β)·KL(S‖M)."""
+    if is_array(beta):  # traced β: the same three cases as selects (the mixture sees β inside (0, 1))
+        mixture = _mixture(log_s, log_t, jnp.clip(beta, 1e-6, 1.0 - 1e-6))
+        return jnp.where(beta == 0.0, _kl_from_logprobs(log_t, log_s),
+                         jnp.where(beta == 1.0, _kl_from_logprobs(log_s, log_t), mixture))
     if beta == 0.0:
         return _kl_from_logprobs(log_t, log_s)
     if beta == 1.0:
         return _kl_from_logprobs(log_s, log_t)
+    return _mixture(log_s, log_t, beta)
+
+
+def _mixture(log_s, log_t, beta) -> jnp.ndarray:
     both = (log_s == -jnp.inf) & (log_t == -jnp.inf)  # (an empty support entry: no NaN gradient)
     log_m = jnp.logaddexp(jnp.where(both, 0.0, log_s) + jnp.log1p(-beta), jnp.where(both, 0.0, log_t) + jnp.log(beta))
     return beta * _kl_from_logprobs(log_t, log_m) + (1.0 - beta) * _kl_from_logprobs(log_s, log_m)
@@ -135,7 +143,7 @@ def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temper
     s, t = _head_options(*_logits_pair(student_logits, teacher_logits), head_options)
     log_s = jax.nn.log_softmax(s / temperature, axis=-1)
     log_t = jax.nn.log_softmax(t / temperature, axis=-1)
-    return _divergence(log_s, log_t, float(beta))
+    return _divergence(log_s, log_t, beta)
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:

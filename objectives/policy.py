@@ -37,9 +37,13 @@ from trlax.objectives._checks import (
     as_float,
     as_mask,
     check_choice,
+    check_order,
     check_range,
     check_rank,
     check_same_shape,
+    is_array,
+    maybe_nonzero,
+    register_config,
 )
 from trlax.objectives.aggregation import (
     AGGREGATION_MODES,
@@ -96,6 +100,7 @@ _DEFAULT_AGGREGATION = {"gmpo": "grpo", "gpg": "token_mean", "clip_cov": "token_
                         "aspo": "token_mean", "topr": "token_mean", "dppo": "token_mean", "m2po": "token_mean"}
 
 
+@register_config
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig(ConfigMixin):
     """Static configuration of :func:`policy_loss` (hashable: pass it as a static argument to ``jit``).
@@ -205,11 +210,7 @@ class PolicyLossConfig(ConfigMixin):
                 raise ValueError("sampler_clip_min and sampler_clip_max are both None; set at least one bound")
         check_range("sampler_clip_min", self.sampler_clip_min, low=0.0, allow_none=True)
         check_range("sampler_clip_max", self.sampler_clip_max, low=0.0, allow_none=True)
-        if self.sampler_clip_min is not None and self.sampler_clip_max is not None:
-            if self.sampler_clip_min > self.sampler_clip_max:
-                raise ValueError(
-                    f"sampler_clip_min={self.sampler_clip_min} must be <= sampler_clip_max={self.sampler_clip_max}"
-                )
+        check_order("sampler_clip_min", self.sampler_clip_min, "sampler_clip_max", self.sampler_clip_max)
         check_range("sapo_temperature_pos", self.sapo_temperature_pos, low=0.0, low_inclusive=False)
         check_range("sapo_temperature_neg", self.sapo_temperature_neg, low=0.0, low_inclusive=False)
         for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
@@ -245,8 +246,7 @@ class PolicyLossConfig(ConfigMixin):
         check_range("clip_cov_ratio", self.clip_cov_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("clip_cov_lb", self.clip_cov_lb)
         check_range("clip_cov_ub", self.clip_cov_ub)
-        if self.clip_cov_lb >= self.clip_cov_ub:
-            raise ValueError(f"clip_cov_lb={self.clip_cov_lb} must be < clip_cov_ub={self.clip_cov_ub}")
+        check_order("clip_cov_lb", self.clip_cov_lb, "clip_cov_ub", self.clip_cov_ub, strict=True)
         check_range("kl_cov_ratio", self.kl_cov_ratio, low=0.0, high=1.0, low_inclusive=False)
         check_range("ppo_kl_coef", self.ppo_kl_coef, low=0.0)
         for f in ("aspo_negative_clip_ratio_c", "aspo_positive_clip_ratio_c"):
@@ -510,6 +510,12 @@ class PolicyLossConfig(ConfigMixin):
 # ---------------------------------------------------------------------------------------- the loss
 
 
+def _runs(coef: Any, needed: Any, off: float = 0.0) -> bool:
+    """Whether the pipeline step driven by ``coef`` runs: a number runs it unless it equals ``off``; an
+    array (e.g. a traced config leaf, whose value is unknown) runs it when its input ``needed`` is given."""
+    return needed is not None if is_array(coef) else coef != off
+
+
 def _advantages_2d(advantages, B: int, T: int) -> jnp.ndarray:
     adv = as_float(advantages, "advantages")
     if adv.ndim == 1 and adv.shape[0] == B:
@@ -555,6 +561,11 @@ def policy_loss(
       entropy_threshold: precomputed (e.g. global) threshold for the entropy mask.
       truncated: ``[B]`` bool truncation flags; required when ``config.mask_truncated_completions``.
       rng: a ``jax.random`` key; required for ``loss_type="clip_cov"`` (random token selection).
+
+    Traced hyperparameters: ``config`` may be a ``jit`` / ``vmap`` / ``grad`` argument (its float fields
+    are pytree leaves). An array ``beta``, ``entropy_coef`` or ``top_entropy_quantile`` cannot be
+    compared with its "off" value (0, 0, 1), so its step runs exactly when its input (``ref_logps``,
+    ``entropies``) is given, and is skipped otherwise; with Python numbers the rules above apply.
 
     Returns:
       ``(loss, metrics)``: scalar loss and a dict of ``Mean`` pairs / min / max scalars.
@@ -657,7 +668,7 @@ def policy_loss(
 
     # 4. high-entropy token mask
     effective_mask = mask
-    if config.top_entropy_quantile < 1.0:
+    if _runs(config.top_entropy_quantile, entropies, off=1.0):
         if entropies is None:
             raise ValueError("`entropies` is required when top_entropy_quantile < 1")
         if entropy_threshold is not None and jnp.ndim(entropy_threshold) != 0:
@@ -677,10 +688,10 @@ def policy_loss(
         per_token = per_token * rho
 
     # 6. KL to the reference (and Kimi's squared log-ratio term, also unmasked by 3-5)
-    if config.squared_log_ratio_coef != 0.0:
+    if maybe_nonzero(config.squared_log_ratio_coef):
         tok_lr = importance_log_ratio(logps_safe, ratio_old, mask, "token")
         per_token = per_token + squared_log_ratio_penalty(tok_lr, config.squared_log_ratio_coef)
-    if config.beta != 0.0:
+    if _runs(config.beta, ref_logps):
         if ref_logps is None:
             raise ValueError(f"`ref_logps` is required when beta={config.beta} != 0")
         ref = jnp.where(mask, as_float(ref_logps, "ref_logps"), zero)
@@ -699,14 +710,14 @@ def policy_loss(
     if entropies is not None:
         ent = as_float(entropies, "entropies")
         metrics["entropy"] = mean_metric(ent, mask)
-        if config.entropy_coef != 0.0:
+        if _runs(config.entropy_coef, entropies):
             ent_mean = masked_sum(ent, effective_mask) / jnp.maximum(jnp.sum(effective_mask), 1).astype(ent.dtype)
             if num_items is not None:
                 # this micro-batch's token share, so that micro-batch losses sum to the full-batch bonus
                 ent_mean = ent_mean * jnp.sum(mask).astype(ent.dtype) / jnp.maximum(
                     jnp.asarray(num_items, ent.dtype), 1)
             loss = loss - config.entropy_coef * ent_mean
-    elif config.entropy_coef != 0.0:
+    elif _runs(config.entropy_coef, entropies):
         raise ValueError(f"`entropies` is required when entropy_coef={config.entropy_coef} != 0")
 
     metrics["num_tokens"] = jnp.sum(mask).astype(jnp.float32)

@@ -47,6 +47,9 @@ from trlax.objectives._checks import (
     check_range,
     check_rank,
     check_same_shape,
+    is_array,
+    maybe_nonzero,
+    register_config,
 )
 from trlax.objectives.aggregation import Mean, masked_sum, mean_metric
 
@@ -188,10 +191,10 @@ def f_divergence_scores(
     if f_divergence_type == "js_divergence":
         return math.log(2.0) + jax.nn.log_sigmoid(x)
     check_range("alpha", alpha)
-    if abs(alpha - 1.0) < 1e-6:
-        return x
-    t = jnp.minimum((alpha - 1.0) * x, ALPHA_DIVERGENCE_CLAMP)
-    return jnp.expm1(t) / (alpha - 1.0)
+    near_one = jnp.abs(alpha - 1.0) < 1e-6  # a select, not a Python branch: α may be traced
+    am1 = jnp.where(near_one, 1.0, alpha - 1.0)
+    t = jnp.minimum(am1 * x, ALPHA_DIVERGENCE_CLAMP)
+    return jnp.where(near_one, x, jnp.expm1(t) / am1)
 
 
 def length_normalized_scores(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -474,10 +477,10 @@ def dpo_loss(
         return -jax.nn.log_sigmoid(beta * d)
 
     delta = s_w - s_l
-    if dpop_lambda != 0.0:
+    if maybe_nonzero(dpop_lambda):
         delta = delta - dpop_lambda * jnp.maximum(-rho_w, 0.0)
     x = beta * delta
-    if rdpo_alpha != 0.0:
+    if maybe_nonzero(rdpo_alpha):
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError("`chosen_lengths` and `rejected_lengths` are required when rdpo_alpha != 0")
         x = x + rdpo_alpha * (jnp.asarray(chosen_lengths, x.dtype) - jnp.asarray(rejected_lengths, x.dtype))
@@ -490,7 +493,7 @@ def dpo_loss(
     if lt == "exo_pair":
         check_range("label_smoothing", eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         lq_w, lq_l = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)
-        return jnp.exp(lq_w) * (lq_w - math.log1p(-eps)) + jnp.exp(lq_l) * (lq_l - math.log(eps))
+        return jnp.exp(lq_w) * (lq_w - jnp.log1p(-eps)) + jnp.exp(lq_l) * (lq_l - jnp.log(eps))
     if lt == "robust":
         check_range("label_smoothing", eps, low=0.0, high=0.5, high_inclusive=False)
         return (-(1.0 - eps) * jax.nn.log_sigmoid(x) + eps * jax.nn.log_sigmoid(-x)) / (1.0 - 2.0 * eps)
@@ -558,7 +561,8 @@ def beta_dpo_loss(
     3. ``β_b = max(β_0 (1 + α (mean_{kept}(M) − M_0)), beta_min)`` (stop-gradient);
     4. loss ``= mean_{kept} −log σ(β_b (ρ_w − ρ_l))``.
 
-    Here ``rho`` is the kept fraction (paper: ``ρ = 0.8``), ``alpha`` the paper's α. Under data
+    Here ``rho`` is the kept fraction (paper: ``ρ = 0.8``; a Python number: it sets a shape), ``alpha``
+    the paper's α. Under data
     parallelism compute the gap statistics on the gathered batch before calling.
 
     Args:
@@ -572,6 +576,8 @@ def beta_dpo_loss(
     check_range("beta", beta, low=0.0, low_inclusive=False)
     check_range("alpha", alpha)
     check_range("rho", rho, low=0.0, high=1.0, low_inclusive=False)
+    if is_array(rho):
+        raise TypeError("rho must be a Python number, not an array: it sets the number of kept pairs (a shape)")
     check_range("gamma", gamma, low=0.0, high=1.0)
     check_range("beta_min", beta_min, low=0.0)
     w = as_float(chosen_logratios, "chosen_logratios")
@@ -628,6 +634,7 @@ def _as_weights(x):
     return tuple(out)
 
 
+@register_config
 @dataclasses.dataclass(frozen=True)
 class PreferenceLossConfig(ConfigMixin):
     """Static configuration of :func:`preference_loss` (hashable: a static argument under ``jit``).
@@ -691,13 +698,13 @@ class PreferenceLossConfig(ConfigMixin):
                                  f"({len(names)} for loss_type={names!r})")
             for w in weights:
                 check_range("loss_weights", w)
-            weights = tuple(float(w) for w in weights)
+            weights = tuple(w if is_array(w) else float(w) for w in weights)
         object.__setattr__(self, "loss_weights", weights)
         check_range("beta", self.beta, low=0.0, low_inclusive=False)
         check_range("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False)
         if "robust" in names:
             check_range("label_smoothing", self.label_smoothing, low=0.0, high=0.5, high_inclusive=False)
-        if "exo_pair" in names and self.label_smoothing == 0.0:
+        if "exo_pair" in names and not is_array(self.label_smoothing) and self.label_smoothing == 0.0:
             raise ValueError("label_smoothing=0.0 is not allowed with loss_type 'exo_pair'; allowed: (0.0, 1.0) "
                              "(the EXO paper uses 1e-3)")
         check_choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCE_TYPES)
@@ -721,7 +728,8 @@ class PreferenceLossConfig(ConfigMixin):
         for f in ("sigmoid_label_smoothing", "use_weighting", "reference_free"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}={getattr(self, f)!r} must be a bool; allowed values: True, False")
-        if (self.rdpo_alpha != 0.0 or self.dpop_lambda != 0.0) and not any(n in LOGIT_LOSS_TYPES for n in names):
+        modifies = [f for f in ("rdpo_alpha", "dpop_lambda") if not is_array(getattr(self, f)) and getattr(self, f) != 0]
+        if modifies and not any(n in LOGIT_LOSS_TYPES for n in names):
             raise ValueError(f"rdpo_alpha / dpop_lambda modify the logit of loss types "
                              f"{', '.join(map(repr, LOGIT_LOSS_TYPES))}; loss_type={names!r} has none")
 
@@ -736,7 +744,7 @@ class PreferenceLossConfig(ConfigMixin):
         weights = self.loss_weights or (1.0,) * len(self.loss_types)
         out = tuple(zip(self.loss_types, weights))
         if self.rpo_alpha is not None:
-            out = out + (("sft", float(self.rpo_alpha)),)
+            out = out + (("sft", self.rpo_alpha),)
         return out
 
     # -------------------------------------------------------------------------------- presets

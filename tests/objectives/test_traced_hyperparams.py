@@ -1,0 +1,289 @@
+"""Continuous hyperparameters are data (issue 19): Python numbers or JAX scalars, traced or not.
+
+For the preference losses, the policy loss, the KL estimators, KTO and GKD: ``vmap`` over four values of the main
+coefficient equals four separate calls with Python numbers; ``jax.grad`` w.r.t. it equals a central
+finite difference (float64); a jitted step with a β schedule compiles once; the configs are pytrees
+(float fields are leaves, the rest static) and stay hashable for static use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trlax.objectives import (
+    ALL_KL_ESTIMATORS,
+    KL_ESTIMATORS,
+    PolicyLossConfig,
+    PreferenceLossConfig,
+    dpo_loss,
+    gkd_loss,
+    kl_in_reward,
+    kl_penalty,
+    kto_loss,
+    policy_loss,
+    preference_loss,
+)
+
+B, T = 4, 5
+BETAS = (0.01, 0.1, 0.5, 2.0)
+_rng = np.random.default_rng(19)
+
+
+def _arr(x, dtype=jnp.float64):
+    return jnp.asarray(x, dtype)
+
+
+LOGPS = _arr(-np.abs(_rng.normal(size=(B, T))) - 0.1)
+OLD = LOGPS + _arr(0.2 * _rng.normal(size=(B, T)))
+REF = LOGPS + _arr(0.5 * _rng.normal(size=(B, T)))
+ADV = _arr(_rng.normal(size=(B,)))
+ENT = _arr(np.abs(_rng.normal(size=(B, T))))
+MASK = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]], bool)
+REJ = _arr(-np.abs(_rng.normal(size=(B, T))) - 0.1)
+REF_REJ = REJ + _arr(0.5 * _rng.normal(size=(B, T)))
+SEQ = [_arr(_rng.normal(size=(B,)) - 3.0) for _ in range(4)]  # chosen, rejected, ref chosen, ref rejected
+DPO_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero", "discopop", "sigmoid_norm", "cal_dpo")
+
+
+def _dpo_all(beta):
+    return jnp.stack([dpo_loss(*SEQ, lt, beta=beta, label_smoothing=0.1) for lt in DPO_TYPES])
+
+
+def _policy(config):
+    return policy_loss(LOGPS, OLD, ADV, MASK, config, ref_logps=REF, entropies=ENT)[0]
+
+
+def _pref(config):
+    return preference_loss(LOGPS, REJ, REF, REF_REJ, MASK, MASK, config)[0]
+
+
+def _kl_all(clamp):
+    # every estimator with a clamp that binds on some tokens (|log π − log π_ref| reaches ~1.2 here)
+    return jnp.stack([jnp.sum(kl_penalty(LOGPS, REF, MASK, k, clamp=clamp)) for k in ALL_KL_ESTIMATORS])
+
+
+LABELS = jnp.asarray([True, False, True, False])
+STUDENT = _arr(_rng.normal(size=(B, T, 3)))
+TEACHER = _arr(2.0 * _rng.normal(size=(B, T, 3)))
+GKD_BETAS = (0.0, 0.3, 0.7, 1.0)  # the endpoints are KL(T‖S) and KL(S‖T), not the degenerate mixture
+
+
+def _kto(beta):
+    return kto_loss(LOGPS, REF, LABELS, mask=MASK, kl=0.05, beta=beta)[0]
+
+
+def _gkd(beta):
+    return gkd_loss(STUDENT, TEACHER, MASK, beta=beta)[0]
+
+
+POLICY = PolicyLossConfig.grpo(beta=0.04, epsilon=0.2, entropy_coef=0.01)
+PREF = PreferenceLossConfig.mpo()
+JIT = {"dpo": jax.jit(_dpo_all), "policy": jax.jit(_policy), "pref": jax.jit(_pref), "kl": jax.jit(_kl_all),
+       "kto": jax.jit(_kto), "gkd": jax.jit(_gkd)}
+
+
+# ------------------------------------------------------------------------------------- pytree configs
+
+
+def test_configs_are_pytrees_with_static_discrete_fields():
+    assert set(PolicyLossConfig.STATIC_FIELDS) == {
+        "loss_type", "importance_sampling_level", "kl_estimator", "use_bias_correction_kl", "sampler_correction",
+        "max_completion_length", "mask_truncated_completions", "loss_agg_mode", "topr_sequence_ratio",
+        "dppo_divergence", "force_on_policy_ratio"}
+    assert set(PreferenceLossConfig.STATIC_FIELDS) == {
+        "loss_type", "sigmoid_label_smoothing", "f_divergence_type", "use_weighting", "reference_free"}
+    for cfg in (POLICY, PREF):
+        leaves, treedef = jax.tree_util.tree_flatten(cfg)
+        assert all(isinstance(x, float) for x in leaves)
+        assert jax.tree_util.tree_unflatten(treedef, leaves) == cfg
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(POLICY)[0]]
+    assert paths == [f".{n}" for n in PolicyLossConfig.LEAF_FIELDS if getattr(POLICY, n) is not None]
+    # a None field has no leaf: setting it is a different (static) structure, as it changes the program
+    assert jax.tree_util.tree_structure(POLICY) != jax.tree_util.tree_structure(POLICY.replace(delta=4.0))
+
+
+def test_configs_of_numbers_stay_hashable_for_static_use():
+    assert hash(POLICY) == hash(PolicyLossConfig.grpo(beta=0.04, epsilon=0.2, entropy_coef=0.01))
+    f = jax.jit(lambda c, x: policy_loss(x, OLD, ADV, MASK, c, ref_logps=REF, entropies=ENT)[0], static_argnums=0)
+    a = f(POLICY, LOGPS)
+    b = f(PolicyLossConfig.grpo(beta=0.04, epsilon=0.2, entropy_coef=0.01), LOGPS)  # equal config: cache hit
+    assert f._cache_size() == 1
+    np.testing.assert_allclose(a, b)
+    np.testing.assert_allclose(a, JIT["policy"](POLICY), rtol=1e-12)  # static == traced
+
+
+def test_numbers_are_validated_arrays_pass_through():
+    with pytest.raises(ValueError, match="beta=-0.1 is out of range"):
+        PolicyLossConfig(beta=-0.1)
+    with pytest.raises(ValueError, match="beta"):
+        dpo_loss(*SEQ, beta=0.0)
+    with pytest.raises(ValueError, match="sampler_clip_min=3.0 must be <= sampler_clip_max=2.0"):
+        PolicyLossConfig(sampler_clip_min=3.0, sampler_clip_max=2.0)
+    PolicyLossConfig(beta=jnp.asarray(0.1), sampler_clip_min=jnp.asarray(3.0), sampler_clip_max=2.0)
+    PreferenceLossConfig(beta=jnp.asarray(0.1), label_smoothing=jnp.asarray(0.2))
+    # a hyperparameter that sets a shape must stay a number, and says so
+    from trlax.objectives import BetaDPOState, beta_dpo_loss
+    with pytest.raises(TypeError, match="rho must be a Python number"):
+        beta_dpo_loss(SEQ[0], SEQ[1], BetaDPOState.init(), jax.random.PRNGKey(0), rho=jnp.asarray(0.5))
+
+
+# --------------------------------------------------------------------- vmap over four values == four calls
+
+
+def _number_path(fn, value):
+    """``fn(value)`` with ``value`` a Python number baked into the program (today's static path)."""
+    return jax.jit(lambda: fn(value))()
+
+
+def test_vmap_over_beta_equals_separate_calls_dpo():
+    batched = jax.vmap(JIT["dpo"])(jnp.asarray(BETAS))
+    for i, b in enumerate(BETAS):
+        np.testing.assert_allclose(batched[i], JIT["dpo"](b), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(batched[1], _number_path(_dpo_all, BETAS[1]), rtol=1e-12, atol=1e-12)
+    assert len(np.unique(np.round(np.asarray(batched[:, 0, 0]), 9))) == len(BETAS)
+
+
+def test_vmap_over_configs_equals_separate_calls_policy_and_preference():
+    for name, cfg in (("policy", POLICY), ("pref", PREF)):
+        configs = [cfg.replace(beta=b) for b in BETAS]
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.asarray(xs), *configs)  # one config, [4] leaves
+        batched = jax.vmap(JIT[name])(stacked)
+        separate = [JIT[name](c) for c in configs]
+        np.testing.assert_allclose(batched, separate, rtol=1e-12, atol=1e-12)
+        fn = _policy if name == "policy" else _pref
+        np.testing.assert_allclose(batched[1], _number_path(fn, configs[1]), rtol=1e-12, atol=1e-12)
+        # the values differ by β (so the check is not vacuous)
+        assert len(np.unique(np.round(np.asarray(batched), 9))) == len(BETAS)
+
+
+def test_vmap_over_clamp_equals_separate_calls_kl_estimators():
+    clamps = (0.1, 0.3, 0.6, 20.0)
+    batched = jax.vmap(JIT["kl"])(jnp.asarray(clamps))
+    for i, c in enumerate(clamps):
+        np.testing.assert_allclose(batched[i], JIT["kl"](c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(batched[1], _number_path(_kl_all, clamps[1]), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(batched[0], batched[-1])
+
+
+def test_vmap_over_beta_kl_in_reward():
+    scores = _arr(_rng.normal(size=(B, T)))
+    f = jax.jit(lambda b: kl_in_reward(scores, LOGPS, REF, MASK, b)[0])
+    batched = jax.vmap(f)(jnp.asarray(BETAS))
+    for i, b in enumerate(BETAS):
+        np.testing.assert_allclose(batched[i], f(b), rtol=1e-12)
+    np.testing.assert_allclose(batched[1], _number_path(lambda b: kl_in_reward(scores, LOGPS, REF, MASK, b)[0],
+                                                        BETAS[1]), rtol=1e-12)
+
+
+def test_vmap_over_beta_equals_separate_calls_kto_and_gkd():
+    for name, betas in (("kto", BETAS), ("gkd", GKD_BETAS)):
+        batched = jax.vmap(JIT[name])(jnp.asarray(betas))
+        for i, b in enumerate(betas):
+            np.testing.assert_allclose(batched[i], JIT[name](b), rtol=1e-12, atol=1e-12, err_msg=name)
+        assert len(np.unique(np.round(np.asarray(batched), 9))) == len(betas), name
+    # GKD's endpoints take their own branch for numbers: the traced selects agree with it
+    for i in (0, 1, 3):
+        np.testing.assert_allclose(batched[i], _number_path(_gkd, GKD_BETAS[i]), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------- grad w.r.t. β == finite difference
+
+
+def _central_difference(f, x, h=1e-5):
+    return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def test_grad_wrt_beta_equals_finite_difference():
+    beta = 0.3
+    for name, fn in (("dpo", lambda b: jnp.sum(JIT["dpo"](b))),
+                     ("policy", lambda b: JIT["policy"](POLICY.replace(beta=b))),
+                     ("pref", lambda b: JIT["pref"](PREF.replace(beta=b))),
+                     ("kto", JIT["kto"]), ("gkd", JIT["gkd"])):
+        g = jax.grad(fn)(jnp.asarray(beta, jnp.float64))
+        fd = _central_difference(lambda b: fn(jnp.asarray(b, jnp.float64)), beta)
+        assert abs(float(g)) > 1e-6, name
+        np.testing.assert_allclose(g, fd, rtol=1e-5, err_msg=name)
+
+
+def test_grad_wrt_config_fields():
+    """``jax.grad`` w.r.t. a whole config gives a config of gradients (one per float field)."""
+    g = jax.grad(JIT["policy"])(POLICY)
+    assert isinstance(g, PolicyLossConfig)
+    for field in ("beta", "entropy_coef"):
+        fd = _central_difference(lambda v: JIT["policy"](POLICY.replace(**{field: jnp.asarray(v)})),
+                                 getattr(POLICY, field))
+        np.testing.assert_allclose(getattr(g, field), fd, rtol=1e-5, err_msg=field)
+    # the entropy bonus enters linearly: d loss / d entropy_coef = − the masked mean entropy
+    np.testing.assert_allclose(g.entropy_coef, -float(jnp.sum(ENT * MASK) / jnp.sum(MASK)), rtol=1e-12)
+
+
+def test_grad_wrt_kl_clamp_equals_finite_difference():
+    clamp = 0.3
+    jac = np.asarray(jax.jacrev(JIT["kl"])(jnp.asarray(clamp, jnp.float64)))
+    fd = np.asarray(_central_difference(lambda c: JIT["kl"](jnp.asarray(c, jnp.float64)), clamp))
+    plain = [ALL_KL_ESTIMATORS.index(k) for k in KL_ESTIMATORS]
+    assert np.all(np.abs(jac[plain]) > 1e-6)
+    np.testing.assert_allclose(jac[plain], fd[plain], rtol=1e-5)
+    # the straight-through kinds stop the gradient of their value (sg(f(d)) + ½d² − sg(½d²)), so their
+    # derivative is k2's, not the finite difference of their value
+    st = [ALL_KL_ESTIMATORS.index(k + "+") for k in KL_ESTIMATORS]
+    np.testing.assert_allclose(jac[st], jac[ALL_KL_ESTIMATORS.index("k2")], rtol=1e-12)
+
+
+# --------------------------------------------------------------------- a β schedule compiles once
+
+
+def test_beta_schedule_compiles_once():
+    """A jitted SGD step whose β follows a schedule of the step counter, and one whose config is an
+    argument rebuilt with a new β every step: each compiles one program for all steps."""
+
+    def loss(params, config):
+        return policy_loss(params, OLD, ADV, MASK, config, ref_logps=REF, entropies=ENT)[0]
+
+    @jax.jit
+    def scheduled_step(params, step):
+        beta = 0.01 + 0.09 * step / 4.0  # linear warm-up of β inside the step
+        return params - 0.1 * jax.grad(loss)(params, POLICY.replace(beta=beta))
+
+    @jax.jit
+    def config_step(params, config):
+        return params - 0.1 * jax.grad(loss)(params, config)
+
+    p1 = p2 = LOGPS
+    for step in range(5):
+        p1 = scheduled_step(p1, step)
+        p2 = config_step(p2, POLICY.replace(beta=0.01 + 0.09 * step / 4.0))  # a Python float each step
+    assert scheduled_step._cache_size() == 1
+    assert config_step._cache_size() == 1
+    np.testing.assert_allclose(p1, p2, rtol=1e-12)
+    assert not np.allclose(p1, LOGPS)
+
+
+# --------------------------------------------------------------- traced "off" values and optional inputs
+
+
+def test_traced_zero_coefficients_match_the_number_path():
+    """A traced β / entropy_coef / top_entropy_quantile cannot be compared with its off value: its step
+    runs when its input is given (and then 0 / 1 changes nothing) and is skipped when it is not."""
+    cfg = PolicyLossConfig.dapo(beta=0.0, entropy_coef=0.0, top_entropy_quantile=1.0)
+    plain = _number_path(lambda c: policy_loss(LOGPS, OLD, ADV, MASK, c, truncated=jnp.zeros(B, bool))[0], cfg)
+    with_inputs = jax.jit(lambda c: policy_loss(LOGPS, OLD, ADV, MASK, c, ref_logps=REF, entropies=ENT,
+                                                truncated=jnp.zeros(B, bool))[0])(cfg)
+    without = jax.jit(lambda c: policy_loss(LOGPS, OLD, ADV, MASK, c, truncated=jnp.zeros(B, bool))[0])(cfg)
+    np.testing.assert_allclose(with_inputs, plain, rtol=1e-12)
+    np.testing.assert_allclose(without, plain, rtol=1e-12)
+
+
+@pytest.mark.parametrize("field,value", [("epsilon", 0.3), ("epsilon_high", 0.28), ("delta", 1.5),
+                                         ("sapo_temperature_neg", 2.0), ("log_ratio_clamp", 0.15)])
+def test_traced_policy_fields_trace(field, value):
+    """Every kind of continuous field traces (an abstract evaluation: no compile)."""
+    lt = "sapo" if field.startswith("sapo") else "grpo"
+    cfg = POLICY.replace(loss_type=lt, **{field: value})
+    out = jax.eval_shape(lambda v: _policy(dataclasses.replace(cfg, **{field: v})), jnp.asarray(value))
+    assert out.shape == ()
