@@ -153,6 +153,9 @@ def prepare_records(algo: str, dataset: str, rows: List[Dict[str, Any]], seed: i
 
     spec = registry.get(algo)
     rows = list(rows)
+    if set(spec.columns) == {"prompt", "completion"}:  # language-modelling rows: the last assistant turn learns
+        rows = [split_messages(r) if isinstance(r, dict) and "messages" in r and "prompt" not in r else r
+                for r in rows]
     if {"prompt", "chosen", "rejected"} <= set(spec.columns):  # preference rows with an implicit prompt
         for i, r in enumerate(rows):
             if isinstance(r, dict) and "chosen" in r and "rejected" in r:
@@ -405,6 +408,19 @@ def extract_prompt(row: Dict[str, Any]) -> Dict[str, Any]:
     return dict(row, prompt=ch[:n], chosen=ch[n:], rejected=rj[n:])
 
 
+def split_messages(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A language-modelling row (TRL's ``messages``) as prompt-completion: the last assistant message is the
+    completion, everything before it the prompt (rendered together they are the whole conversation; trlax's SFT
+    loss is on the completion, as TRL's ``assistant_only_loss`` on the last turn). Rows without an assistant
+    message after a first turn are returned unchanged (the column check then names them)."""
+    msgs = row["messages"]
+    last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"), default=0)
+    if not _is_messages(msgs) or last == 0:
+        return row
+    out = {k: v for k, v in row.items() if k != "messages"}
+    return dict(out, prompt=list(msgs[:last]), completion=list(msgs[last:last + 1]))
+
+
 def as_text(tokenizer, value: Any, tools=None) -> str:
     """A prompt as text: a plain string passes through; chat messages are rendered by the tokenizer's chat
     template with the generation prompt (continuing a final assistant message) and ``tools`` (JSON schemas), as
@@ -612,6 +628,7 @@ __all__ = [
     "prepare_records",
     "read_local",
     "read_saved",
+    "split_messages",
     "truncated_prompts",
     "preference_examples",
     "sft_examples",

@@ -253,3 +253,19 @@ def test_saved_dataset_dict_split(tmp_path):
     assert len(D.load_records("grpo", str(tmp_path / "dd"), split="test")) == 3
     with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
         D.load_records("grpo", str(tmp_path / "dd"), split="validation")
+
+
+def test_language_modelling_rows_for_sft(tok, tmp_path):
+    """TRL's language-modelling rows (`messages`) for `trlax train sft`: the last assistant turn is the completion;
+    the rendered prompt + completion is TRL's rendered `text` of the whole conversation."""
+    rows = []
+    for r in make_rows("prompt_completion", True, n=N_ROWS, seed=3):
+        m = {"messages": r["prompt"] + r["completion"]}
+        if "tools" in r:
+            m["tools"] = r["tools"]
+        rows.append(m)
+    loaded = D.load_records("sft", _write(rows, str(tmp_path / "lm.jsonl"), "jsonl"))
+    for i, (mine, orig) in enumerate(zip(loaded, rows)):
+        assert mine["completion"] == orig["messages"][-1:] and mine["prompt"] + mine["completion"] == orig["messages"]
+        got = D.render_example(tok, mine)
+        assert got["prompt"] + got["completion"] == _trl(dict(orig), tok)["text"], i
