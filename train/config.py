@@ -425,7 +425,9 @@ TRL_MARKERS = frozenset(TRL_RENAMES) | {
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps",
     "report_to", "lr_scheduler_type", "bf16", "fp16", "gradient_checkpointing", "activation_checkpointing", "save_steps", "save_strategy",
     "warmup_ratio", "use_vllm", "use_peft", "per_device_eval_batch_size", "eval_strategy", "packing_strategy",
-    "generation_batch_size", "dataset_train_split"}
+    "generation_batch_size", "dataset_train_split", "dataset_text_field", "completion_only_loss",
+    "assistant_only_loss", "padding_free", "truncation_mode", "log_completions", "vllm_mode", "run_name",
+    "push_to_hub", "hub_model_id", "optim", "adam_beta1", "adam_beta2", "chat_template_path"}
 
 
 def is_trl_config(mapping: Dict[str, Any]) -> bool:
