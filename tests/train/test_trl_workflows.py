@@ -237,12 +237,13 @@ GRPO_YAML = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, s
                  lora_target_modules=["q_proj", "v_proj"])
 
 
-def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch):
-    """`trlax train grpo --config trl.yaml`: TRL's field names and values applied (batch = per-device x
+@pytest.mark.parametrize("ext", ["yaml", "json"])
+def test_trl_grpo_yaml_through_the_cli(tmp_path, monkeypatch, ext):
+    """`trlax train grpo --config trl.yaml` (or .json): TRL's field names and values applied (batch = per-device x
     accumulation, the accumulation as micro-batches, warm-up ratio, bf16, checkpointing, the loss and the sampler
     correction through PolicyLossConfig.from_trl, TRL's reward names), the rest in one warning; flags win."""
-    p = tmp_path / "grpo.yaml"
-    p.write_text(yaml.safe_dump(GRPO_YAML))
+    p = tmp_path / f"grpo.{ext}"
+    p.write_text(yaml.safe_dump(GRPO_YAML) if ext == "yaml" else json.dumps(GRPO_YAML))
     got = {}
     monkeypatch.setattr(loops, "run", lambda algo, cfg, rows: got.update(cfg=cfg))
     with pytest.warns(UserWarning) as w:
