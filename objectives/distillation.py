@@ -378,20 +378,24 @@ def sparse_top1_divergence(
     log_s = jax.nn.log_softmax(s / temperature, axis=-1)
     log_t = jax.nn.log_softmax(t / temperature, axis=-1)
     rev = tok if reverse_token == "sampled" else jnp.argmax(s, axis=-1)
-    if float(beta) == 1.0:
-        support, valid = rev[..., None], jnp.ones(rev.shape + (1,), bool)
-    else:
-        top = jnp.argmax(t, axis=-1)
-        support = jnp.stack([top, rev], axis=-1)
-        valid = jnp.stack([jnp.ones_like(top, bool), rev != top], axis=-1)
-    ls = jnp.where(valid, jnp.take_along_axis(log_s, support, axis=-1), -jnp.inf)
-    lt = jnp.where(valid, jnp.take_along_axis(log_t, support, axis=-1), -jnp.inf)
-    if add_tail:
-        ls, lt = _add_tail_bucket(ls), _add_tail_bucket(lt)
-    else:
-        ls = ls - jax.scipy.special.logsumexp(ls, axis=-1, keepdims=True)
-        lt = lt - jax.scipy.special.logsumexp(lt, axis=-1, keepdims=True)
-    return _divergence(ls, lt, float(beta))
+    top = jnp.argmax(t, axis=-1)
+
+    def on_support(support, valid, b):
+        ls = jnp.where(valid, jnp.take_along_axis(log_s, support, axis=-1), -jnp.inf)
+        lt = jnp.where(valid, jnp.take_along_axis(log_t, support, axis=-1), -jnp.inf)
+        if add_tail:
+            ls, lt = _add_tail_bucket(ls), _add_tail_bucket(lt)
+        else:
+            ls = ls - jax.scipy.special.logsumexp(ls, axis=-1, keepdims=True)
+            lt = lt - jax.scipy.special.logsumexp(lt, axis=-1, keepdims=True)
+        return _divergence(ls, lt, b)
+
+    reverse_only = lambda: on_support(rev[..., None], jnp.ones(rev.shape + (1,), bool), 1.0)  # noqa: E731
+    both = lambda b: on_support(jnp.stack([top, rev], axis=-1),  # noqa: E731
+                                jnp.stack([jnp.ones_like(top, bool), rev != top], axis=-1), b)
+    if is_array(beta):  # traced β: the β = 1 support as a select
+        return jnp.where(beta == 1.0, reverse_only(), both(beta))
+    return reverse_only() if beta == 1.0 else both(float(beta))
 
 
 def sparse_top1_distillation_loss(

@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
+from trlax.objectives._checks import (as_float, as_mask, check_choice, check_range, check_rank, check_same_shape,
+                                      maybe_nonzero)
 from trlax.objectives.aggregation import masked_sum, mean_metric
 
 SFT_LOSS_TYPES = ("nll", "dft")
@@ -90,7 +91,7 @@ def sft_loss(
       mask: ``[B, T]`` loss mask (see :func:`sft_mask`).
       loss_type: ``nll`` | ``dft``.
       num_items: global loss-token count.
-      label_smoothing: ε in [0, 1].
+      label_smoothing: ε in [0, 1] (a number or a JAX scalar).
       logits: ``[B, T, V]``; required when ``label_smoothing`` is not 0.
 
     Returns:
@@ -105,7 +106,7 @@ def sft_loss(
     zero = jnp.zeros((), lp.dtype)
     lp = jnp.where(m, lp, zero)
     per_token = -lp
-    if label_smoothing != 0:
+    if maybe_nonzero(label_smoothing):
         if logits is None:
             raise ValueError(f"label_smoothing={label_smoothing!r} needs the full `logits` ([B, T, V]); got None")
         z = as_float(logits, "logits")

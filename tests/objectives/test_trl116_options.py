@@ -560,3 +560,23 @@ def test_udm_errors():
         O.bco_udm_fit(x, y[:5])
     with pytest.raises(ValueError, match="`embeddings` must have 3 columns"):
         O.bco_udm_probs(_UDM_FIT(x, y, None), x[:, :2])
+
+
+# ------------------------------------------------------------------------------- traced hyperparameters
+
+
+def test_traced_label_smoothing_and_top1_beta():
+    """ε and β as JAX scalars (vmapped, differentiated) give the Python-number results: one compile each."""
+    _, z, _, m, tok = _data(16)
+    eps = jnp.asarray([0.0, 0.1, 0.3])
+    f = jax.jit(jax.vmap(lambda e: O.sft_loss(token_logps(z, tok), m, label_smoothing=e, logits=z)[0]))
+    _close(f(eps), [np_smoothed_sft(z, tok, m, float(e), "nll") for e in eps])
+    # dL/dε = mean(U) − mean(NLL), the loss being affine in ε
+    lp = np_token_logps(z, tok)
+    d = jax.jit(jax.grad(lambda e: O.sft_loss(lp, m, label_smoothing=e, logits=z)[0]))(0.2)
+    _close(d, np.where(m, -log_softmax(z).mean(-1) + lp, 0).sum() / m.sum())
+    s, t, m, tok = _top1_data(17)
+    betas = jnp.asarray([0.0, 0.5, 1.0])
+    g = jax.jit(jax.vmap(lambda b: O.sparse_top1_divergence(s, t, tok, beta=b)))(betas)
+    for i, b in enumerate([0.0, 0.5, 1.0]):
+        _close(g[i], np_top1(s, t, tok, b, 1.0, True, "sampled"))
