@@ -103,7 +103,11 @@ _DEFAULT_AGGREGATION = {"gmpo": "grpo", "gpg": "token_mean", "clip_cov": "token_
 @register_config
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig(ConfigMixin):
-    """Static configuration of :func:`policy_loss` (hashable: pass it as a static argument to ``jit``).
+    """Configuration of :func:`policy_loss`. Hashable (close over it, or pass it as a static argument
+    to ``jit``) and a pytree (:func:`~trlax.objectives._checks.register_config`): the float fields
+    (β, ε, δ, temperatures, coefficients, clip bounds) are leaves that may be JAX scalars, traced or not,
+    so ``jax.jit(f)(config)``, ``jax.vmap`` over a stacked batch of configs and ``jax.grad`` w.r.t. a field
+    work; loss types, modes, flags and ``max_completion_length`` are static (``STATIC_FIELDS``).
 
     Field names follow TRL's ``GRPOConfig`` where one exists. Defaults equal TRL 1.16's defaults,
     except ``sampler_correction`` (None here: no sampler log-probs are assumed).
@@ -549,7 +553,7 @@ def policy_loss(
       old_logps: ``[B, T]`` log π_old (stop-gradient), or ``None`` for on-policy (``sg(logps)``).
       advantages: ``[B]``, ``[B, 1]`` or ``[B, T]`` (stop-gradient).
       mask: ``[B, T]`` completion mask.
-      config: :class:`PolicyLossConfig` (static).
+      config: :class:`PolicyLossConfig` (static, or a jit / vmap / grad argument: see below).
       ref_logps: ``[B, T]`` reference log-probs; required when ``config.beta > 0``.
       sampler_logps: ``[B, T]`` sampler log-probs; required when ``config.sampler_correction`` is
         set; also used by OPSM when given. NaN entries mean "no correction" for that token.

@@ -482,7 +482,7 @@ def dpo_loss(
     x = beta * delta
     if maybe_nonzero(rdpo_alpha):
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("`chosen_lengths` and `rejected_lengths` are required when rdpo_alpha != 0")
+            raise ValueError("`chosen_lengths` and `rejected_lengths` are required when rdpo_alpha != 0 (or an array)")
         x = x + rdpo_alpha * (jnp.asarray(chosen_lengths, x.dtype) - jnp.asarray(rejected_lengths, x.dtype))
     if offsets is not None:
         x = x - jax.lax.stop_gradient(as_float(offsets, "offsets"))
@@ -637,7 +637,10 @@ def _as_weights(x):
 @register_config
 @dataclasses.dataclass(frozen=True)
 class PreferenceLossConfig(ConfigMixin):
-    """Static configuration of :func:`preference_loss` (hashable: a static argument under ``jit``).
+    """Configuration of :func:`preference_loss`. Hashable (a static argument under ``jit``) and a pytree
+    whose float fields (``beta``, ``label_smoothing``, ``loss_weights``, ``ld_alpha``, ...) are leaves that
+    may be JAX scalars, traced or not; loss types, f-divergence type and flags are static
+    (``STATIC_FIELDS``).
 
     Field names and defaults follow TRL 1.16's ``DPOConfig``.
 
@@ -728,7 +731,8 @@ class PreferenceLossConfig(ConfigMixin):
         for f in ("sigmoid_label_smoothing", "use_weighting", "reference_free"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}={getattr(self, f)!r} must be a bool; allowed values: True, False")
-        modifies = [f for f in ("rdpo_alpha", "dpop_lambda") if not is_array(getattr(self, f)) and getattr(self, f) != 0]
+        modifies = [f for f in ("rdpo_alpha", "dpop_lambda")
+                    if not is_array(getattr(self, f)) and getattr(self, f) != 0]
         if modifies and not any(n in LOGIT_LOSS_TYPES for n in names):
             raise ValueError(f"rdpo_alpha / dpop_lambda modify the logit of loss types "
                              f"{', '.join(map(repr, LOGIT_LOSS_TYPES))}; loss_type={names!r} has none")
@@ -944,7 +948,7 @@ def preference_loss(
       ref_chosen_logps / ref_rejected_logps: reference per-token log-probs of the same shapes
         (stop-gradient); may be ``None`` with ``reference_free``.
       chosen_mask / rejected_mask: completion masks.
-      config: :class:`PreferenceLossConfig` (static).
+      config: :class:`PreferenceLossConfig` (static, or a jit / vmap / grad argument: its float fields are leaves).
       chosen_log_sum_sq_probs / rejected_log_sum_sq_probs: per-token ``log Σ_v π_v²``, required by
         ``use_weighting``.
       chosen_token_kl / rejected_token_kl: per-token ``KL(π_ref ‖ π_θ)`` (:func:`tdpo_token_kl`),

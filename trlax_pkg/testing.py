@@ -350,8 +350,9 @@ def check_microbatch_additivity(
 ) -> None:
     """Splitting the rows into ``num_microbatches`` equal micro-batches and calling
     ``loss_fn(micro_batch, num_items=N, num_sequences=B)`` with the *global* counts (``N``: the true
-    tokens of the first mask, ``B``: the rows; only the ones ``loss_fn`` accepts) gives losses that sum to the full-batch loss (called the
-    same way) and gradients that concatenate to its gradient: the law gradient accumulation relies on."""
+    tokens of the first mask, ``B``: the rows; only the ones ``loss_fn`` accepts) gives losses that sum
+    to the full-batch loss (called the same way) and gradients that concatenate to its gradient: the
+    law gradient accumulation relies on."""
     b = _batch_size(batch, mask_keys)
     if num_microbatches < 1 or b % num_microbatches:
         raise ValueError(f"num_microbatches={num_microbatches} must divide the batch size {b}")
