@@ -17,8 +17,9 @@ from trlax.train import cli, loops
 from trlax.train import data as D
 from trlax.train.config import build_config, from_trl_config
 
+# no warm-up stage and no held-out evaluation: every reward-function call is a training round's
 SMALL_GRPO = dict(batch_size=16, num_generations=4, max_completion_length=3, max_prompt_length=4, progress=False,
-                  export=False, preset="grpo")
+                  export=False, preset="grpo", sft_warmup_steps=0, eval_split=0.0)
 
 REWARDS_MODULE = textwrap.dedent('''
     CALLS = []
