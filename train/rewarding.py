@@ -19,7 +19,9 @@ keywords ``trainer_state``, ``log_extra`` and ``log_metric`` are not passed. The
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import os
 import sys
 from typing import Any, Callable, Dict, List
@@ -128,8 +130,8 @@ def check_reward_fields(cfg) -> None:
 
 
 class TRLRewardFunction:
-    """A reward function with TRL's signature, called once per round with lists (see the module docstring);
-    checks that it returns one value per completion."""
+    """A reward function with TRL's signature (plain or ``async def``), called once per round with lists (see the
+    module docstring); checks that it returns one value per completion."""
 
     batched = True
 
@@ -138,6 +140,11 @@ class TRLRewardFunction:
 
     def __call__(self, completions, completion_ids, prompts, **columns) -> List[Any]:
         out = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if inspect.isawaitable(out):  # an `async def` reward function (TRL awaits them too); its own event loop,
+            import concurrent.futures  # in a worker thread, so that it also runs where a loop is running (Jupyter)
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                out = pool.submit(asyncio.run, out).result()
         out = list(out) if out is not None else []
         if len(out) != len(completions):
             raise ValueError(f"reward function {self.__name__!r} returned {len(out)} rewards for {len(completions)} "

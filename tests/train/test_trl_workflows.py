@@ -171,6 +171,18 @@ def test_python_api_takes_a_dataset_and_a_trl_config(tmp_path, monkeypatch):
     assert not is_trl_config(saved)
 
 
+def test_async_reward_function():
+    """An `async def` reward function (TRL awaits them) is awaited; its None stays unscorable (NaN)."""
+    from trlax.rollouts.rewards import compute_rewards
+    from trlax.train.rewarding import TRLRewardFunction
+
+    async def judge(prompts, completions, **kw):
+        return [float(len(c)) if c else None for c in completions]
+
+    R = compute_rewards([TRLRewardFunction(judge, "judge")], ["ab", "", "c"], prompts=["p"] * 3, answer=[1, 2, 3])
+    np.testing.assert_array_equal(R[:, 0], [2.0, np.nan, 1.0])
+
+
 def test_reward_function_wrong_length_is_named(tmp_path):
     def short(prompts, completions, **kw):
         return [0.0]
