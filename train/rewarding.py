@@ -5,7 +5,7 @@ weights (``reward_weights``), and the scorer that turns sampled completions into
 ``reward_funcs`` is a comma-separated list of built-in names (:data:`REWARD_FUNCS`), ``reward_model``, and
 Python reward functions given by import path, ``pkg.module:function`` or ``pkg.module.function`` (any callable:
 a function, a ``functools.partial``, an instance with ``__call__``). A Python reward function has TRL's
-signature and is called once per generation round with lists::
+signature (plain or ``async def``) and is called once per generation round with lists::
 
     fn(prompts=[...], completions=[...], completion_ids=[[...], ...], **dataset_columns) -> list[float | None]
 
