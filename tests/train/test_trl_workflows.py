@@ -183,13 +183,15 @@ def test_async_reward_function():
     np.testing.assert_array_equal(R[:, 0], [2.0, np.nan, 1.0])
 
 
-def test_reward_function_wrong_length_is_named(tmp_path):
+def test_reward_function_wrong_length_is_named():
+    from trlax.rollouts.rewards import compute_rewards
+    from trlax.train.rewarding import TRLRewardFunction
+
     def short(prompts, completions, **kw):
         return [0.0]
 
-    with pytest.raises(ValueError, match="reward function 'short' returned 1 rewards for 16 completions"):
-        __import__("trlax.train.api", fromlist=["x"]).train(
-            "grpo", dict(SMALL_GRPO, max_steps=1, output_dir=str(tmp_path / "o")), reward_funcs=short)
+    with pytest.raises(ValueError, match="reward function 'short' returned 1 rewards for 3 completions"):
+        compute_rewards([TRLRewardFunction(short, "short")], ["a", "b", "c"])
 
 
 # ------------------------------------------------------------ conversational data + chat-templated checkpoint
