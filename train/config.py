@@ -102,9 +102,10 @@ class CommonConfig:
         from trlax.train.modeling import check_model
 
         check_model(self.model)
-        check_range("eval_split", self.eval_split, low=0.0, high=1.0, high_inclusive=False)
+        if self.eval_split != -1:  # -1: auto (trlax train grpo: 0.1 on the built-in task, else 0)
+            check_range("eval_split", self.eval_split, low=0.0, high=1.0, high_inclusive=False)
         check_range("eval_steps", self.eval_steps, low=0)
-        if self.eval_dataset and self.eval_split:
+        if self.eval_dataset and self.eval_split > 0:
             raise ValueError(f"give either eval_dataset={self.eval_dataset!r} or eval_split={self.eval_split}, not both")
         check_range("lora_rank", self.lora_rank, low=0)
         check_range("lora_alpha", self.lora_alpha, low=0.0, low_inclusive=False)
@@ -203,6 +204,12 @@ GRPO_DEFAULTS = dict(batch_size=64, max_steps=200, learning_rate=3e-3, max_compl
                      max_prompt_length=8)
 
 
+# `trlax train grpo`'s own defaults (the main job; rloo and the other RL trainers keep GRPO_DEFAULTS):
+# 400 steps at lr 1e-3 with a small entropy bonus (keeps groups disagreeing, so the loss keeps a signal), held-out
+# evaluation every 50 steps; eval_split -1 = auto (trlax.train.loops.DEFAULT_JOB: 0.1 on the built-in task)
+GRPO_JOB = dict(max_steps=400, learning_rate=1e-3, entropy_coef=0.02, eval_steps=50, eval_split=-1.0)
+
+
 def _grpo_cls():
     from trlax.objectives.policy import PolicyLossConfig
 
@@ -242,11 +249,12 @@ def _grpo_cls():
         ("entropy_coef_min", float, dataclasses.field(default=0.0)),
         ("entropy_coef_max", float, dataclasses.field(default=1.0)),
         # R1-style cold start (trlax.train.loops.format_warmup): this many SFT steps on the answer format (each
-        # prompt paired with a random row's answer) before GRPO, which starts from that model; 0 = off
-        ("sft_warmup_steps", int, dataclasses.field(default=0)),
+        # prompt paired with a random row's answer) before GRPO, which starts from that model; 0 = off;
+        # -1 = auto: trlax.train.loops.DEFAULT_JOB's value for the built-in task and model, else 0
+        ("sft_warmup_steps", int, dataclasses.field(default=-1)),
     ]
-    common = [(k, type(v), dataclasses.field(default=v)) for k, v in GRPO_DEFAULTS.items()]
-    skip = {"max_completion_length"}  # shared with CommonConfig
+    common = [(k, type(v), dataclasses.field(default=v)) for k, v in dict(GRPO_DEFAULTS, **GRPO_JOB).items()]
+    skip = {"max_completion_length", *GRPO_JOB}  # shared with CommonConfig / set above
     cls = dataclasses.make_dataclass("GRPORunConfig", common + extra + _loss_fields(PolicyLossConfig, skip),
                                      bases=(CommonConfig,))
     cls.__doc__ = "trlax train grpo: GRPO-family run (every PolicyLossConfig field is a flag)."
@@ -265,7 +273,8 @@ def _validate_grpo(self) -> None:
     check_sampling(self)
     check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
     check_choice("multi_objective_aggregation", self.multi_objective_aggregation, MULTI_REWARD_AGGREGATIONS)
-    check_range("sft_warmup_steps", self.sft_warmup_steps, low=0)
+    if self.sft_warmup_steps != -1:  # -1: auto
+        check_range("sft_warmup_steps", self.sft_warmup_steps, low=0)
     check_range("num_iterations", self.num_iterations, low=1)
     check_range("steps_per_generation", self.steps_per_generation, low=1)
     check_range("decode_slots", self.decode_slots, low=0)

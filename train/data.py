@@ -65,6 +65,19 @@ def addition_examples(n: int, seed: int = 0, max_sum: int = 9) -> List[Dict[str,
     return out
 
 
+def max_digit_examples(n: int, seed: int = 0, n_digits: int = 3) -> List[Dict[str, str]]:
+    """``{"prompt": "382=", "answer": "8"}``: the largest of ``n_digits`` random digits — the built-in
+    verifiable task of ``trlax train grpo``. Its 10^n_digits distinct prompts make a held-out split meaningful
+    (:func:`split_by_prompt`): a policy that learned to pick the largest digit answers prompts it never saw, one
+    that memorised its training prompts does not (single-digit addition, 55 prompts, can only be memorised)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        digits = [rng.randint(0, 9) for _ in range(n_digits)]
+        out.append({"prompt": "".join(map(str, digits)) + "=", "answer": str(max(digits))})
+    return out
+
+
 def split_by_prompt(rows: Sequence[Dict[str, Any]], fraction: float, seed: int = 0):
     """``(train_rows, eval_rows)``: the rows of a random ``fraction`` of the *distinct* prompts (at least one)
     held out for evaluation, every row of a held-out prompt with it, so no evaluation prompt is ever trained on
@@ -611,6 +624,7 @@ __all__ = [
     "local_slice",
     "required_columns",
     "addition_examples",
+    "max_digit_examples",
     "split_by_prompt",
     "REWARD_NAMES",
     "addition_rewards",

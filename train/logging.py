@@ -1,5 +1,9 @@
 """Run logging: a progress bar (step, reward, KL, loss, tokens/s), metrics to JSONL and TensorBoard
-event files, and a PNG of the reward / KL / loss curves at the end of a run."""
+event files, and a PNG of the run's curves at the end of a run (reward, each reward function, KL, loss,
+entropy, the fraction of zero-variance groups and the held-out evaluation, whichever the run logged).
+
+Evaluation rows (:meth:`RunLogger.log_eval`) go to the same ``metrics.jsonl`` with ``"split": "eval"`` and
+keys ``eval/...``; they are kept apart from the training rows (:attr:`RunLogger.eval_history`)."""
 
 from __future__ import annotations
 
@@ -39,7 +43,9 @@ class RunLogger:
             except ImportError:  # pragma: no cover
                 self._tb = None
         self._bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True) if (progress and tqdm) else None
-        self.history: List[Dict[str, float]] = list(history or [])  # rows restored on --resume
+        # rows restored on --resume: training rows, and evaluation rows (``"split": "eval"``) kept apart
+        self.history: List[Dict[str, float]] = [r for r in history or [] if r.get("split") != "eval"]
+        self.eval_history: List[Dict[str, float]] = [r for r in history or [] if r.get("split") == "eval"]
         self._t = time.perf_counter()
 
     def log(self, step: int, metrics: Dict[str, float], tokens: Optional[int] = None) -> Dict[str, float]:
@@ -64,8 +70,36 @@ class RunLogger:
             self._bar.update(1)
         return row
 
-    def plot(self, keys=("reward", "kl", "loss"), filename: str = "curves.png") -> Optional[str]:
-        present = [k for k in keys if any(k in r for r in self.history)]
+    def log_eval(self, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
+        """An evaluation after ``step`` optimiser steps (0: the initial policy): keys ``eval/<name>``, written to
+        ``metrics.jsonl`` as a row with ``"split": "eval"`` and to TensorBoard; printed on one line."""
+        row = {f"eval/{k}": float(v) for k, v in metrics.items()}
+        if self.enabled:
+            print("eval at step %d: %s" % (step, ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items())), flush=True)
+        row.update(step=step, split="eval")
+        self.eval_history.append(row)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k.startswith("eval/") and np.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        return row
+
+    def plot(self, keys=("reward", "rewards/*", "eval/*", "kl", "loss", "entropy", "frac_reward_zero_std"),
+             filename: str = "curves.png") -> Optional[str]:
+        """One panel per key present in the history (``prefix/*``: every such key, e.g. each reward function
+        ``rewards/<name>`` and the evaluation ``eval/<name>``)."""
+        rows = self.history + self.eval_history
+        seen = list(dict.fromkeys(k for r in rows for k in r))
+        present = []
+        for k in keys:
+            if k.endswith("/*"):  # one panel per function / evaluation metric (TRL's /mean, /std spellings left out)
+                present += [n for n in seen if n.startswith(k[:-1]) and n.count("/") == 1
+                            and n not in ("rewards/nan", "rewards/unscorable")]  # counts, not reward functions
+            elif k in seen:
+                present.append(k)
         if not present or not self.enabled:
             return None
         import matplotlib
@@ -73,11 +107,15 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.2), squeeze=False)
-        for ax, k in zip(axes[0], present):
-            xs = [r["step"] for r in self.history if k in r]
-            ys = [r[k] for r in self.history if k in r]
-            ax.plot(xs, ys, lw=1.2)
+        ncol = min(4, len(present))
+        nrow = -(-len(present) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), squeeze=False)
+        for ax in axes.flat[len(present):]:
+            ax.set_visible(False)
+        for ax, k in zip(axes.flat, present):
+            xs = [r["step"] for r in rows if k in r]
+            ys = [r[k] for r in rows if k in r]
+            ax.plot(xs, ys, lw=1.2, marker="o" if k.startswith("eval/") else None)
             ax.set_title(k)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -42,7 +42,7 @@ from trlax.train.logging import RunLogger
 from trlax.train.rewarding import REWARD_FUNCS, check_reward_fields, reward_functions, reward_model_scorer  # noqa: F401
 from jax.sharding import NamedSharding, PartitionSpec
 
-from trlax.train.step import BATCH_AXES, init_train_state, make_mesh, make_train_step, shard_state
+from trlax.train.step import BATCH_AXES, batch_totals, init_train_state, make_mesh, make_train_step, shard_state
 
 # test hook: called as ``_after_step(run, step)`` after every round of optimiser steps has been logged and
 # checkpointed (tests raise from it to simulate a run killed after step k).
@@ -134,7 +134,8 @@ def _copy(tree):
 class _Run:
     """State shared by the loops: policy, tokenizer, mesh, step function, checkpoints, logging."""
 
-    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state_fn=None, params_fn=None):
+    def __init__(self, algo: str, cfg, loss_fn_builder, *, extra_state_fn=None, params_fn=None,
+                 init_model: Optional[str] = None):
         """``loss_fn_builder(run) -> loss_fn`` (see :func:`trlax.train.step.make_train_step`);
         ``extra_state_fn(params) -> pytree``: objective state kept in ``TrainState.extra``;
         ``params_fn(policy) -> pytree of nnx.State``: the trainable parameters (default ``policy.params``;
@@ -149,7 +150,9 @@ class _Run:
             raise ValueError(f"output_dir={cfg.output_dir!r} already holds checkpoints; pass --resume true to "
                              "continue or choose another output_dir")
         self.config_path = save_config(algo, cfg) if self.is_main else os.path.join(cfg.output_dir, "config.yaml")
-        self.policy = modeling.build_policy(cfg)
+        # init_model: a checkpoint to start from instead of cfg.model (GRPO's warm start; the saved config keeps
+        # cfg.model, so that --config reruns the whole pipeline)
+        self.policy = modeling.build_policy(dataclasses.replace(cfg, model=init_model) if init_model else cfg)
         self.tokenizer = self.policy.tokenizer
         self.mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -167,7 +170,9 @@ class _Run:
         # initial policy = the reference model (with LoRA: the initial adapters, i.e. the base model; see
         # modeling.LoraPolicy; run.policy.reference_logps(run.frozen_params, ...) is the exact adapters-off path)
         self.frozen_params = _copy(self.state.params)
-        self.step_fn = make_train_step(loss_fn_builder(self), self.optimizer, mesh=self.mesh,
+        self.loss_fn = loss_fn_builder(self)
+        self._eval_fn = None
+        self.step_fn = make_train_step(self.loss_fn, self.optimizer, mesh=self.mesh,
                                        state_sharding=self.state_sharding, num_microbatches=cfg.num_microbatches)
         self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"),
                                  save_every=1, keep=cfg.keep_checkpoints)
@@ -209,6 +214,42 @@ class _Run:
         if hook is not None:
             hook(self, before, batch, metrics)
         return metrics
+
+    def eval_loss(self, batch: Dict[str, Any]) -> Dict[str, float]:
+        """The objective's ``loss`` and metrics on a held-out host ``batch`` at the current parameters (no update;
+        the batch's own token / row counts normalise it)."""
+        if self._eval_fn is None:
+            from trlax.objectives.aggregation import finalize_metrics
+
+            fn = self.loss_fn
+
+            def eval_fn(p, b):
+                loss, m = fn(p, b, batch_totals(b))
+                return loss, finalize_metrics(m)  # (sum, count) means -> values, as the train step logs them
+
+            self._eval_fn = jax.jit(eval_fn)
+        loss, m = self._eval_fn(self.state.params, batch)
+        return dict(_to_float({k: v for k, v in m.items() if np.ndim(v) == 0}), loss=float(_host(loss)))
+
+    def eval_batches(self, eval_rows, encode, step: int, weight_keys=None) -> None:
+        """Log (:meth:`RunLogger.log_eval`) the objective's loss and metrics on ``eval_rows``, in batches of
+        ``batch_size`` rows (``encode(rows) -> host batch``; the last batch filled up from the start of the set,
+        each batch's metrics weighted by its rows that were not repeats)."""
+        n, bs = len(eval_rows), self.cfg.batch_size
+        sums: Dict[str, float] = {}
+        for i in range(0, n, bs):
+            m = self.eval_loss(encode([eval_rows[j % n] for j in range(i, i + bs)]))
+            w = min(bs, n - i) / n
+            for k, v in m.items():
+                if weight_keys is None or k in weight_keys:
+                    sums[k] = sums.get(k, 0.0) + w * v
+        self.logger.log_eval(step, sums)
+
+    def due_eval(self, step: int, prev: int) -> bool:
+        """Whether an evaluation is due after ``step`` (a round of steps since ``prev``): every ``eval_steps``
+        and at the last step."""
+        every = self.cfg.eval_steps
+        return step == self.cfg.max_steps or (every > 0 and step // every > prev // every)
 
     def _note_skip(self, skipped: bool, metrics: Dict[str, float]) -> None:
         """Count a skipped (non-finite) step: ``skipped_steps`` in the metrics, one warning per run, and after
@@ -310,6 +351,8 @@ class _Run:
             with open(os.path.join(self.cfg.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=2)
             print(json.dumps(summary, indent=2))
+            if getattr(self, "summary_line", ""):  # the run's headline (GRPO: reward and held-out accuracy)
+                print(self.summary_line, flush=True)
         return summary
 
 
@@ -329,7 +372,7 @@ def _read_history(path: str, upto: int, rewrite: bool = True) -> List[Dict[str, 
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
             if r.get("step", upto + 1) <= upto:
-                rows[r["step"]] = r
+                rows[r["step"], r.get("split", "")] = r  # an evaluation row shares its step with a training row
     if not rewrite:  # multi-host: process 0 owns the file
         return [rows[k] for k in sorted(rows)]
     with open(path, "w") as fh:  # drop rows of steps that will be redone
@@ -343,6 +386,27 @@ def first_last(values, frac: float = 0.1):
     values = np.asarray(values, float)
     n = max(1, int(round(len(values) * frac)))
     return float(np.nanmean(values[:n])), float(np.nanmean(values[-n:]))
+
+
+def eval_records(algo: str, cfg, rows):
+    """``(train_rows, eval_rows)``: ``eval_rows`` from ``cfg.eval_dataset`` (read and checked like the training
+    set), or the held-out ``cfg.eval_split`` of ``rows`` (whole prompts, :func:`trlax.train.data.split_by_prompt`),
+    or None (no evaluation)."""
+    if getattr(cfg, "eval_dataset", ""):
+        if jax.process_count() > 1:
+            raise ValueError(f"eval_dataset={cfg.eval_dataset!r}: evaluation runs in one process for now")
+        return rows, D.load_records(algo, cfg.eval_dataset, seed=cfg.seed)
+    if getattr(cfg, "eval_split", 0.0) > 0:
+        if jax.process_count() > 1:
+            raise ValueError(f"eval_split={cfg.eval_split}: evaluation runs in one process for now")
+        return D.split_by_prompt(rows, cfg.eval_split, cfg.seed)
+    return rows, None
+
+
+def eval_first_last(run, key: str):
+    """``(first, last)`` of the evaluation metric ``key`` (``eval/<key>``), NaN when not evaluated."""
+    vals = [r[f"eval/{key}"] for r in run.logger.eval_history if f"eval/{key}" in r]
+    return (float(vals[0]), float(vals[-1])) if vals else (float("nan"), float("nan"))
 
 
 def _texts(tok, rows, col):
@@ -383,8 +447,12 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     from trlax.objectives.supervised import bema, sft_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = eval_records(algo, cfg, rows)
     bema_tx = bema(update_freq=cfg.bema_update_freq) if cfg.bema else None
     packing = getattr(cfg, "packing", "")
+    if packing and eval_rows is not None:
+        raise ValueError(f"packing={packing!r}: held-out evaluation (eval_dataset / eval_split) runs on unpacked rows "
+                         "only for now; pass --packing '' or leave evaluation off")
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -411,16 +479,23 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
     else:
         n_rows = len(rows)
 
+    def encode(sel):
+        p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
+        c_ids, c_mask = D.encode_right_padded(tok, _texts(tok, sel, "completion"), cfg.max_completion_length)
+        return {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": c_mask}
+
     def local_batch(idx):
         """This process's rows of the global batch ``idx`` (tokenised here, only those rows)."""
         loc = idx[run.rows()]
         if packing:
             return {k: v[loc] for k, v in cols.items()}
-        sel = [rows[i] for i in loc]
-        p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
-        c_ids, c_mask = D.encode_right_padded(tok, _texts(tok, sel, "completion"), cfg.max_completion_length)
-        return {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "mask": c_mask}
+        return encode([rows[i] for i in loc])
 
+    def evaluate(step):  # held-out loss (the run's objective, token mean over each batch's completions)
+        run.eval_batches(eval_rows, encode, step, weight_keys=("loss",))
+
+    if eval_rows is not None and run.start_step == 0:
+        evaluate(0)
     sampler = D.EpochSampler(n_rows, cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         batch = local_batch(sampler.next())
@@ -428,12 +503,18 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
         if bema_step is not None and not run.last_skipped:  # a skipped step leaves the objective state too
             run.state = run.state._replace(extra=bema_step(run.state.params, run.state.extra))
         run.logger.log(step, m, tokens=int(D.all_sum(batch["mask"].sum())[0]))
+        if eval_rows is not None and run.due_eval(step, step - 1):
+            evaluate(step)
         run.maybe_checkpoint(step, {"data": sampler.state()})
     losses = [r["loss"] for r in run.logger.history]
     first, last = first_last(losses)
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}")
     summary = {"algorithm": algo, "loss_type": cfg.loss_type, "steps": cfg.max_steps,
                "loss_first_10pct": first, "loss_last_10pct": last}
+    if eval_rows is not None:
+        summary["eval_loss_first"], summary["eval_loss_last"] = eval_first_last(run, "loss")
+        print(f"held-out loss ({len(eval_rows)} rows): {summary['eval_loss_first']:.4f} -> "
+              f"{summary['eval_loss_last']:.4f}")
     if packing:
         summary["packing"] = packing
     if bema_tx is not None and cfg.export:
@@ -462,6 +543,7 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
 
     lcfg = loss_config(algo, cfg)
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = eval_records(algo, cfg, rows)
     needs_ref = not lcfg.reference_free
     sync = bool(getattr(cfg, "sync_ref_model", False)) and needs_ref
 
@@ -484,7 +566,9 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
 
     def encode(idx):
         """The token columns of rows ``idx`` (a process tokenises only the rows it feeds)."""
-        sel = [rows[i] for i in idx]
+        return encode_rows([rows[i] for i in idx])
+
+    def encode_rows(sel):
         p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
         ch_ids, ch_mask = D.encode_right_padded(tok, _texts(tok, sel, "chosen"), cfg.max_completion_length)
         rj_ids, rj_mask = D.encode_right_padded(tok, _texts(tok, sel, "rejected"), cfg.max_completion_length)
@@ -525,6 +609,20 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
         ref_ch = np.concatenate(outs_c)[: len(rows)]
         ref_rj = np.concatenate(outs_r)[: len(rows)]
 
+    def eval_batch(sel):
+        """Held-out rows with their reference log-probs (always computed on the fly, from the reference)."""
+        b = encode_rows(sel)
+        if needs_ref:
+            b["ref_chosen"], b["ref_rejected"] = map(_host, refs(b))
+        return b
+
+    def evaluate(step):  # held-out implicit-reward accuracy and margin (and the loss), as the training metrics
+        run.eval_batches(eval_rows, eval_batch, step,
+                         weight_keys=("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                                      "rewards/rejected"))
+
+    if eval_rows is not None and run.start_step == 0:
+        evaluate(0)
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         loc = sampler.next()[run.rows()]
@@ -542,18 +640,94 @@ def run_dpo(cfg, rows=None, algo: str = "dpo") -> Dict[str, Any]:
             m["ref_synced"] = float(step % every == 0)
         tokens = D.all_sum(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())[0]
         run.logger.log(step, m, tokens=int(tokens))
+        if eval_rows is not None and run.due_eval(step, step - 1):
+            evaluate(step)
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
     first, last = first_last([r["loss"] for r in hist])
     a_first, a_last = first_last([r.get("rewards/accuracies", np.nan) for r in hist])
     print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; "
           f"reward accuracy {a_first:.3f} -> {a_last:.3f}")
-    return run.finish({"algorithm": algo, "loss_type": list(lcfg.loss_types) if hasattr(lcfg, "loss_types")
-                       else lcfg.loss_type, "steps": cfg.max_steps, "loss_first_10pct": first,
-                       "loss_last_10pct": last, "accuracy_first_10pct": a_first, "accuracy_last_10pct": a_last})
+    summary = {"algorithm": algo, "loss_type": list(lcfg.loss_types) if hasattr(lcfg, "loss_types")
+               else lcfg.loss_type, "steps": cfg.max_steps, "loss_first_10pct": first,
+               "loss_last_10pct": last, "accuracy_first_10pct": a_first, "accuracy_last_10pct": a_last}
+    if eval_rows is not None:
+        for key, name in (("rewards/accuracies", "accuracy"), ("rewards/margins", "margin")):
+            summary[f"eval_{name}_first"], summary[f"eval_{name}_last"] = eval_first_last(run, key)
+        print(f"held-out reward accuracy ({len(eval_rows)} pairs): {summary['eval_accuracy_first']:.3f} -> "
+              f"{summary['eval_accuracy_last']:.3f}; margin {summary['eval_margin_first']:.3f} -> "
+              f"{summary['eval_margin_last']:.3f}")
+    return run.finish(summary)
 
 
 # -------------------------------------------------------------------------------------------- GRPO
+
+
+# The default job (`trlax train grpo`: the built-in task and tiny model) resolves the auto (-1) fields to these:
+# a warm start on the answer format, then GRPO, evaluated on held-out prompts.
+DEFAULT_JOB = dict(sft_warmup_steps=30, eval_split=0.1)
+
+
+def resolve_auto(algo: str, cfg):
+    """``cfg`` with its auto (``-1``) ``sft_warmup_steps`` / ``eval_split`` resolved: :data:`DEFAULT_JOB`'s values
+    for ``trlax train grpo`` on the built-in task with the built-in tiny model (single-turn), else 0."""
+    from trlax.train.agentic import uses_environment
+
+    default_job = algo == "grpo" and cfg.dataset == "builtin" and cfg.model == "tiny" and not uses_environment(cfg)
+    auto = {k: (v if default_job else 0) for k, v in DEFAULT_JOB.items() if getattr(cfg, k, None) == -1}
+    if auto.get("eval_split") and cfg.eval_dataset:
+        auto["eval_split"] = 0.0
+    return dataclasses.replace(cfg, **auto) if auto else cfg
+
+
+# fields of a GRPO run config that its warm-start SFT stage takes over unchanged
+_WARMUP_FIELDS = ("model", "seed", "batch_size", "learning_rate", "weight_decay", "max_grad_norm", "max_prompt_length",
+                  "max_completion_length", "mesh_data", "mesh_fsdp", "mesh_tensor", "param_dtype", "compute_dtype",
+                  "attention_impl", "remat", "progress", "lora_rank", "lora_alpha", "lora_target_modules", "use_dora",
+                  "use_rslora")
+
+
+def format_warmup(cfg, rows) -> str:
+    """R1-style cold start (DeepSeek-R1, arXiv 2501.12948, sec. 2.3.1: a short SFT stage before RL):
+    ``cfg.sft_warmup_steps`` steps of :func:`run_sft` that teach the *answer format*, not the task. Every
+    training prompt is paired with the ``answer`` (or ``solution``) of another row drawn at random, so the
+    model learns to reply with one of the task's answers and EOS whatever the prompt; which answer is right
+    is left to GRPO. Runs in ``<output_dir>/warmup``; returns its Hugging Face export, the model GRPO then
+    starts from (and its reference model). A resumed run (``resume=True``) reuses a finished warm start."""
+    import random
+
+    from trlax.train.config import build_config
+
+    out = os.path.join(cfg.output_dir, "warmup")
+    final = os.path.join(out, "final")
+    if cfg.resume and os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    answers = [r.get("answer", r.get("solution")) for r in rows]
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise ValueError(f"sft_warmup_steps={cfg.sft_warmup_steps}: the warm start replies with the data set's answers, "
+                         f"but dataset={cfg.dataset!r}, row {missing[0]} has no 'answer' / 'solution' column; pass "
+                         "--sft_warmup_steps 0")
+    rng = random.Random(cfg.seed)
+    sft_rows = [{"prompt": r["prompt"], "completion": str(answers[rng.randrange(len(rows))]).strip()} for r in rows]
+    values = {k: getattr(cfg, k) for k in _WARMUP_FIELDS}
+    values.update(output_dir=out, max_steps=cfg.sft_warmup_steps, resume=False, export=True,
+                  max_consecutive_skips=cfg.max_consecutive_skips)
+    if os.path.isdir(os.path.join(out, "checkpoints")) and jax.process_index() == 0:  # a killed run's: start over
+        import shutil
+
+        shutil.rmtree(out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("trlax warm start: clean")
+    if jax.process_index() == 0:
+        print(f"warm start: {cfg.sft_warmup_steps} SFT steps on the answer format (random answers) -> {final}",
+              flush=True)
+    run_sft(build_config("sft", values), sft_rows)
+    if jax.process_count() > 1:  # process 0 wrote the export: every process loads it next
+        multihost_utils.sync_global_devices("trlax warm start: exported")
+    return final
 
 
 def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
@@ -571,13 +745,21 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     from trlax.objectives import multi_reward_advantages, policy_loss
     from trlax.objectives.policy import adaptive_entropy_coef
     from trlax.rollouts import JaxSampler, SamplingConfig
-    from trlax.train.agentic import AgentRollouts, uses_environment
+    from trlax.train.agentic import AgentRollouts, environment_rows, uses_environment, warm_start as agentic_warm_start
 
     lcfg = loss_config(algo, cfg)
     adaptive = bool(getattr(cfg, "use_adaptive_entropy", False))
     if adaptive:  # the bonus is linear in its coefficient: loss(c) = loss(0) + c·(loss(1) − loss(0))
         lcfg0, lcfg1 = (dataclasses.replace(lcfg, entropy_coef=c) for c in (0.0, 1.0))
+    cfg = resolve_auto(algo, cfg)
+    if rows is None and uses_environment(cfg):  # an environment's own built-in task (CalculatorEnv: addition)
+        rows = environment_rows(cfg)
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = eval_records(algo, cfg, rows)
+    # R1-style cold start on the answer format: GRPO starts from (and is regularised towards) its export
+    # (multi-turn runs: on the environment's demonstration transcripts, trlax.train.agentic.warm_start)
+    warmup = agentic_warm_start if uses_environment(cfg) else format_warmup
+    init_model = warmup(cfg, rows) if getattr(cfg, "sft_warmup_steps", 0) > 0 else None
     G = cfg.num_generations
     spg, n_iter = cfg.steps_per_generation, cfg.num_iterations
     gen_rows = cfg.batch_size * spg
@@ -602,7 +784,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             return loss0 + coef.astype(loss0.dtype) * (loss1 - loss0), metrics
         return loss_fn
 
-    run = _Run(algo, cfg, loss_builder)
+    run = _Run(algo, cfg, loss_builder, init_model=init_model)
     tok = run.tokenizer
     reward_fn, reward_names = reward_functions(cfg, tok)
     weights = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else None
@@ -713,6 +895,8 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         if ref_params is not None:
             buf["ref_logps"] = run.local(reference_logps(ref_params, *fwd_in))
         gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
+                       # groups whose G rewards are all equal: zero advantage, no learning signal (TRL's metric)
+                       "frac_reward_zero_std": float(np.mean(np.ptp(total.reshape(-1, G), axis=1) == 0)),
                        "completion_length": float(np.mean(lengths)),
                        "truncated_frac": float(np.mean(trunc_all))}
         if lcfg.beta == 0 and cfg.log_kl:  # monitoring only: k3 KL(π_θ ‖ π_ref) of the sampled tokens
@@ -732,6 +916,44 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         if not multi and agent is None:
             gen_metrics["slot_utilization"] = sampler.last_stats["slot_utilization"]
         return {"buf": buf, "metrics": gen_metrics, "lengths": lengths, "completion_mask": c_mask, "version": version}
+
+    acc_col = next((j for j, n in enumerate(reward_names) if n in ("accuracy", "exact_match")), None)
+
+    def evaluate(step):
+        """Held-out evaluation of the current policy: ``G`` completions of every evaluation prompt sampled as in
+        training (the run's temperature / top-k / top-p, a fixed key), with the same sampling program (batches of
+        the round's prompt count; the last one filled up from the start, the repeats dropped). Logs the mean
+        weighted reward, each reward function's mean and, with an ``accuracy`` / ``exact_match`` reward,
+        ``accuracy`` (the fraction of correct completions: pass@1) and ``pass@G`` (the fraction of prompts with
+        at least one correct completion)."""
+        sp, n = run.policy.sampler_params(run.state.params), len(eval_rows)
+        Rs = []
+        for i in range(0, n, n_prompts):
+            sel = [eval_rows[j % n] for j in range(i, i + n_prompts)]
+            p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
+            roll = sampler.generate(sp, (p_ids, p_mask), jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), i))
+            c_ids, c_mask, trunc = _host(roll.completion_ids), _host(roll.completion_mask), _host(roll.truncated)
+            comp = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
+            grows = [sel[b // G] for b in range(len(comp))]
+            R = reward_fn(tok.batch_decode(comp, skip_special_tokens=True), comp,
+                          [str(r["prompt"]) for r in grows], grows, trunc)
+            Rs.append(R[: min(n_prompts, n - i) * G])
+        R = np.concatenate(Rs)
+        out = {"reward": float(np.mean(np.nansum(R * w_arr, axis=1)))}
+        if acc_col is not None:
+            correct = (np.nan_to_num(R[:, acc_col]) > 0).reshape(n, G)
+            out["accuracy"], out[f"pass@{G}"] = float(correct.mean()), float(correct.any(1).mean())
+        for j, name in enumerate(reward_names):
+            out[f"rewards/{name}"] = float(np.nanmean(R[:, j]))
+        run.logger.log_eval(step, out)
+
+    if eval_rows is not None:
+        eval_rows = list({repr(r): r for r in eval_rows}.values())  # each distinct prompt (row) once
+        if multi or agent is not None:
+            raise ValueError("held-out evaluation (eval_dataset / eval_split) of GRPO runs in one process and with "
+                             "single-turn rollouts for now")
+        if run.start_step == 0:
+            evaluate(0)
 
     def draw():
         """The next round's sampling key and this process's prompts (drawn in round order on the main thread)."""
@@ -787,6 +1009,8 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
                 metrics["policy_lag"] = step - cur["version"]  # optimiser steps between sampling and this update
                 step += 1
                 run.logger.log(step, metrics, tokens=int(lengths[sl].sum()))
+        if eval_rows is not None and run.due_eval(step, prev):
+            evaluate(step)
 
         def meta():
             m = {"data": data.state(), "key": key_to_meta(key)}
@@ -801,9 +1025,18 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         pool.shutdown()
     rewards = [r["reward"] for r in run.logger.history]
     first, last = first_last(rewards)
-    print(f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}")
-    return run.finish({"algorithm": algo, "loss_type": lcfg.loss_type, "steps": cfg.max_steps,
-                       "reward_first_10pct": first, "reward_last_10pct": last})
+    summary = {"algorithm": algo, "loss_type": lcfg.loss_type, "steps": cfg.max_steps,
+               "reward_first_10pct": first, "reward_last_10pct": last}
+    line = f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}"
+    if eval_rows is not None:
+        for key in ("reward", "accuracy", f"pass@{G}"):
+            summary[f"eval_{key}_first"], summary[f"eval_{key}_last"] = eval_first_last(run, key)
+        summary["eval_prompts"] = len(eval_rows)
+        if acc_col is not None:
+            line += (f"; held-out accuracy ({len(eval_rows)} prompts not trained on, {G} sampled completions each): "
+                     f"{summary['eval_accuracy_first']:.3f} -> {summary['eval_accuracy_last']:.3f}")
+    run.summary_line = line
+    return run.finish(summary)
 
 
 def run(algo: str, cfg, rows=None) -> Dict[str, Any]:
@@ -855,7 +1088,7 @@ def _specs():
     from trlax.train.registry import TrainerSpec
 
     return [
-        TrainerSpec("grpo", C._grpo_cls, run_grpo, ("prompt",), D.addition_examples,
+        TrainerSpec("grpo", C._grpo_cls, run_grpo, ("prompt",), D.max_digit_examples,
                     loss_config_cls=PolicyLossConfig, metric="reward", presets=GRPO_PRESETS,
                     description="GRPO family: every PolicyLossConfig loss (DAPO, Dr. GRPO, GSPO, CISPO, SAPO ...)"),
         TrainerSpec("dpo", C._dpo_cls, run_dpo, ("prompt", "chosen", "rejected"), D.preference_examples,

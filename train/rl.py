@@ -495,6 +495,9 @@ def _gmpo_cls():
     preset = PolicyLossConfig.gmpo()
     new = {f.name: getattr(preset, f.name) for f in dataclasses.fields(PolicyLossConfig)
            if getattr(preset, f.name) != getattr(PolicyLossConfig(), f.name)}
+    # the GRPO loop's generic defaults, not `trlax train grpo`'s main-job recipe (config.GRPO_JOB)
+    new.update(max_steps=GRPO_DEFAULTS["max_steps"], learning_rate=GRPO_DEFAULTS["learning_rate"],
+               entropy_coef=preset.entropy_coef, eval_steps=0, eval_split=0.0)
     fields = [(k, next(f.type for f in dataclasses.fields(base) if f.name == k), dataclasses.field(default=v))
               for k, v in new.items()]
     cls = dataclasses.make_dataclass("GMPORunConfig", fields, bases=(base,))

@@ -124,17 +124,22 @@ def gather_logps(logits, ids, mask):
 
 
 def addition_task_rewards(run, b):
-    """The built-in addition task's reward recomputed in plain Python from the decoded batch: accuracy (1 if
-    the completion is exactly str(a+b) then EOS) + format (0.5 for 1-2 digits then EOS)."""
+    """The built-in tasks' reward recomputed in plain Python from the decoded batch: accuracy (1 if the
+    completion is exactly the answer then EOS: str(a+b) for "a+b=", the largest digit for grpo's "382=") +
+    format (0.5 for 1-2 digits then EOS)."""
     tok = run.tokenizer
     out = []
     for p_ids, p_m, c_ids, c_m in zip(b["prompt_ids"], b["prompt_mask"], b["completion_ids"], b["mask"]):
-        prompt = tok.decode(p_ids[p_m].tolist(), skip_special_tokens=True)
-        a, rest = prompt.rstrip("=").split("+")
+        prompt = tok.decode(p_ids[p_m].tolist(), skip_special_tokens=True).rstrip("=")
+        if "+" in prompt:  # addition ("3+4=")
+            a, rest = prompt.split("+")
+            answer = int(a) + int(rest)
+        else:  # grpo's built-in task: the largest digit ("382=")
+            answer = max(int(d) for d in prompt)
         toks = c_ids[c_m].tolist()
         done = bool(toks) and toks[-1] == tok.eos_token_id
         text = tok.decode(toks, skip_special_tokens=True)
-        acc = 1.0 if done and text == str(int(a) + int(rest)) else 0.0
+        acc = 1.0 if done and text == str(answer) else 0.0
         fmt = 0.5 if done and text.isdigit() and len(text) <= 2 else 0.0
         out.append(acc + fmt)
     return np.asarray(out)

@@ -1,14 +1,13 @@
-"""End-to-end loops behind `trlax train`: the default GRPO job learns, DPO / SFT train, kill + --resume
+"""End-to-end loops behind `trlax train` (the default GRPO job: test_default_job.py): DPO / SFT train, kill + --resume
 equals an uninterrupted run bit for bit, a half-written checkpoint is never resumed from, a local HF
 checkpoint trains and its export loads in transformers, logging artefacts, bad input stops before compute.
 
-Tiny models and few steps; the only subprocess is the README's default command."""
+Tiny models and few steps."""
 
 import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,9 @@ import yaml
 from trlax.train import cli, loops
 from trlax.train.config import build_config
 
-SMALL_GRPO = dict(batch_size=16, num_generations=4, max_completion_length=3, max_prompt_length=4, progress=False)
+# the default job's warm start and held-out evaluation off (tests/train/test_default_job.py checks them)
+SMALL_GRPO = dict(batch_size=16, num_generations=4, max_completion_length=3, max_prompt_length=4, progress=False,
+                  sft_warmup_steps=0, eval_split=0.0)
 
 
 def _read_jsonl(path):
@@ -35,32 +36,7 @@ class _Killed(Exception):
     pass
 
 
-# ------------------------------------------------------------------------------------ the main job
-
-
-def test_default_grpo_command_learns_within_budget(tmp_path):
-    """`trlax train grpo` with no other argument (as in the README): finishes within 5 minutes and the
-    mean reward of the last 10% of steps is clearly above the first 10%."""
-    out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "trlax.train.cli", "train", "grpo", "--output_dir", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    wall = time.time() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert wall < 300
-    summary = json.loads((out / "summary.json").read_text())
-    assert "mean reward: first 10% of steps" in proc.stdout
-    assert summary["reward_last_10pct"] >= summary["reward_first_10pct"] + 0.2, summary
-    rows = _read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 201))
-    for key in ("reward", "loss", "kl", "grad_norm", "tokens_per_s", "rewards/accuracy", "rewards/format"):
-        assert key in rows[-1], key
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
-    assert os.path.isfile(out / "final" / "model.safetensors")
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert build_config("grpo", saved).__dict__ == build_config("grpo", {"output_dir": str(out)}).__dict__
+# the main job (`trlax train grpo` with no other argument): tests/train/test_default_job.py
 
 
 # ----------------------------------------------------------------------------------------- resume

@@ -34,7 +34,8 @@ ALGOS = {
     "dpo": [],
     # beta > 0 (reference log-probs) and two optimiser steps per generation (old log-probs; the second step's
     # rows move between processes on the devices)
-    "grpo": ["--num_generations", "4", "--beta", "0.04", "--steps_per_generation", "2"],
+    "grpo": ["--num_generations", "4", "--beta", "0.04", "--steps_per_generation", "2",
+             "--sft_warmup_steps", "0", "--eval_split", "0"],  # the default job's warm start / evaluation: off
 }
 COMMON = ["--max_steps", "2", "--batch_size", "8", "--max_prompt_length", "4", "--max_completion_length", "3",
           "--mesh_fsdp", "2", "--progress", "false"]

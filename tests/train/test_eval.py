@@ -1,0 +1,103 @@
+"""Held-out evaluation (`--eval_dataset` / `--eval_split` with `--eval_steps`): the rows it writes to
+metrics.jsonl and summary.json, the held-out SFT loss recomputed from the initial policy, DPO's reward accuracy
+and margin (0 while the policy is the reference), GRPO's reward / accuracy / pass@k, and the errors.
+
+Tiny shapes of the other trainer tests (TINY_RUN); each trainer runs once."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _trainer_utils import capture_first_step, read_metrics, run_trainer
+from trlax.train import data as D
+from trlax.train.config import build_config
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _eval_rows(tmp_path):
+    return [r for r in read_metrics(tmp_path) if r.get("split") == "eval"]
+
+
+def test_split_by_prompt_holds_out_whole_prompts():
+    rows = D.addition_examples(300, seed=3)
+    train, held = D.split_by_prompt(rows, 0.2, seed=1)
+    assert len(train) + len(held) == len(rows)
+    tp, hp = {r["prompt"] for r in train}, {r["prompt"] for r in held}
+    assert not tp & hp  # no held-out prompt is ever trained on
+    assert len(hp) == round(0.2 * len(tp | hp))  # a fraction of the *distinct* prompts, all their rows
+    assert D.split_by_prompt(rows, 0.2, seed=1) == (train, held)  # deterministic
+    with pytest.raises(ValueError, match="eval_split=0.5: the data set has 1 distinct prompt"):
+        D.split_by_prompt([{"prompt": "1+1=", "answer": "2"}] * 3, 0.5)
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(eval_split=1.0), "eval_split=1.0"),
+    (dict(eval_split=-0.1), "eval_split=-0.1"),
+    (dict(eval_steps=-1), "eval_steps=-1"),
+    (dict(eval_split=0.1, eval_dataset="x.jsonl"), "either eval_dataset='x.jsonl' or eval_split=0.1"),
+])
+def test_bad_eval_fields_name_the_field(values, match):
+    with pytest.raises(ValueError, match=match):
+        build_config("sft", values)
+
+
+def test_sft_packing_with_eval_refused(tmp_path):
+    with pytest.raises(ValueError, match="packing='bfd'.*held-out evaluation"):
+        run_trainer("sft", tmp_path, packing="bfd", eval_split=0.2, max_steps=1)
+
+
+def test_sft_held_out_loss(tmp_path, monkeypatch):
+    """The step-0 held-out loss is the mean NLL of the eval file's completions under the initial policy
+    (recomputed here); after training on the same task it is lower."""
+    held = D.sft_examples(16, seed=7)
+    path = _write_jsonl(tmp_path / "eval.jsonl", held)
+    box = capture_first_step(monkeypatch)
+    s = run_trainer("sft", tmp_path / "run", batch_size=8, max_steps=12, eval_dataset=path, eval_steps=6)
+    ev = _eval_rows(tmp_path / "run")
+    assert [r["step"] for r in ev] == [0, 6, 12]
+    run = box["run"]
+    tok = run.tokenizer
+    p_ids, p_mask = D.encode_left_padded(tok, [r["prompt"] for r in held], 4)
+    c_ids, c_mask = D.encode_right_padded(tok, [r["completion"] for r in held], 3)
+    logps, _ = run.policy.completion_logps(box["state"].params, p_ids, p_mask, c_ids, c_mask)
+    nll = -float(jnp.sum(jnp.where(c_mask, logps, 0.0)) / c_mask.sum())
+    np.testing.assert_allclose(ev[0]["eval/loss"], nll, rtol=1e-5)
+    assert s["eval_loss_first"] == ev[0]["eval/loss"] and s["eval_loss_last"] == ev[-1]["eval/loss"]
+    assert s["eval_loss_last"] < s["eval_loss_first"] - 0.5, s
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss_last"] == s["eval_loss_last"]
+    train_rows = [r for r in read_metrics(tmp_path / "run") if r.get("split") != "eval"]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))  # training rows unchanged
+
+
+def test_dpo_held_out_reward_accuracy_and_margin(tmp_path):
+    s = run_trainer("dpo", tmp_path, batch_size=16, max_steps=20, eval_split=0.2)
+    ev = _eval_rows(tmp_path)
+    assert [r["step"] for r in ev] == [0, 20]  # eval_steps=0: before and after training
+    # step 0: the policy is the reference, every implicit reward is 0 up to float rounding (the evaluation's
+    # forward is another XLA program than the reference's; the strict `>` of the accuracy then counts noise)
+    assert abs(ev[0]["eval/rewards/margins"]) < 1e-6 and abs(ev[0]["eval/rewards/chosen"]) < 1e-6, ev[0]
+    assert ev[-1]["eval/rewards/margins"] > 0.05 and ev[-1]["eval/rewards/accuracies"] > 0.55, ev[-1]
+    assert s["eval_margin_first"] == ev[0]["eval/rewards/margins"]
+    assert s["eval_accuracy_last"] == ev[-1]["eval/rewards/accuracies"]
+
+
+def test_grpo_held_out_reward_accuracy_pass_at_k(tmp_path):
+    s = run_trainer("grpo", tmp_path, batch_size=16, num_generations=4, max_steps=4, eval_split=0.2, eval_steps=2,
+                    sft_warmup_steps=0)
+    ev = _eval_rows(tmp_path)
+    assert [r["step"] for r in ev] == [0, 2, 4]
+    rows = D.load_records("grpo", "builtin", seed=0)
+    _, held = D.split_by_prompt(rows, 0.2, 0)
+    assert s["eval_prompts"] == len({r["prompt"] for r in held})
+    for r in ev:
+        assert 0.0 <= r["eval/accuracy"] <= r["eval/pass@4"] <= 1.0
+        assert r["eval/accuracy"] == r["eval/rewards/accuracy"]  # the built-in verifier's accuracy column
+        np.testing.assert_allclose(r["eval/reward"], r["eval/rewards/accuracy"] + r["eval/rewards/format"])
+    assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"] and s["eval_pass@4_last"] == ev[-1]["eval/pass@4"]
