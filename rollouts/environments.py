@@ -233,6 +233,14 @@ class Environment:
         token budget): a reward for that turn if it gave none (default None: unscored)."""
         return None
 
+    def demonstration(self, row: Dict[str, Any], rng) -> Optional[List[str]]:
+        """The policy turns of one demonstration episode for ``row`` (each turn's text as the policy emits it,
+        ending with its stop token: EOS or the text closing a tool call), for the SFT warm start of a
+        multi-turn run (``--sft_warmup_steps``, :func:`trlax.train.agentic.warm_start`), which plays them
+        against a fresh environment to build the transcript. ``rng``: a ``random.Random``. Default None: the
+        environment has no demonstrations (a warm start is refused)."""
+        return None
+
 
 def _messages_of(observation: Observation, role: str = "user") -> List[Message]:
     if observation is None:
@@ -477,8 +485,8 @@ def tool_tokenizer(directory: Optional[str] = None):
 
 
 class CalculatorEnv(ToolEnvironment):
-    """The built-in toy environment: the built-in addition problems (``{"prompt": "3+4=", "answer": "7"}``, as
-    ``trlax train grpo``'s default dataset) with a :func:`calculator` tool.
+    """The built-in toy environment: addition problems (``{"prompt": "3+4=", "answer": "7"}``; its own
+    :meth:`builtin_rows` when the run's dataset is ``builtin``) with a :func:`calculator` tool.
 
     Reward at the end of the episode: ``1`` if the final answer (the last turn, without its EOS) is exactly
     ``answer``, plus ``format_bonus`` if it is a number (1-3 digits; as the built-in task's format reward), plus
@@ -506,6 +514,38 @@ class CalculatorEnv(ToolEnvironment):
         return (float(self.correct) + (self.format_bonus if number else 0.0)
                 + (self.tool_bonus if self.tool_calls > self.tool_failures else 0.0)
                 + (self.attempt_bonus if self.tool_calls > self.tool_malformed else 0.0))
+
+    # The warm start's demonstrations (:meth:`demonstration`) teach the *flow*, not the task: a fraction
+    # ``demo_direct`` answer at once with a random digit (no call); the others call the calculator and answer
+    # with its result, the call's expression being the problem's own in a fraction ``demo_copy`` of them and a
+    # random addition otherwise. GRPO then has both rates to raise: calling the tool (reward 0.5 more than a
+    # wrong direct answer) and copying the problem into the call (the exact answer).
+    @staticmethod
+    def builtin_rows(n: int = 1024, seed: int = 0) -> List[Dict[str, str]]:
+        """The environment's own task, used when a run's ``dataset`` is ``builtin``: ``{"prompt": "3+4=",
+        "answer": "7"}``, single-digit operands with a sum of at most 9 (55 distinct problems)."""
+        import random
+
+        rng = random.Random(seed)
+        out: List[Dict[str, str]] = []
+        while len(out) < n:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            if a + b <= 9:
+                out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+        return out
+
+    demo_direct: float = 0.5
+    demo_copy: float = 0.3
+
+    def demonstration(self, row, rng) -> List[str]:
+        eos = "<|im_end|>"
+        if rng.random() < self.demo_direct:
+            return [f"{rng.randint(0, 9)}{eos}"]
+        expr = str(row["prompt"]).strip().rstrip("=").strip()
+        if rng.random() >= self.demo_copy:
+            a = rng.randint(0, 9)
+            expr = f"{a}+{rng.randint(0, 9 - a)}"
+        return [CALCULATOR_CALL_OPEN + expr + CALCULATOR_CALL_CLOSE, calculator(expr) + eos]
 
     def metrics(self) -> Dict[str, float]:
         """Per-episode numbers the sampler averages into its metrics (``env/accuracy``)."""

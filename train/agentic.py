@@ -85,4 +85,99 @@ class AgentRollouts:
         return roll, np.asarray(R, np.float64), metrics
 
 
-__all__ = ["AgentRollouts", "check_fields", "uses_environment"]
+def environment_rows(cfg) -> Optional[List[Dict[str, Any]]]:
+    """The environment's own built-in task when ``cfg.dataset == "builtin"`` and the environment class has a
+    ``builtin_rows(n, seed)`` (the built-in :class:`~trlax.rollouts.CalculatorEnv`: addition problems); else None
+    (the run loads its data set as usual)."""
+    from trlax.rollouts.environments import load_object
+
+    if getattr(cfg, "dataset", "") != "builtin" or not getattr(cfg, "environment", ""):
+        return None
+    fn = getattr(load_object(cfg.environment, "environment"), "builtin_rows", None)
+    return None if fn is None else list(fn(1024, cfg.seed))
+
+
+def demonstration_rows(factory, tokenizer, rows: Sequence[Dict[str, Any]], seed: int = 0) -> List[Dict[str, str]]:
+    """SFT rows ``{"prompt", "completion"}`` (text) of one demonstration episode per dataset row: each
+    environment's :meth:`~trlax.rollouts.Environment.demonstration` turns played against a fresh environment, the
+    prompt and observations rendered exactly as :class:`~trlax.rollouts.MultiTurnSampler` renders them (the
+    completion is the interleaved block: turn, observation, turn ...). Raises naming the environment when it has
+    no demonstrations."""
+    import random
+
+    from trlax.rollouts.environments import ChatFormat, Tool
+    from trlax.rollouts.multiturn import _step_result
+
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token or ""
+    out = []
+    for row in rows:
+        env = factory()
+        obs = env.reset(row)
+        turns = env.demonstration(row, rng)
+        if not turns:
+            raise ValueError(f"sft_warmup_steps: environment {type(env).__name__} has no demonstrations (define "
+                             "demonstration(row, rng)); pass --sft_warmup_steps 0")
+        fmt = ChatFormat(tokenizer, [t if isinstance(t, Tool) else Tool(t) for t in getattr(env, "tools", ()) or ()])
+        completion = ""
+        for i, turn in enumerate(turns):
+            completion += turn
+            ended_with_eos = bool(eos) and turn.endswith(eos)
+            res = _step_result(env.step(turn[: -len(eos)] if ended_with_eos else turn), type(env).__name__)
+            if res.done or i + 1 == len(turns):
+                break
+            completion += fmt.observation_text(res.observation, ended_with_eos)
+        out.append({"prompt": fmt.prompt_text(obs), "completion": completion})
+    return out
+
+
+def warm_start(cfg, rows: Sequence[Dict[str, Any]]) -> str:
+    """R1-style cold start of a multi-turn run (``--sft_warmup_steps N`` with ``--environment``; DeepSeek-R1,
+    arXiv 2501.12948, sec. 2.3.1): ``N`` steps of :func:`trlax.train.loops.run_sft` (learning rate at least
+    :data:`WARM_START_LR`) on the environment's
+    demonstration transcripts (:func:`demonstration_rows`; the built-in :class:`~trlax.rollouts.CalculatorEnv`'s
+    teach the tool-call flow, not the task), in ``<output_dir>/warmup``. Returns its Hugging Face export, the
+    model GRPO starts from. The SFT loss covers the whole block (policy turns and observations). With
+    ``model=tiny`` the initial random model (with the tool tokenizer) is saved first, so that the SFT stage and
+    GRPO use the same tokenizer; a resumed run reuses a finished warm start."""
+    import os
+
+    from trlax.rollouts.environments import environment_factory
+    from trlax.train import loops, modeling
+    from trlax.train.config import build_config
+
+    out = os.path.join(cfg.output_dir, "warmup")
+    final = os.path.join(out, "final")
+    if cfg.resume and os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    if os.path.isdir(out):  # a killed run's: start over
+        import shutil
+
+        shutil.rmtree(out)
+    policy = modeling.build_policy(cfg)
+    sft_rows = demonstration_rows(environment_factory(cfg.environment, cfg.tools), policy.tokenizer, rows, cfg.seed)
+    model = cfg.model
+    if model == "tiny":
+        model = os.path.join(out, "init")
+        policy.save(policy.params, model)
+    mult = cfg.max_prompt_length
+    longest = max(len(policy.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in sft_rows)
+    values = {k: getattr(cfg, k) for k in _WARMUP_FIELDS}
+    values.update(model=model, output_dir=out, max_steps=cfg.sft_warmup_steps, resume=False, export=True,
+                  learning_rate=max(cfg.learning_rate, WARM_START_LR),
+                  max_prompt_length=-(-longest // mult) * mult)  # the sampler's prompt width: same positions
+    print(f"warm start: {cfg.sft_warmup_steps} SFT steps on {len(sft_rows)} demonstrations of "
+          f"{cfg.environment or 'the tools'} -> {final}", flush=True)
+    loops.run_sft(build_config("sft", values), sft_rows)
+    return final
+
+
+# the warm start's learning rate (at least; the run's if larger): SFT of a small model takes larger steps than RL
+WARM_START_LR = 3e-3
+
+# fields of a multi-turn GRPO run that its warm-start SFT stage takes over unchanged
+_WARMUP_FIELDS = ("seed", "batch_size", "learning_rate", "weight_decay", "max_grad_norm", "max_completion_length",
+                  "param_dtype", "compute_dtype", "attention_impl", "progress")
+
+
+__all__ = ["AgentRollouts", "check_fields", "demonstration_rows", "environment_rows", "uses_environment", "warm_start"]

@@ -196,9 +196,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if is_trl_config(file_values):  # a TRL trainer's config: translated, the rest listed in one warning
             values = {**from_trl_config(algo, file_values, source=f"config={cfg_file!r}"), **flags}
         cfg = build_config(algo, values)
+        from trlax.train.agentic import environment_rows
         from trlax.train.data import load_records
 
-        rows = load_records(algo, cfg.dataset, seed=cfg.seed)  # missing columns stop the run here
+        # --environment with --dataset builtin: the environment's own task when it has one (CalculatorEnv: addition)
+        rows = environment_rows(cfg) or load_records(algo, cfg.dataset, seed=cfg.seed)  # missing columns stop here
     except (ValueError, TypeError, FileNotFoundError) as e:
         return _fail(e)
     from trlax.train import loops

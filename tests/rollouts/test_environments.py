@@ -178,3 +178,43 @@ def test_factories_and_loading_name_the_field():
         Tool(undocumented)
     with pytest.raises(ValueError, match="duplicate tool name"):
         ToolEnvironment([calculator, calculator])
+
+
+def test_calculator_warm_start_demonstrations(tok):
+    """The SFT warm start's transcripts (trlax.train.agentic.demonstration_rows): the prompt exactly as the
+    multi-turn sampler renders it; the completion the interleaved block (call, the observation ChatFormat appends,
+    answer) tokenised as the sampler's pieces; the flow without the task (a fraction answer directly, the calls
+    copy the problem only in a fraction); replaying a copying demonstration earns the full reward."""
+    import random
+
+    from trlax.train.agentic import demonstration_rows
+
+    rows = CalculatorEnv.builtin_rows(400, 0)
+    assert all(int(r["prompt"][0]) + int(r["prompt"][2]) == int(r["answer"]) <= 9 for r in rows)
+    assert len({r["prompt"] for r in rows}) == 55
+    demos = demonstration_rows(CalculatorEnv, tok, rows, seed=0)
+    env = CalculatorEnv()
+    fmt = ChatFormat(tok, env.tools)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    n_call = n_copy = 0
+    for row, d in zip(rows, demos):
+        assert d["prompt"] == fmt.prompt_text(env.reset(row))
+        if not d["completion"].startswith(CALCULATOR_CALL_OPEN):
+            assert d["completion"][:-len("<|im_end|>")].isdigit() and d["completion"].endswith("<|im_end|>")
+            continue
+        n_call += 1
+        call, rest = d["completion"].split(CALCULATOR_CALL_CLOSE)
+        expr = call[len(CALCULATOR_CALL_OPEN):]
+        obs = fmt.observation_text([{"role": "tool", "name": "calculator", "content": calculator(expr)}], False)
+        assert rest == obs + calculator(expr) + "<|im_end|>"
+        assert enc(d["completion"]) == enc(call + CALCULATOR_CALL_CLOSE) + enc(obs) + enc(rest[len(obs):])
+        n_copy += expr == row["prompt"][:-1]
+    assert 0.4 < n_call / len(rows) < 0.6 and 0.2 < n_copy / n_call < 0.45  # demo_direct 0.5, demo_copy 0.3 (+ luck)
+    # a copying demonstration played against the environment: correct, a number, a call that ran, well-formed
+    row = {"prompt": "3+4=", "answer": "7"}
+    env.demo_copy = 1.0
+    turns = next(t for t in (env.demonstration(row, random.Random(s)) for s in range(20)) if len(t) == 2)
+    assert turns == [CALCULATOR_CALL_OPEN + "3+4" + CALCULATOR_CALL_CLOSE, "7<|im_end|>"]
+    env.reset(row)
+    assert env.step(turns[0]).done is False
+    assert env.step("7").reward == pytest.approx(1.5)

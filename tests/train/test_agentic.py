@@ -85,3 +85,19 @@ def test_final_turn_is_the_trailing_policy_run():
     assert _final_turns(SimpleNamespace(completion_ids=ids, completion_mask=cm, loss_mask=lm)) == [[], []]
     lm[0, 7] = True
     assert _final_turns(SimpleNamespace(completion_ids=ids, completion_mask=cm, loss_mask=lm))[0] == [4, 5, 6, 7]
+
+
+def test_environment_rows_and_warm_start_demonstrations_are_checked():
+    """--dataset builtin with an environment that has its own task (CalculatorEnv: addition) uses it; a warm start
+    (--sft_warmup_steps) on an environment without demonstrations is refused naming it."""
+    from trlax.rollouts import tool_tokenizer
+    from trlax.train.agentic import demonstration_rows, environment_rows
+
+    calc = "trlax.rollouts.environments:CalculatorEnv"
+    rows = environment_rows(build_config("grpo", dict(environment=calc)))
+    assert len(rows) == 1024 and rows[0]["prompt"].endswith("=") and "+" in rows[0]["prompt"]
+    assert environment_rows(build_config("grpo", dict(environment=calc, dataset="x.jsonl"))) is None
+    assert environment_rows(build_config("grpo", dict(environment=f"{__name__}:Observe"))) is None
+    assert environment_rows(build_config("grpo", {})) is None
+    with pytest.raises(ValueError, match="environment Observe has no demonstrations"):
+        demonstration_rows(Observe, tool_tokenizer(), [{"prompt": "1+2="}])
