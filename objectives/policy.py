@@ -6,7 +6,8 @@ DeepSeek-V3.2, Beyond-80/20, Skywork-OR1, truncated / masked IS). Per-token pipe
 
 1. importance log-ratio at ``importance_sampling_level`` (token / sequence / sequence_token),
    clamped to ``±log_ratio_clamp`` before ``exp``;
-2. per-token surrogate of ``loss_type`` (PPO clip with ε_low / ε_high / δ, CISPO, SAPO, VESPO);
+2. per-token surrogate of ``loss_type`` (PPO clip with ε_low / ε_high / δ, CISPO, SAPO, VESPO ...), looked
+   up in ``POLICY_LOSS_REGISTRY`` (:func:`register_policy_loss` adds a user's own);
 3. × off-policy sequence mask (OPSM) if ``off_policy_mask_threshold`` is set;
 4. × high-entropy token mask if ``top_entropy_quantile < 1``;
 5. × sampler importance weight if ``sampler_correction`` is set (not for VESPO, where it is inside φ;
@@ -25,7 +26,7 @@ micro-batch losses gives the full-batch loss exactly. With one micro-batch both 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,8 @@ class PolicyLossConfig(ConfigMixin):
     except ``sampler_correction`` (None here: no sampler log-probs are assumed).
 
     Attributes:
-      loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo``.
+      loss_type: ``grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo`` (or any name added with
+        :func:`register_policy_loss`; ``POLICY_LOSS_REGISTRY`` lists them all).
       importance_sampling_level: ``token`` (PPO), ``sequence`` (GSPO), ``sequence_token`` (GSPO-token).
       epsilon: lower clip ε_low (``epsilon`` in TRL).
       epsilon_high: upper clip ε_high; ``None`` -> ``epsilon``. For CISPO an *absolute* ratio cap.
@@ -199,7 +201,7 @@ class PolicyLossConfig(ConfigMixin):
     force_on_policy_ratio: bool = False
 
     def __post_init__(self):
-        check_choice("loss_type", self.loss_type, ALL_POLICY_LOSS_TYPES)
+        check_choice("loss_type", self.loss_type, tuple(POLICY_LOSS_REGISTRY))
         check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         check_range("epsilon", self.epsilon, low=0.0)
         check_range("epsilon_high", self.epsilon_high, low=0.0, allow_none=True)
@@ -238,7 +240,7 @@ class PolicyLossConfig(ConfigMixin):
     def _check_beyond_trl(self):
         if self.loss_agg_mode is not None:
             check_choice("loss_agg_mode", self.loss_agg_mode, AGGREGATION_MODES)
-        if self.loss_type in BEYOND_TRL_LOSS_TYPES and self.importance_sampling_level != "token":
+        if POLICY_LOSS_REGISTRY[self.loss_type].token_level_only and self.importance_sampling_level != "token":
             raise ValueError(
                 f"importance_sampling_level={self.importance_sampling_level!r} is not allowed with "
                 f"loss_type={self.loss_type!r}; allowed values: 'token'"
@@ -278,7 +280,7 @@ class PolicyLossConfig(ConfigMixin):
         """The ``aggregate`` mode this config uses (``loss_agg_mode`` or the loss type's default)."""
         if self.loss_agg_mode is not None:
             return self.loss_agg_mode
-        return _DEFAULT_AGGREGATION.get(self.loss_type, self.loss_type)
+        return POLICY_LOSS_REGISTRY[self.loss_type].aggregation
 
     # ------------------------------------------------------------------------------------ presets
     @property
@@ -636,32 +638,9 @@ def policy_loss(
         eps_l = jnp.where(high_ent, he_l, eps_l).astype(logps.dtype)
         eps_h = jnp.where(high_ent, he_h, eps_h).astype(logps.dtype)
         metrics["entropy_clip/high_entropy_frac"] = mean_metric(high_ent.astype(jnp.float32), mask)
-    if lt in _CLIP_LOSSES:
-        per_token = ppo_clip_loss(ratio, adv, eps_l, eps_h, config.delta, clip_ratio_c=config.clip_ratio_c)
-        low, high, region = clip_indicators(ratio, adv, eps_l, eps_h)
-        # token level: a fraction of tokens; sequence level ([B, 1] ratio and advantage): of rows
-        cm = mask if low.shape == mask.shape else jnp.ones(low.shape, bool)
-        for name, ind in (("low", low), ("high", high), ("region", region)):
-            metrics[f"clip_ratio/{name}_mean"] = mean_metric(ind.astype(jnp.float32), cm)
-        if config.clip_ratio_c is not None:
-            dual = dual_clip_indicator(ratio, adv, eps_l, eps_h, config.clip_ratio_c)
-            metrics["clip_ratio/dual_mean"] = mean_metric(dual.astype(jnp.float32), cm)
-    elif lt in BEYOND_TRL_LOSS_TYPES:
-        per_token = _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask,
-                                          eps_l, eps_h, sampler_logps, rng, metrics, old)
-    elif lt == "cispo":
-        per_token = cispo_loss(ratio, adv, logps_safe, eps_h)
-        clipped = jnp.broadcast_to((jax.lax.stop_gradient(ratio) > eps_h) & (adv > 0), mask.shape)
-        metrics["cispo_clip_ratio"] = mean_metric(clipped.astype(jnp.float32), mask)
-    elif lt == "sapo":
-        per_token = sapo_loss(ratio, adv, config.sapo_temperature_pos, config.sapo_temperature_neg)
-    else:  # vespo
-        tok_lr = importance_log_ratio(logps_safe, old, mask, "token")
-        phi = vespo_weights(tok_lr, adv, mask, sampler_log_is=sampler_log_is, k_pos=config.vespo_k_pos,
-                            lambda_pos=config.vespo_lambda_pos, k_neg=config.vespo_k_neg,
-                            lambda_neg=config.vespo_lambda_neg)
-        per_token = vespo_loss(phi, adv, logps_safe)
-        metrics["vespo/phi_seq_mean"] = mean_metric(phi)
+    inputs = SurrogateInputs(config, logps_safe, old, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask, eps_l,
+                             eps_h, sampler_logps, sampler_log_is, rng, metrics)
+    per_token = POLICY_LOSS_REGISTRY[lt].surrogate(inputs)
 
     # 3. off-policy sequence mask
     if config.off_policy_mask_threshold is not None:
@@ -728,62 +707,199 @@ def policy_loss(
     return loss, metrics
 
 
-def _beyond_trl_surrogate(config, logps_safe, ratio_old, raw_log_ratio, log_ratio, ratio, adv, mask, eps_l, eps_h,
-                          sampler_logps, rng, metrics, old):
-    """Step 2 for ``BEYOND_TRL_LOSS_TYPES`` (token level). ``raw_log_ratio`` is the unclamped token
-    log-ratio, ``log_ratio`` / ``ratio`` the clamped ones (against ``ratio_old``); DPPO and M2PO measure
-    the divergence from the behaviour policy ``old`` (sampler log-probs for M2PO when given), also under
-    ``force_on_policy_ratio``."""
-    lt = config.loss_type
-    f32 = jnp.float32
-    if lt == "gmpo":
-        per_token = gmpo_loss(raw_log_ratio, adv, mask, eps_l, eps_h, config.log_ratio_clamp)
-        hi, lo = gmpo_clip_indicators(raw_log_ratio, adv, mask, eps_l, eps_h)
-        metrics["clip_ratio/high_mean"] = mean_metric(hi.astype(f32), mask)
-        metrics["clip_ratio/low_mean"] = mean_metric(lo.astype(f32), mask)
-        return per_token
-    if lt == "gpg":
-        return reinforce_loss(logps_safe, adv)
-    if lt == "clip_cov":
-        if rng is None:
-            raise ValueError("`rng` (a jax.random key) is required when loss_type='clip_cov'")
-        cov = covariance_scores(adv, logps_safe, mask)
-        _, _, region = clip_indicators(ratio, adv, eps_l, eps_h)
-        sel = clip_cov_mask(cov, mask, jnp.broadcast_to(region, mask.shape), rng, config.clip_cov_ratio,
-                            config.clip_cov_lb, config.clip_cov_ub)
-        metrics["clip_cov/selected_frac"] = mean_metric(sel.astype(f32), mask)
-        return clip_cov_loss(ratio, adv, sel, eps_l, eps_h)
-    if lt == "kl_cov":
-        cov = covariance_scores(adv, logps_safe, mask)
-        sel = kl_cov_mask(cov, mask, config.kl_cov_ratio)
-        metrics["kl_cov/selected_frac"] = mean_metric(sel.astype(f32), mask)
-        return kl_cov_loss(ratio, log_ratio, adv, sel, config.ppo_kl_coef)
-    if lt == "aspo":
-        return aspo_loss(ratio, adv, logps_safe, eps_l, eps_h, config.aspo_negative_clip_ratio_c,
-                         config.aspo_positive_clip_ratio_c)
-    if lt == "topr":
-        r = ratio
-        if config.topr_sequence_ratio:
-            seq = jnp.sum(jnp.where(mask, raw_log_ratio, 0.0), axis=-1, keepdims=True)
-            if config.log_ratio_clamp is not None:
-                seq = jnp.clip(seq, -config.log_ratio_clamp, config.log_ratio_clamp)
-            r = jnp.exp(seq)
-        return topr_loss(r, adv, logps_safe, config.topr_positive_weight, config.topr_negative_weight)
-    if lt == "dppo":
-        keep = dppo_mask(logps_safe, old, adv, mask, eps_l, eps_h, config.dppo_divergence)
-        metrics["dppo/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
-        return dppo_loss(ratio, adv, logps_safe, keep, config.dppo_ratio_cap)
-    # m2po: second moment of log π_θ − log π_behaviour (sampler log-probs when given, else old)
-    if sampler_logps is not None:
-        samp = as_float(sampler_logps, "sampler_logps")
+# ----------------------------------------------------------------------------- surrogate registry
+
+
+class SurrogateInputs(NamedTuple):
+    """What step 2 of :func:`policy_loss` hands a surrogate (see :func:`register_policy_loss`).
+
+    ``logps`` / ``old_logps`` are ``[B, T]`` with 0 under the mask (``old_logps`` a constant);
+    ``ratio_old`` is the ratio's denominator (``sg(logps)`` with ``force_on_policy_ratio``);
+    ``log_ratio`` / ``ratio`` are the clamped importance log-ratio / ratio at the config's level
+    (``[B, T]``, or ``[B, 1]`` for ``sequence``) and ``raw_log_ratio`` the unclamped one; ``advantages``
+    ``[B, 1]`` or ``[B, T]`` (constants, NaN already 0); ``epsilon_low`` / ``epsilon_high`` scalars or
+    ``[B, T]`` (entropy-dependent clip); ``sampler_log_is`` the log sampler IS weight (VESPO only); a
+    surrogate may add scalar metrics to ``metrics`` (``Mean`` pairs via ``mean_metric``).
+    """
+
+    config: PolicyLossConfig
+    logps: jax.Array
+    old_logps: jax.Array
+    ratio_old: jax.Array
+    raw_log_ratio: jax.Array
+    log_ratio: jax.Array
+    ratio: jax.Array
+    advantages: jax.Array
+    mask: jax.Array
+    epsilon_low: Any
+    epsilon_high: Any
+    sampler_logps: Optional[jax.Array]
+    sampler_log_is: Optional[jax.Array]
+    rng: Optional[jax.Array]
+    metrics: Dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossType:
+    """A registered ``loss_type``: its per-token ``surrogate`` (``SurrogateInputs -> [B, T]`` or
+    broadcastable loss to minimise), the default ``aggregation`` (an :func:`aggregate` mode) and whether it
+    is defined at ``importance_sampling_level="token"`` only."""
+
+    surrogate: Callable[[SurrogateInputs], jax.Array]
+    aggregation: str
+    token_level_only: bool = False
+
+
+POLICY_LOSS_REGISTRY: Dict[str, PolicyLossType] = {}
+"""Every ``loss_type`` :class:`PolicyLossConfig` accepts, built-ins included (name -> :class:`PolicyLossType`)."""
+
+
+def register_policy_loss(name: str, surrogate: Callable[[SurrogateInputs], jax.Array], *,
+                         aggregation: str = "token_mean", token_level_only: bool = False,
+                         overwrite: bool = False) -> PolicyLossType:
+    """Register a surrogate under ``loss_type=name``, so :class:`PolicyLossConfig` accepts it and
+    :func:`policy_loss` runs it through the whole pipeline (ratio and clamp, sampler correction, OPSM,
+    entropy mask, KL, aggregation, entropy bonus, metrics) without editing trlax. The built-in loss
+    types are registered the same way.
+
+    Args:
+      name: the new ``loss_type``.
+      surrogate: ``SurrogateInputs -> per-token loss`` (pure and jit-compatible; read hyperparameters from
+        ``inputs.config``).
+      aggregation: its default :func:`aggregate` mode (``loss_agg_mode`` overrides it).
+      token_level_only: reject ``importance_sampling_level`` other than ``token``.
+      overwrite: allow replacing an existing name (built-ins included).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} must be a non-empty string")
+    if name in POLICY_LOSS_REGISTRY and not overwrite:
+        raise ValueError(f"loss_type {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(surrogate):
+        raise TypeError(f"`surrogate` must be callable, got {type(surrogate).__name__}")
+    check_choice("aggregation", aggregation, AGGREGATION_MODES)
+    entry = PolicyLossType(surrogate, aggregation, bool(token_level_only))
+    POLICY_LOSS_REGISTRY[name] = entry
+    return entry
+
+
+def _clip_surrogate(x: SurrogateInputs) -> jax.Array:
+    """PPO clip (ε_low / ε_high, δ, dual clip) and its clip-fraction metrics."""
+    c, ratio, adv, mask = x.config, x.ratio, x.advantages, x.mask
+    per_token = ppo_clip_loss(ratio, adv, x.epsilon_low, x.epsilon_high, c.delta, clip_ratio_c=c.clip_ratio_c)
+    low, high, region = clip_indicators(ratio, adv, x.epsilon_low, x.epsilon_high)
+    # token level: a fraction of tokens; sequence level ([B, 1] ratio and advantage): of rows
+    cm = mask if low.shape == mask.shape else jnp.ones(low.shape, bool)
+    for name, ind in (("low", low), ("high", high), ("region", region)):
+        x.metrics[f"clip_ratio/{name}_mean"] = mean_metric(ind.astype(jnp.float32), cm)
+    if c.clip_ratio_c is not None:
+        dual = dual_clip_indicator(ratio, adv, x.epsilon_low, x.epsilon_high, c.clip_ratio_c)
+        x.metrics["clip_ratio/dual_mean"] = mean_metric(dual.astype(jnp.float32), cm)
+    return per_token
+
+
+def _cispo_surrogate(x: SurrogateInputs) -> jax.Array:
+    clipped = jnp.broadcast_to((jax.lax.stop_gradient(x.ratio) > x.epsilon_high) & (x.advantages > 0), x.mask.shape)
+    x.metrics["cispo_clip_ratio"] = mean_metric(clipped.astype(jnp.float32), x.mask)
+    return cispo_loss(x.ratio, x.advantages, x.logps, x.epsilon_high)
+
+
+def _sapo_surrogate(x: SurrogateInputs) -> jax.Array:
+    return sapo_loss(x.ratio, x.advantages, x.config.sapo_temperature_pos, x.config.sapo_temperature_neg)
+
+
+def _vespo_surrogate(x: SurrogateInputs) -> jax.Array:
+    c = x.config
+    tok_lr = importance_log_ratio(x.logps, x.old_logps, x.mask, "token")
+    phi = vespo_weights(tok_lr, x.advantages, x.mask, sampler_log_is=x.sampler_log_is, k_pos=c.vespo_k_pos,
+                        lambda_pos=c.vespo_lambda_pos, k_neg=c.vespo_k_neg, lambda_neg=c.vespo_lambda_neg)
+    x.metrics["vespo/phi_seq_mean"] = mean_metric(phi)
+    return vespo_loss(phi, x.advantages, x.logps)
+
+
+# The beyond-TRL surrogates (token level). ``raw_log_ratio`` is the unclamped token log-ratio, ``log_ratio``
+# / ``ratio`` the clamped ones (against ``ratio_old``); DPPO and M2PO measure the divergence from the
+# behaviour policy ``old_logps`` (sampler log-probs for M2PO when given), also under force_on_policy_ratio.
+
+
+def _gmpo_surrogate(x: SurrogateInputs) -> jax.Array:
+    per_token = gmpo_loss(x.raw_log_ratio, x.advantages, x.mask, x.epsilon_low, x.epsilon_high,
+                          x.config.log_ratio_clamp)
+    hi, lo = gmpo_clip_indicators(x.raw_log_ratio, x.advantages, x.mask, x.epsilon_low, x.epsilon_high)
+    x.metrics["clip_ratio/high_mean"] = mean_metric(hi.astype(jnp.float32), x.mask)
+    x.metrics["clip_ratio/low_mean"] = mean_metric(lo.astype(jnp.float32), x.mask)
+    return per_token
+
+
+def _gpg_surrogate(x: SurrogateInputs) -> jax.Array:
+    return reinforce_loss(x.logps, x.advantages)
+
+
+def _clip_cov_surrogate(x: SurrogateInputs) -> jax.Array:
+    c = x.config
+    if x.rng is None:
+        raise ValueError("`rng` (a jax.random key) is required when loss_type='clip_cov'")
+    cov = covariance_scores(x.advantages, x.logps, x.mask)
+    _, _, region = clip_indicators(x.ratio, x.advantages, x.epsilon_low, x.epsilon_high)
+    sel = clip_cov_mask(cov, x.mask, jnp.broadcast_to(region, x.mask.shape), x.rng, c.clip_cov_ratio,
+                        c.clip_cov_lb, c.clip_cov_ub)
+    x.metrics["clip_cov/selected_frac"] = mean_metric(sel.astype(jnp.float32), x.mask)
+    return clip_cov_loss(x.ratio, x.advantages, sel, x.epsilon_low, x.epsilon_high)
+
+
+def _kl_cov_surrogate(x: SurrogateInputs) -> jax.Array:
+    cov = covariance_scores(x.advantages, x.logps, x.mask)
+    sel = kl_cov_mask(cov, x.mask, x.config.kl_cov_ratio)
+    x.metrics["kl_cov/selected_frac"] = mean_metric(sel.astype(jnp.float32), x.mask)
+    return kl_cov_loss(x.ratio, x.log_ratio, x.advantages, sel, x.config.ppo_kl_coef)
+
+
+def _aspo_surrogate(x: SurrogateInputs) -> jax.Array:
+    c = x.config
+    return aspo_loss(x.ratio, x.advantages, x.logps, x.epsilon_low, x.epsilon_high, c.aspo_negative_clip_ratio_c,
+                     c.aspo_positive_clip_ratio_c)
+
+
+def _topr_surrogate(x: SurrogateInputs) -> jax.Array:
+    c, r = x.config, x.ratio
+    if c.topr_sequence_ratio:
+        seq = jnp.sum(jnp.where(x.mask, x.raw_log_ratio, 0.0), axis=-1, keepdims=True)
+        if c.log_ratio_clamp is not None:
+            seq = jnp.clip(seq, -c.log_ratio_clamp, c.log_ratio_clamp)
+        r = jnp.exp(seq)
+    return topr_loss(r, x.advantages, x.logps, c.topr_positive_weight, c.topr_negative_weight)
+
+
+def _dppo_surrogate(x: SurrogateInputs) -> jax.Array:
+    keep = dppo_mask(x.logps, x.old_logps, x.advantages, x.mask, x.epsilon_low, x.epsilon_high,
+                     x.config.dppo_divergence)
+    x.metrics["dppo/masked_frac"] = mean_metric((x.mask & ~keep).astype(jnp.float32), x.mask)
+    return dppo_loss(x.ratio, x.advantages, x.logps, keep, x.config.dppo_ratio_cap)
+
+
+def _m2po_surrogate(x: SurrogateInputs) -> jax.Array:
+    # second moment of log π_θ − log π_behaviour (sampler log-probs when given, else old)
+    mask, logps = x.mask, x.logps
+    if x.sampler_logps is not None:
+        samp = as_float(x.sampler_logps, "sampler_logps")
         ok = mask & ~jnp.isnan(samp)
-        behav = jnp.where(ok, samp, jax.lax.stop_gradient(logps_safe))
-        m2_lr = jax.lax.stop_gradient(jnp.where(ok, logps_safe - behav, 0.0))
+        behav = jnp.where(ok, samp, jax.lax.stop_gradient(logps))
+        m2_lr = jax.lax.stop_gradient(jnp.where(ok, logps - behav, 0.0))
     else:
-        m2_lr = jax.lax.stop_gradient(jnp.where(mask, logps_safe - old, 0.0))
-    keep = m2po_mask(m2_lr, mask, config.m2po_threshold)
-    metrics["m2po/masked_frac"] = mean_metric((mask & ~keep).astype(f32), mask)
-    return m2po_loss(ratio, adv, keep)
+        m2_lr = jax.lax.stop_gradient(jnp.where(mask, logps - x.old_logps, 0.0))
+    keep = m2po_mask(m2_lr, mask, x.config.m2po_threshold)
+    x.metrics["m2po/masked_frac"] = mean_metric((mask & ~keep).astype(jnp.float32), mask)
+    return m2po_loss(x.ratio, x.advantages, keep)
+
+
+for _name in _CLIP_LOSSES:
+    register_policy_loss(_name, _clip_surrogate, aggregation=_name)
+register_policy_loss("cispo", _cispo_surrogate, aggregation="cispo")
+register_policy_loss("sapo", _sapo_surrogate, aggregation="sapo")
+register_policy_loss("vespo", _vespo_surrogate, aggregation="vespo")
+for _name, _fn in (("gmpo", _gmpo_surrogate), ("gpg", _gpg_surrogate), ("clip_cov", _clip_cov_surrogate),
+                   ("kl_cov", _kl_cov_surrogate), ("aspo", _aspo_surrogate), ("topr", _topr_surrogate),
+                   ("dppo", _dppo_surrogate), ("m2po", _m2po_surrogate)):
+    register_policy_loss(_name, _fn, aggregation=_DEFAULT_AGGREGATION[_name], token_level_only=True)
 
 
 def adaptive_entropy_coef(
@@ -803,5 +919,6 @@ def adaptive_entropy_coef(
     return jnp.where(window_entropy <= target, jnp.minimum(coef + delta, coef_max), jnp.maximum(coef - delta, coef_min))
 
 
-__all__ = ["ALL_POLICY_LOSS_TYPES", "BEYOND_TRL_LOSS_TYPES", "POLICY_LOSS_TYPES", "PolicyLossConfig",
-           "adaptive_entropy_coef", "policy_loss"]
+__all__ = ["ALL_POLICY_LOSS_TYPES", "BEYOND_TRL_LOSS_TYPES", "POLICY_LOSS_REGISTRY", "POLICY_LOSS_TYPES",
+           "PolicyLossConfig", "PolicyLossType", "SurrogateInputs", "adaptive_entropy_coef", "policy_loss",
+           "register_policy_loss"]

@@ -349,3 +349,35 @@ def test_bf16_inputs_compute_in_float32(d, cfg):
     assert_close(float(v16), v32, rtol=1e-5, atol=1e-6)
     assert_close(np.asarray(g16.astype(jnp.float32)), g32.astype(np.float32), rtol=1e-2, atol=1e-4)
     assert np.all(np.isfinite(np.asarray(g16.astype(jnp.float32))))
+
+
+# ---------------------------------------------------------------------------------- loss-type registry
+
+# a user's surrogate registered by name runs through the whole pipeline (issue 19): a copy of the built-in
+# PPO clip, and a REINFORCE written from the public SurrogateInputs, must equal the built-ins they copy
+tx.register_policy_loss("test_ppo_copy", tx.POLICY_LOSS_REGISTRY["dapo"].surrogate, aggregation="dapo",
+                        overwrite=True)
+tx.register_policy_loss("test_reinforce", lambda x: -x.advantages * x.logps, token_level_only=True, overwrite=True)
+
+
+@settings(max_examples=10)
+@given(d=batches(), sampler=st.sampled_from([None, "token_truncate"]))
+def test_registered_loss_types_run_the_whole_pipeline(d, sampler):
+    kw = dict(beta=0.04, sampler_correction=sampler, off_policy_mask_threshold=0.1, entropy_coef=0.01)
+    for copy, builtin in (("test_ppo_copy", "dapo"), ("test_reinforce", "gpg")):
+        v0, g0 = run(PolicyLossConfig(loss_type=builtin, **kw), d)
+        v1, g1 = run(PolicyLossConfig(loss_type=copy, **kw), d)
+        assert_close(v1, v0, rtol=1e-12)
+        assert_close(g1, g0, rtol=1e-12, atol=1e-15)
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'dapo' is already registered"):
+        tx.register_policy_loss("dapo", lambda x: x.logps)
+    with pytest.raises(ValueError, match="aggregation='nope' is not allowed"):
+        tx.register_policy_loss("test_bad", lambda x: x.logps, aggregation="nope")
+    with pytest.raises(ValueError, match="loss_type='not_registered' is not allowed; allowed values: .*'test_reinforce'"):
+        PolicyLossConfig(loss_type="not_registered")
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence' is not allowed with loss_type='test_"):
+        PolicyLossConfig(loss_type="test_reinforce", importance_sampling_level="sequence")
+    assert set(tx.ALL_POLICY_LOSS_TYPES) <= set(tx.POLICY_LOSS_REGISTRY)
