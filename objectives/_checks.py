@@ -126,7 +126,7 @@ def check_range(
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"{field}={value!r} must be a number")
-    if not np.isfinite(value):
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):  # ints of any size are finite
         raise ValueError(f"{field}={value!r} must be finite")
     low = None if is_array(low) else low  # a bound given by another (traced) hyperparameter
     high = None if is_array(high) else high
