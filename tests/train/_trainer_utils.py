@@ -69,9 +69,17 @@ def check_loss_and_grad(box, objective, away=None, rtol=1e-5, grad_rtol=1e-4):
     return float(loss0), float(loss1)
 
 
+# `trlax train grpo` on the built-in task and tiny model resolves its auto fields to the default job's warm start
+# and held-out evaluation (loops.DEFAULT_JOB): tests/train/test_default_job.py and test_eval.py test those; the
+# other toy runs test the GRPO step itself and leave them off unless they ask (each costs an SFT run, an export
+# and a reload, and evaluation rounds at new shapes)
+GRPO_TOY_RUN = dict(sft_warmup_steps=0, eval_split=0.0)
+
+
 def run_trainer(name, tmp_path, **values):
     """``loops.run(name, build_config(name, values))`` into ``tmp_path`` with the tiny defaults."""
-    cfg = build_config(name, dict(TINY_RUN, output_dir=str(tmp_path), **values))
+    base = dict(TINY_RUN, **(GRPO_TOY_RUN if name == "grpo" else {}))
+    cfg = build_config(name, dict(base, output_dir=str(tmp_path), **values))
     return loops.run(name, cfg)
 
 
