@@ -119,7 +119,10 @@ class RunLogger:
             ax.set_title(k)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
+        # fixed margins (in inches, as fractions of the figure): half the cost of tight_layout, paid by every run
+        w, h = 4.5 * ncol, 3.2 * nrow
+        fig.subplots_adjust(left=0.55 / w, right=1 - 0.15 / w, bottom=0.5 / h, top=1 - 0.35 / h, wspace=0.3,
+                            hspace=0.55)
         path = os.path.join(self.output_dir, filename)
         fig.savefig(path, dpi=110)
         plt.close(fig)
