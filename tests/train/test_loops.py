@@ -239,7 +239,8 @@ def test_preset_resolved_into_saved_config(tmp_path, monkeypatch):
 
 def test_loops_on_eight_devices_fsdp_tp(tmp_path):
     """`trlax train` on a data=2 x fsdp=2 x tensor=2 mesh of 8 simulated CPU devices: SFT ends with the
-    parameters of the same run on one device (float32, 1e-5); GRPO (sampler + step on the mesh) runs."""
+    parameters of the same run on one device (float32, 1e-5); GRPO (sampler + step on the mesh, with the default
+    job's warm start and held-out evaluation) runs."""
     one = loops.run("sft", build_config("sft", dict(output_dir=str(tmp_path / "one"), max_steps=3, batch_size=8,
                                                     progress=False, mesh_data=1)))
     code = (
@@ -264,4 +265,8 @@ def test_loops_on_eight_devices_fsdp_tp(tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
     assert any(np.any(a[k] != _safetensors_initial(tmp_path)[k]) for k in a)
     rows = _read_jsonl(tmp_path / "grpo8" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    train = [r for r in rows if r.get("split") != "eval"]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    # the default job's warm start and held-out evaluation run on the mesh too
+    assert [r["step"] for r in rows if r.get("split") == "eval"] == [0, 2]
+    assert os.path.isfile(tmp_path / "grpo8" / "warmup" / "final" / "config.json")
