@@ -329,6 +329,8 @@ def _sft_cls():
         ("max_completion_length", int, dataclasses.field(default=4)),
         ("max_prompt_length", int, dataclasses.field(default=8)),
         ("loss_type", str, dataclasses.field(default="nll")),  # nll | dft (arXiv 2508.05629)
+        # transformers' LabelSmoother (TRL SFTConfig.label_smoothing_factor): target (1 - eps) onehot + eps / V
+        ("label_smoothing_factor", float, dataclasses.field(default=0.0)),
         ("bema", bool, dataclasses.field(default=False)),  # BEMA weights (arXiv 2508.00180) -> final_bema/
         ("bema_update_freq", int, dataclasses.field(default=10)),
         ("preset", str, dataclasses.field(default="")),  # bfd_split | t5 (packing presets)
@@ -347,6 +349,10 @@ def _validate_sft(self) -> None:
 
     CommonConfig.validate(self)
     check_choice("loss_type", self.loss_type, SFT_LOSS_TYPES)
+    check_range("label_smoothing_factor", self.label_smoothing_factor, low=0.0, high=1.0)
+    if self.label_smoothing_factor and self.packing:
+        raise ValueError(f"label_smoothing_factor={self.label_smoothing_factor} with packing={self.packing!r} is not "
+                         "supported yet; pass --packing '' or --label_smoothing_factor 0")
     check_range("bema_update_freq", self.bema_update_freq, low=1)
     from trlax.models.packing import PACKING_STRATEGIES
 

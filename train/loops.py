@@ -454,10 +454,22 @@ def run_sft(cfg, rows=None, algo: str = "sft") -> Dict[str, Any]:
         raise ValueError(f"packing={packing!r}: held-out evaluation (eval_dataset / eval_split) runs on unpacked rows "
                          "only for now; pass --packing '' or leave evaluation off")
 
+    smoothing = getattr(cfg, "label_smoothing_factor", 0.0)
+
     def loss_builder(run):
         def loss_fn(params, b, totals):
             if packing:
                 logps, _ = run.policy.packed_logps(params, b["input_ids"], b["segment_ids"], b["positions"], b["mask"])
+            elif smoothing:  # the uniform-target term needs the full [B, C, V] logits
+                from flax import nnx
+
+                from trlax.train.distill import _token_logps, completion_logits
+
+                logits = completion_logits(nnx.merge(*run.policy._model(params)), b["prompt_ids"], b["prompt_mask"],
+                                           b["completion_ids"], b["mask"])
+                return sft_loss(_token_logps(logits, b["completion_ids"], b["mask"]), b["mask"],
+                                loss_type=cfg.loss_type, num_items=totals["num_items"], label_smoothing=smoothing,
+                                logits=logits)
             else:
                 logps, _ = run.policy.completion_logps(params, b["prompt_ids"], b["prompt_mask"],
                                                        b["completion_ids"], b["mask"])

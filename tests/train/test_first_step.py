@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _trainer_utils import (addition_task_rewards, capture_first_step, check_loss_and_grad, group_advantages,
-                            run_trainer)
+from _trainer_utils import (addition_task_rewards, capture_first_step, check_loss_and_grad, gather_logps,
+                            group_advantages, plain_completion_logits, run_trainer)
 from trlax.train.config import loss_config
 
 
@@ -61,6 +61,23 @@ def test_dpo_first_step_equals_preference_loss(tmp_path, monkeypatch):
 
     loss0, _ = check_loss_and_grad(box, objective)
     np.testing.assert_allclose(loss0, (1 / (2 * run.cfg.beta)) ** 2, rtol=1e-5)  # the constant at step 1
+
+
+def test_sft_label_smoothing_first_step_equals_sft_loss(tmp_path, monkeypatch):
+    """``--label_smoothing_factor`` (TRL SFTConfig / transformers' LabelSmoother): the first step logs
+    ``sft_loss(label_smoothing=0.1, logits=...)`` of the full logits, recomputed here, and differs from plain NLL."""
+    from trlax.objectives.supervised import sft_loss
+
+    box = capture_first_step(monkeypatch)
+    run_trainer("sft", tmp_path, max_steps=1, batch_size=8, label_smoothing_factor=0.1)
+    run, b = box["run"], box["batch"]
+    logits = plain_completion_logits(run.policy.graphdef, box["state"].params, b["prompt_ids"], b["prompt_mask"],
+                                     b["completion_ids"], b["mask"])
+    logps = gather_logps(logits, b["completion_ids"], b["mask"])
+    loss, _ = sft_loss(logps, b["mask"], label_smoothing=0.1, logits=logits)
+    plain, _ = sft_loss(logps, b["mask"])
+    np.testing.assert_allclose(box["metrics"]["loss"], float(loss), rtol=1e-5)
+    assert abs(float(loss) - float(plain)) > 1e-3
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
