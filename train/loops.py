@@ -906,7 +906,9 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
             buf["old_logps"] = run.local(forward_logps(params, *fwd_in))
         if ref_params is not None:
             buf["ref_logps"] = run.local(reference_logps(ref_params, *fwd_in))
-        gen_metrics = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
+        scored = total[~np.all(np.isnan(R), axis=1)]  # unscorable rows (no function scored them) left out, as TRL
+        gen_metrics = {"reward": float(np.mean(scored)) if scored.size else 0.0,  # 0 when no row is scorable
+                       "reward_std": float(np.std(scored)) if scored.size else 0.0,
                        # groups whose G rewards are all equal: zero advantage, no learning signal (TRL's metric)
                        "frac_reward_zero_std": float(np.mean(np.ptp(total.reshape(-1, G), axis=1) == 0)),
                        "completion_length": float(np.mean(lengths)),

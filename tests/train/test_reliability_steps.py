@@ -134,20 +134,24 @@ def test_rl_inf_advantage_nan_rewards_poisoned_parameter(tmp_path, monkeypatch):
         fn, names = real(cfg, tok)
 
         def wrapped(texts, *a, **kw):
-            R = np.array(fn(texts, *a, **kw), np.float64)
+            R = np.array(fn(texts, *a, **kw), np.float64) + 1.0  # every scored row > 0: a 0 in the mean shows
             R[0, 0] = np.nan  # one function gives NaN for one row
             R[1, :] = np.nan  # every function gives NaN for another (unscorable)
+            seen.append(R.copy())
             return R
         return wrapped, names
+
+    seen = []
 
     monkeypatch.setattr(loops, "reward_functions", nan_rewards)
     log = _record(monkeypatch, _then_poison(_at(2, "advantages", np.inf), 4))
     rows = _run_family("grpo", dict(batch_size=4, num_generations=2, use_adaptive_entropy=True, entropy_target=100.0,
                                     **GRPO_TOY_RUN), tmp_path / "grpo", log)
-    for r in rows:
+    for r, R in zip(rows, seen):
         assert r["rewards/nan"] == 3.0  # three NaN entries per generation round ...
         assert r["rewards/unscorable"] == 1.0  # ... one row with no reward at all
-        assert np.isfinite(r["reward"])
+        # the logged reward: the mean of the weighted sums over the scorable rows (TRL leaves the unscorable out)
+        np.testing.assert_allclose(r["reward"], np.nansum(np.delete(R, 1, axis=0), axis=1).mean(), rtol=1e-6)
         assert np.isfinite(r["entropy_coef"])
     # the entropy controller ignored the skipped step 2 (its entropy is NaN): step 3 applies step 2's coefficient
     assert rows[2]["entropy_coef_applied"] == rows[1]["entropy_coef"] == rows[2]["entropy_coef"] > 0
