@@ -65,6 +65,18 @@ def _floats(draw, shape, low, high):
     return draw(hnp.arrays(np.float64, shape, elements=st.floats(low, high, allow_nan=False, allow_infinity=False)))
 
 
+def _near(draw, logps, spread):
+    """Log-probs of another policy (old / reference / sampler): within ``±spread`` of ``logps``, clipped at 0."""
+    return np.minimum(logps + _floats(draw, logps.shape, -spread, spread), 0.0)
+
+
+def _logp_batch(draw, shapes, dtype, extreme):
+    """``(dtype, B, T, low, spread)`` of a ``[B, T]`` log-prob batch: a shape bucket, log-probs in ``[low, 0]``."""
+    dt = _check_dtype(dtype)
+    b, t = draw(st.sampled_from(tuple(shapes)))
+    return (dt, b, t) + ((-1e4, 1e4) if extreme else (-10.0, 1.0))
+
+
 @st.composite
 def masks(draw, shape: Tuple[int, int], *, empty_rows: bool = True, contiguous: bool = True) -> np.ndarray:
     """A ``[B, T]`` bool completion mask with ragged rows.
@@ -116,13 +128,12 @@ def policy_batches(
     ``logps`` (clipped at 0); with ``extreme`` log-probs reach ``-1e4``, the others differ by up to
     ``1e4`` and advantages reach ``±1e4``.
     """
-    dt = _check_dtype(dtype)
-    b, t = draw(st.sampled_from(tuple(shapes)))
-    lo, spread, adv = (-1e4, 1e4, 1e4) if extreme else (-10.0, 1.0, 5.0)
+    dt, b, t, lo, spread = _logp_batch(draw, shapes, dtype, extreme)
+    adv = 1e4 if extreme else 5.0
     logps = _floats(draw, (b, t), lo, 0.0)
     out = {"logps": logps}
     for k in ("old_logps", "ref_logps", "sampler_logps"):
-        out[k] = np.minimum(logps + _floats(draw, (b, t), -spread, spread), 0.0)
+        out[k] = _near(draw, logps, spread)
     out["entropies"] = _floats(draw, (b, t), 0.0, 5.0)
     out["advantages"] = _floats(draw, (b, t) if token_advantages else (b,), -adv, adv)
     out["mask"] = draw(masks((b, t), empty_rows=empty_rows))
@@ -144,14 +155,12 @@ def preference_batches(
     """A batch of preference pairs: per-token ``chosen_logps``, ``rejected_logps``,
     ``ref_chosen_logps``, ``ref_rejected_logps`` (``[B, T]``) and ``chosen_mask`` / ``rejected_mask``.
     Log-probs in ``[-10, 0]`` (``[-1e4, 0]`` with ``extreme``); the reference within ``±1`` (``±1e4``)."""
-    dt = _check_dtype(dtype)
-    b, t = draw(st.sampled_from(tuple(shapes)))
-    lo, spread = (-1e4, 1e4) if extreme else (-10.0, 1.0)
+    dt, b, t, lo, spread = _logp_batch(draw, shapes, dtype, extreme)
     out = {}
     for side in ("chosen", "rejected"):
         lp = _floats(draw, (b, t), lo, 0.0)
         out[f"{side}_logps"] = lp
-        out[f"ref_{side}_logps"] = np.minimum(lp + _floats(draw, (b, t), -spread, spread), 0.0)
+        out[f"ref_{side}_logps"] = _near(draw, lp, spread)
         out[f"{side}_mask"] = draw(masks((b, t), empty_rows=empty_rows))
     mask_of = {f"{p}{s}_logps": f"{s}_mask" for s in ("chosen", "rejected") for p in ("", "ref_")}
     return _finish(out, mask_of, dt, padding_fill)
@@ -169,13 +178,11 @@ def unpaired_batches(
 ) -> Batch:
     """A batch of unpaired feedback (KTO / BCO): ``logps``, ``ref_logps`` (``[B, T]``), ``mask`` and a
     ``[B]`` bool ``labels`` (True = desirable) with both labels present."""
-    dt = _check_dtype(dtype)
-    b, t = draw(st.sampled_from(tuple(shapes)))
-    lo, spread = (-1e4, 1e4) if extreme else (-10.0, 1.0)
+    dt, b, t, lo, spread = _logp_batch(draw, shapes, dtype, extreme)
     lp = _floats(draw, (b, t), lo, 0.0)
     labels = np.asarray(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
     labels[:2] = (True, False)
-    out = {"logps": lp, "ref_logps": np.minimum(lp + _floats(draw, (b, t), -spread, spread), 0.0),
+    out = {"logps": lp, "ref_logps": _near(draw, lp, spread),
            "mask": draw(masks((b, t), empty_rows=empty_rows)), "labels": labels}
     return _finish(out, {"logps": "mask", "ref_logps": "mask"}, dt, padding_fill)
 
