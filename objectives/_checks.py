@@ -14,11 +14,18 @@ are static.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple, Union, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
+
+Scalar = Union[float, jax.Array]
+"""A continuous hyperparameter (β, ε, a temperature, a coefficient ...): a Python number, or a JAX scalar
+array, traced or not. Inputs are annotated ``ArrayLike`` (anything ``jnp.asarray`` takes), outputs ``jax.Array``."""
+
+__all__ = ["ArrayLike", "Scalar"]  # (the typing aliases: the rest of this module is internal)
 
 
 def _asarray(x: Any, name: str) -> jnp.ndarray:
@@ -62,13 +69,13 @@ def check_rank(x: jnp.ndarray, rank: int, name: str) -> None:
 def check_shape(x: jnp.ndarray, shape: Iterable[Optional[int]], name: str) -> None:
     """Check ``x.shape`` against ``shape`` (``None`` matches any size)."""
     shape = tuple(shape)
-    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape))
+    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=True))
     if not ok:
         want = tuple("*" if s is None else s for s in shape)
         raise ValueError(f"`{name}` must have shape {want}, got {tuple(x.shape)}")
 
 
-def check_same_shape(ref: jnp.ndarray, ref_name: str, **others: Optional[jnp.ndarray]) -> None:
+def check_same_shape(ref: jax.Array, ref_name: str, **others: Optional[ArrayLike]) -> None:
     for name, arr in others.items():
         if arr is not None and tuple(jnp.shape(arr)) != tuple(ref.shape):
             raise ValueError(
@@ -110,10 +117,10 @@ def check_choice(field: str, value: Any, allowed: Iterable[Any]) -> None:
 
 def check_range(
     field: str,
-    value: Optional[float],
+    value: Any,
     *,
-    low: Optional[float] = None,
-    high: Optional[float] = None,
+    low: Any = None,
+    high: Any = None,
     low_inclusive: bool = True,
     high_inclusive: bool = True,
     allow_none: bool = False,
@@ -147,8 +154,8 @@ def check_order(low_field: str, low: Any, high_field: str, high: Any, *, strict:
 
 
 def register_config(cls):
-    """Register the frozen dataclass ``cls`` as a pytree: fields annotated with ``float`` (``float``,
-    ``Optional[float]``, ``Tuple[float, ...]``) are leaves, every other field (loss types, modes, flags,
+    """Register the frozen dataclass ``cls`` as a pytree: fields annotated with ``Scalar`` or ``float``
+    (``Scalar``, ``Optional[Scalar]``, ``Tuple[Scalar, ...]``) are leaves, every other field (loss types, modes, flags,
     integer lengths) is static aux data. Unflattening bypasses ``__init__`` (JAX rebuilds pytrees with
     placeholder leaves), so validation runs only when a config is constructed or ``replace``-d.
 
@@ -156,7 +163,7 @@ def register_config(cls):
     argument of ``jit``; passed as an ordinary argument, its float fields become traced leaves.
     """
     fields = [f.name for f in dataclasses.fields(cls)]
-    leaves = tuple(f.name for f in dataclasses.fields(cls) if "float" in str(f.type))
+    leaves = tuple(f.name for f in dataclasses.fields(cls) if "Scalar" in str(f.type) or "float" in str(f.type))
     static = tuple(n for n in fields if n not in leaves)
 
     def flatten_with_keys(c):
@@ -167,7 +174,7 @@ def register_config(cls):
 
     def unflatten(aux, values):
         obj = object.__new__(cls)
-        for n, v in zip(static + leaves, tuple(aux) + tuple(values)):
+        for n, v in zip(static + leaves, tuple(aux) + tuple(values), strict=True):
             object.__setattr__(obj, n, v)
         return obj
 
@@ -184,7 +191,7 @@ class ConfigMixin:
 
     def replace(self, **changes):
         """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(cast(Any, self), **changes)  # (subclasses are dataclasses)
 
     @classmethod
     def preset(cls, name: str, **overrides):

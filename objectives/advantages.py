@@ -28,7 +28,16 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_range,
+    check_rank,
+    check_same_shape,
+)
 
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -71,14 +80,14 @@ def _batch_std(x, valid):
 
 
 def group_relative_advantages(
-    rewards: jnp.ndarray,
+    rewards: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     scale_rewards: str = "group",
-    eps: float = 1e-4,
-) -> jnp.ndarray:
+    eps: Scalar = 1e-4,
+) -> jax.Array:
     """GRPO group-relative advantages ``A_i = (r_i − mean_g) / (std + eps)`` (Shao et al. 2024,
     arXiv 2402.03300, eq. 3 / sec. 4.1.2; TRL ``scale_rewards``).
 
@@ -93,6 +102,15 @@ def group_relative_advantages(
 
     Returns:
       ``[N]`` advantages (0 for unscorable rows, singleton and zero-variance groups).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import group_relative_advantages
+      >>> rewards = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])  # two prompts, three completions each
+      >>> print(group_relative_advantages(rewards, 3, scale_rewards="none"))  # r - group mean (Dr. GRPO)
+      [ 0.6667 -0.3333 -0.3333  0.      0.      0.    ]
+      >>> print(group_relative_advantages(rewards, 3))  # / group std; a zero-std group gives 0
+      [ 1.1545 -0.5773 -0.5773  0.      0.      0.    ]
     """
     check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
     r = as_float(rewards, "rewards")
@@ -111,16 +129,16 @@ def group_relative_advantages(
 
 
 def multi_reward_advantages(
-    rewards_per_func: jnp.ndarray,
+    rewards_per_func: ArrayLike,
     weights: Optional[Sequence[float]] = None,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     aggregation: str = "sum_then_normalize",
     scale_rewards: str = "group",
-    eps: float = 1e-4,
-) -> jnp.ndarray:
+    eps: Scalar = 1e-4,
+) -> jax.Array:
     """Advantages from several reward functions ``[N, K]`` with weights ``[K]`` (TRL
     ``multi_objective_aggregation``).
 
@@ -161,10 +179,10 @@ def multi_reward_advantages(
 
 
 def soft_overlong_punishment(
-    completion_lengths: jnp.ndarray,
+    completion_lengths: ArrayLike,
     max_completion_length: int,
     cache_length: int,
-) -> jnp.ndarray:
+) -> jax.Array:
     """DAPO soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to ``L_max − L_cache`` tokens,
     then a linear ramp ``((L_max − L_cache) − |y|)/L_cache`` down to −1 at ``L_max``, −1 beyond.
     Returns ``[N]`` rewards to add to the task reward."""
@@ -177,12 +195,12 @@ def soft_overlong_punishment(
 
 
 def group_top_k_mask(
-    scores: jnp.ndarray,
+    scores: ArrayLike,
     k: int,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
-) -> jnp.ndarray:
+    group_ids: Optional[ArrayLike] = None,
+) -> jax.Array:
     """``[N]`` bool: the ``k`` highest-scoring completions of each group (ties -> lower index first).
     Works on arbitrary ``group_ids`` (no reshape); groups smaller than ``k`` keep every member."""
     check_range("k", k, low=1)
@@ -197,15 +215,15 @@ def group_top_k_mask(
 
 
 def gfpo_advantages(
-    rewards: jnp.ndarray,
-    scores: jnp.ndarray,
+    rewards: ArrayLike,
+    scores: ArrayLike,
     k: int,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     scale_rewards: str = "group",
-    eps: float = 1e-4,
+    eps: Scalar = 1e-4,
 ):
     """GFPO group filtering (Shrivastava et al. 2025, "Sample More to Think Less", arXiv 2508.09726,
     eq. 2): keep the best ``k`` of each group by a per-completion ``scores`` (e.g. ``-length`` or
@@ -245,13 +263,13 @@ def _singleton(adv, r, valid, count, singleton):
 
 
 def rloo_advantages(
-    rewards: jnp.ndarray,
+    rewards: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     singleton: str = "zero",
-) -> jnp.ndarray:
+) -> jax.Array:
     """REINFORCE leave-one-out (RLOO; Kool et al. 2019; Ahmadian et al. arXiv 2402.14740, eq. 6):
     ``A_i = r_i − (1/(n−1)) Σ_{j≠i} r_j = n/(n−1) · (r_i − mean_g)``.
 
@@ -266,6 +284,12 @@ def rloo_advantages(
 
     Returns:
       ``[N]`` advantages (stop-gradient).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import rloo_advantages
+      >>> print(rloo_advantages(jnp.array([1.0, 0.0, 0.0, 2.0]), 4))  # r_i - mean of the other three
+      [ 0.3333 -1.     -1.      1.6667]
     """
     r, gid, ng, valid, n = _scores(rewards, num_generations, group_ids, num_groups)
     mean, _, const = _group_stats(r, valid, gid, ng)
@@ -274,13 +298,13 @@ def rloo_advantages(
 
 
 def maxrl_advantages(
-    rewards: jnp.ndarray,
+    rewards: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
-    eps: float = 1e-6,
-) -> jnp.ndarray:
+    eps: Scalar = 1e-6,
+) -> jax.Array:
     """MaxRL (Tajwar et al. 2026, "Maximum Likelihood Reinforcement Learning", arXiv 2602.02710, sec. 4;
     SkyRL ``maxrl``): ``A_i = (r_i − μ_g) / (μ_g + eps)``.
 
@@ -297,14 +321,14 @@ def maxrl_advantages(
 
 
 def opo_advantages(
-    rewards: jnp.ndarray,
-    lengths: jnp.ndarray,
+    rewards: ArrayLike,
+    lengths: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     singleton: str = "zero",
-) -> jnp.ndarray:
+) -> jax.Array:
     """On-Policy RL with Optimal reward baseline (OPO; Hao et al. arXiv 2505.23585, eq. 5): the
     length-weighted group baseline ``b_g = Σ_i |y_i| r_i / Σ_i |y_i|``, ``A_i = r_i − b_g`` (no std).
 
@@ -332,14 +356,14 @@ def opo_advantages(
 
 
 def grpo_passk_advantages(
-    rewards: jnp.ndarray,
+    rewards: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     scale_by_std: bool = True,
-    eps: float = 1e-6,
-) -> jnp.ndarray:
+    eps: Scalar = 1e-6,
+) -> jax.Array:
     """GRPO pass@k advantage (Tang, Zheng, Synnaeve & Munos, "Optimizing language models for inference
     time objectives using RL", arXiv 2503.19595, sec. 3, pass@k with k = group size and a leave-one-out
     control variate; verl ``grpo_passk``):
@@ -365,12 +389,12 @@ def grpo_passk_advantages(
 
 
 def dynamic_sampling_mask(
-    scores: jnp.ndarray,
+    scores: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
-) -> jnp.ndarray:
+) -> jax.Array:
     """DAPO dynamic sampling as a pure filter (Yu et al. arXiv 2503.14476, eq. 11 constraint
     ``0 < |{o_i : correct}| < G``): keep a group iff its valid scores (accuracy or reward) are not all
     equal — all-correct / all-wrong groups give zero advantage and only dilute the batch.
@@ -385,7 +409,7 @@ def dynamic_sampling_mask(
     return ~const
 
 
-def masked_whiten(x: jnp.ndarray, mask: jnp.ndarray, shift_mean: bool = True, eps: float = 1e-8) -> jnp.ndarray:
+def masked_whiten(x: ArrayLike, mask: ArrayLike, shift_mean: bool = True, eps: Scalar = 1e-8) -> jax.Array:
     """Batch whitening over masked positions (REINFORCE++ global normalisation, arXiv 2501.03262,
     eq. 8; verl ``masked_whiten``): ``(x − mean) / sqrt(var + eps)`` with the unbiased masked variance;
     ``shift_mean=False`` adds the mean back.
@@ -393,6 +417,13 @@ def masked_whiten(x: jnp.ndarray, mask: jnp.ndarray, shift_mean: bool = True, ep
     Degenerate cases (finite, documented): fewer than 2 valid elements -> variance 0 (verl raises);
     all valid values equal -> ``x − mean`` is exactly 0 (no ``residue/sqrt(eps)`` blow-up). Returns the
     shape of ``x``, 0 under the mask.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import masked_whiten
+      >>> x = jnp.array([[1.0, 3.0, 50.0]])
+      >>> print(masked_whiten(x, jnp.array([[1, 1, 0]], bool)))  # mean / std over the masked entries only
+      [[-0.7071  0.7071  0.    ]]
     """
     x = as_float(x, "x")
     m = jnp.broadcast_to(as_mask(mask), x.shape)
@@ -424,11 +455,19 @@ def _token_inputs(token_rewards, mask, name="token_rewards"):
     return jnp.where(m, r, jnp.zeros((), r.dtype)), m
 
 
-def discounted_returns(token_rewards: jnp.ndarray, mask: jnp.ndarray, gamma: float = 1.0) -> jnp.ndarray:
+def discounted_returns(token_rewards: ArrayLike, mask: ArrayLike, gamma: Scalar = 1.0) -> jax.Array:
     """Masked discounted reward-to-go (Sutton & Barto 2018, eq. 3.8; REINFORCE++ arXiv 2501.03262, eq. 6)
     ``G_t = r_t + γ G_{t'}`` (``t'`` the next *valid* position;
     masked positions — padding or interleaved observation tokens — are skipped: they neither add reward
-    nor discount). ``[B, T]``, 0 under the mask. Reverse ``lax.scan`` over ``T``."""
+    nor discount). ``[B, T]``, 0 under the mask. Reverse ``lax.scan`` over ``T``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import discounted_returns
+      >>> rewards = jnp.array([[0.0, 0.0, 1.0]])
+      >>> print(discounted_returns(rewards, jnp.ones((1, 3), bool), gamma=0.5))
+      [[0.25 0.5  1.  ]]
+    """
     check_range("gamma", gamma, low=0.0, high=1.0)
     r, m = _token_inputs(token_rewards, mask)
 
@@ -441,9 +480,9 @@ def discounted_returns(token_rewards: jnp.ndarray, mask: jnp.ndarray, gamma: flo
 
 
 def reinforce_plus_plus_advantages(
-    token_rewards: jnp.ndarray,
-    mask: jnp.ndarray,
-    gamma: float = 1.0,
+    token_rewards: ArrayLike,
+    mask: ArrayLike,
+    gamma: Scalar = 1.0,
     whiten: bool = True,
 ):
     """REINFORCE++ (Hu et al. arXiv 2501.03262, eqs. 6–8): discounted returns :func:`discounted_returns`
@@ -462,14 +501,14 @@ def reinforce_plus_plus_advantages(
 
 
 def reinforce_plus_plus_baseline_advantages(
-    rewards: jnp.ndarray,
-    mask: jnp.ndarray,
+    rewards: ArrayLike,
+    mask: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
     singleton: str = "zero",
-) -> jnp.ndarray:
+) -> jax.Array:
     """REINFORCE++-baseline (arXiv 2501.03262, sec. 3.2, eq. 9): ``A_i = r_i − mean_g``, broadcast over
     the valid tokens, then whitened over all valid tokens of the batch (:func:`masked_whiten`).
 
@@ -494,13 +533,13 @@ def reinforce_plus_plus_baseline_advantages(
 
 
 def gae_advantages(
-    token_rewards: jnp.ndarray,
-    values: jnp.ndarray,
-    mask: jnp.ndarray,
-    gamma: float = 1.0,
-    lam: float = 1.0,
+    token_rewards: ArrayLike,
+    values: ArrayLike,
+    mask: ArrayLike,
+    gamma: Scalar = 1.0,
+    lam: Scalar = 1.0,
     *,
-    bootstrap_values: Optional[jnp.ndarray] = None,
+    bootstrap_values: Optional[ArrayLike] = None,
     whiten: bool = False,
 ):
     """Generalised advantage estimation (Schulman et al. arXiv 1506.02438, eqs. 11–16) with a reverse
@@ -514,6 +553,15 @@ def gae_advantages(
 
     Returns:
       ``(advantages [B, T], returns [B, T])``, 0 under the mask; stop-gradient (targets are data).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import gae_advantages
+      >>> rewards = jnp.array([[0.0, 0.0, 1.0]])
+      >>> values = jnp.array([[0.5, 0.5, 0.5]])
+      >>> adv, returns = gae_advantages(rewards, values, jnp.ones((1, 3), bool), gamma=1.0, lam=1.0)
+      >>> print(adv, returns)  # lam = 1: advantages = returns - values
+      [[0.5 0.5 0.5]] [[1. 1. 1.]]
     """
     check_range("gamma", gamma, low=0.0, high=1.0)
     check_range("lam", lam, low=0.0, high=1.0)
@@ -549,11 +597,11 @@ def gae_advantages(
 
 
 def clipped_value_loss(
-    values: jnp.ndarray,
-    old_values: jnp.ndarray,
-    returns: jnp.ndarray,
-    mask: jnp.ndarray,
-    clip_range: Optional[float] = 0.2,
+    values: ArrayLike,
+    old_values: ArrayLike,
+    returns: ArrayLike,
+    mask: ArrayLike,
+    clip_range: Optional[Scalar] = 0.2,
 ):
     """PPO clipped value loss (Schulman et al. arXiv 1707.06347, eq. 9 value term, with the value
     clipping of OpenAI baselines; Engstrom et al. arXiv 2005.12729, sec. 3):
@@ -588,7 +636,7 @@ def clipped_value_loss(
     return jnp.where(m, loss, zero), clipped & m
 
 
-def remax_advantages(token_rewards: jnp.ndarray, baseline_rewards: jnp.ndarray, mask: jnp.ndarray):
+def remax_advantages(token_rewards: ArrayLike, baseline_rewards: ArrayLike, mask: ArrayLike):
     """ReMax (Li et al. arXiv 2310.10505, Algorithm 1 / eq. 6): REINFORCE with the reward of the greedy
     completion as baseline, ``A_t = Σ_{k≥t} m_k r_k − b_i`` with ``b_i = r(x, ŷ_greedy)`` (verl ``remax``).
 
@@ -609,7 +657,7 @@ def remax_advantages(token_rewards: jnp.ndarray, baseline_rewards: jnp.ndarray, 
     return jax.lax.stop_gradient(adv), jax.lax.stop_gradient(ret)
 
 
-def sum_pi_squared(logits: jnp.ndarray) -> jnp.ndarray:
+def sum_pi_squared(logits: ArrayLike) -> jax.Array:
     """``Σ_v π_v²`` per position from logits ``[..., V]`` (the collision probability, also the "aligned"
     normaliser of WPO, arXiv 2406.11827, eq. 2): ``exp(LSE(2z) − 2·LSE(z))`` (float32 or
     wider), used by :func:`optimal_token_baseline_advantages`. ``[...]``, stop-gradient."""
@@ -618,17 +666,17 @@ def sum_pi_squared(logits: jnp.ndarray) -> jnp.ndarray:
 
 
 def optimal_token_baseline_advantages(
-    token_rewards: jnp.ndarray,
-    old_logps: jnp.ndarray,
-    sum_pi_sq: jnp.ndarray,
-    mask: jnp.ndarray,
+    token_rewards: ArrayLike,
+    old_logps: ArrayLike,
+    sum_pi_sq: ArrayLike,
+    mask: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
-    is_weights: Optional[jnp.ndarray] = None,
+    is_weights: Optional[ArrayLike] = None,
     handle_zero_tail: bool = False,
-    eps: float = 1e-8,
+    eps: Scalar = 1e-8,
 ):
     """Optimal Token Baseline (OTB; Li 2025, "Optimal Token Baseline" blog, richardli.xyz; verl
     ``optimal_token_baseline``; minimum-variance baseline of Greensmith et al. 2004, JMLR 5, eq. 10 with
@@ -683,12 +731,12 @@ def optimal_token_baseline_advantages(
 
 
 def entropy_advantage_shaping(
-    advantages: jnp.ndarray,
-    entropies: jnp.ndarray,
-    mask: jnp.ndarray,
-    alpha: float = 0.4,
-    kappa: float = 2.0,
-) -> jnp.ndarray:
+    advantages: ArrayLike,
+    entropies: ArrayLike,
+    mask: ArrayLike,
+    alpha: Scalar = 0.4,
+    kappa: Scalar = 2.0,
+) -> jax.Array:
     """Entropy-based advantage shaping (Cheng et al. arXiv 2506.14758, eqs. 3–4):
     ``A'_t = A_t + min(α · sg(H_t), |A_t| / κ)`` — an exploration bonus that can never flip the sign of a
     negative advantage (``κ > 1``) and vanishes with it. Defaults α = 0.4, κ = 2 (paper, sec. 4).
@@ -723,12 +771,12 @@ def entropy_advantage_shaping(
 
 
 def group_token_counts(
-    mask: jnp.ndarray,
+    mask: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
-) -> jnp.ndarray:
+) -> jax.Array:
     """Valid-token count of each prompt group (the prompt-level denominator of DAPO-style token means,
     arXiv 2503.14476, eq. 8), ``[num_groups]`` (``N`` segments when ``group_ids`` is
     given without ``num_groups``). All-reduce it across micro-batches / devices for
@@ -740,14 +788,14 @@ def group_token_counts(
 
 
 def prompt_mean_weights(
-    mask: jnp.ndarray,
+    mask: ArrayLike,
     num_generations: Optional[int] = None,
     *,
-    group_ids: Optional[jnp.ndarray] = None,
+    group_ids: Optional[ArrayLike] = None,
     num_groups: Optional[int] = None,
-    token_counts: Optional[jnp.ndarray] = None,
+    token_counts: Optional[ArrayLike] = None,
     num_prompts: Optional[Any] = None,
-) -> jnp.ndarray:
+) -> jax.Array:
     """Per-row weights for prompt-level token-mean aggregation (DAPO arXiv 2503.14476, eq. 8 applied per
     prompt; SkyRL ``prompt_mean``; the
     "prompt-level" token mean of DAPO's eq. 8 discussion, TRL issue #5375):

@@ -35,7 +35,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_same_shape, check_rank
+from trlax.objectives._checks import ArrayLike, as_float, as_mask, check_choice, check_rank, check_same_shape
 
 AGGREGATION_MODES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "token_mean", "luspo")
 
@@ -52,24 +52,42 @@ def _broadcast_mask(x: jnp.ndarray, mask: Any) -> jnp.ndarray:
     return jnp.broadcast_to(mask, shape)
 
 
-def masked_sum(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
     """``Σ x`` over positions where ``mask`` is true; masked NaN/inf never leak (select, then sum).
-    ``x`` and ``mask`` broadcast against each other (e.g. ``[B, T]`` values, ``[B, 1]`` row mask)."""
+    ``x`` and ``mask`` broadcast against each other (e.g. ``[B, T]`` values, ``[B, 1]`` row mask).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import masked_sum
+      >>> x = jnp.array([[1.0, 2.0, jnp.nan], [3.0, 5.0, 7.0]])
+      >>> mask = jnp.array([[1, 1, 0], [0, 0, 0]], bool)
+      >>> print(masked_sum(x, mask, axis=-1))  # NaN under the mask gives no NaN; an empty row sums to 0
+      [3. 0.]
+    """
     x = jnp.asarray(x)
     mask = _broadcast_mask(x, mask)
     return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=axis)
 
 
-def masked_mean(x: jnp.ndarray, mask: jnp.ndarray, axis=None) -> jnp.ndarray:
+def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
     """Mean over masked positions (the count is taken over the broadcast mask); 0 (not NaN) where
-    nothing is selected."""
+    nothing is selected.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import masked_mean
+      >>> x = jnp.array([[1.0, 2.0, 100.0], [3.0, 5.0, 7.0]])
+      >>> mask = jnp.array([[1, 1, 0], [1, 1, 1]], bool)
+      >>> print(masked_mean(x, mask, axis=-1))  # the masked 100.0 never leaks
+      [1.5 5. ]
+    """
     x = jnp.asarray(x)
     mask = _broadcast_mask(x, mask)
     count = jnp.sum(mask, axis=axis).astype(x.dtype)
     return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1)
 
 
-def masked_min(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def masked_min(x: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Min over masked positions; 0 where nothing is selected."""
     x = jnp.asarray(x)
     mask = _broadcast_mask(x, mask)
@@ -77,7 +95,7 @@ def masked_min(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(jnp.any(mask), out, jnp.zeros((), x.dtype))
 
 
-def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def masked_max(x: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Max over masked positions; 0 where nothing is selected."""
     x = jnp.asarray(x)
     mask = _broadcast_mask(x, mask)
@@ -86,14 +104,14 @@ def masked_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def aggregate(
-    per_token_loss: jnp.ndarray,
-    mask: jnp.ndarray,
+    per_token_loss: ArrayLike,
+    mask: ArrayLike,
     mode: str = "dapo",
     *,
     num_items: Optional[Any] = None,
     num_sequences: Optional[Any] = None,
     max_completion_length: Optional[int] = None,
-) -> jnp.ndarray:
+) -> jax.Array:
     """Reduce a ``[B, T]`` per-token loss to a scalar with the normalisation of ``mode``.
 
     Args:
@@ -109,6 +127,18 @@ def aggregate(
 
     Returns:
       A scalar in the dtype of ``per_token_loss`` (at least float32).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import aggregate
+      >>> loss = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+      >>> mask = jnp.array([[1, 1, 1], [1, 0, 0]], bool)
+      >>> print(round(float(aggregate(loss, mask, "grpo")), 4))  # mean over rows of per-row token means: (2 + 4) / 2
+      3.0
+      >>> print(round(float(aggregate(loss, mask, "dapo")), 4))  # token mean over the batch: 10 / 4
+      2.5
+      >>> print(round(float(aggregate(loss, mask, "dr_grpo", max_completion_length=3)), 4))  # 10 / (2 * 3)
+      1.6667
     """
     check_choice("mode", mode, AGGREGATION_MODES)
     mask = as_mask(mask)
@@ -145,14 +175,14 @@ class Mean(NamedTuple):
     """A mean kept as ``(sum, count)`` so it merges exactly across micro-batches and devices."""
 
     total: jnp.ndarray
-    count: jnp.ndarray
+    count: jnp.ndarray  # type: ignore[assignment]  # (a field named like tuple.count)
 
     @property
     def value(self) -> jnp.ndarray:
         return self.total / jnp.maximum(self.count, 1)
 
 
-def mean_metric(x: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> Mean:
+def mean_metric(x: ArrayLike, mask: Optional[ArrayLike] = None) -> Mean:
     """``Mean`` of ``x`` over ``mask`` (all elements when ``mask`` is None)."""
     x = jnp.asarray(x)
     if mask is None:
@@ -181,7 +211,7 @@ def merge_metrics(metrics: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def finalize_metrics(metrics: Mapping[str, Any]) -> Dict[str, jnp.ndarray]:
+def finalize_metrics(metrics: Mapping[str, Any]) -> Dict[str, jax.Array]:
     """Turn ``Mean`` pairs into values; everything else passes through."""
     return {k: (v.value if isinstance(v, Mean) else jnp.asarray(v)) for k, v in metrics.items()}
 

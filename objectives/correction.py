@@ -39,8 +39,17 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import (as_float, as_mask, check_choice, check_order, check_range, check_rank,
-                                      check_same_shape)
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_order,
+    check_range,
+    check_rank,
+    check_same_shape,
+)
 from trlax.objectives.aggregation import Mean
 
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -48,7 +57,7 @@ SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate",
 _sg = jax.lax.stop_gradient
 
 
-def sampler_log_ratio(old_logps: jnp.ndarray, sampler_logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def sampler_log_ratio(old_logps: ArrayLike, sampler_logps: ArrayLike, mask: ArrayLike) -> jax.Array:
     """``log ρ_t = log π_old(y_t) − log π_sampler(y_t)`` ``[B, T]``, 0 under the mask and wherever the
     sampler log-prob is NaN ("the sampler could not score this token": no correction), as TRL."""
     old = _sg(as_float(old_logps, "old_logps"))
@@ -62,14 +71,14 @@ def sampler_log_ratio(old_logps: jnp.ndarray, sampler_logps: jnp.ndarray, mask: 
 
 
 def sampler_importance_weights(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
     mode: str = "sequence_mask",
-    clip_min: Optional[float] = None,
-    clip_max: Optional[float] = 3.0,
-    log_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    clip_min: Optional[Scalar] = None,
+    clip_max: Optional[Scalar] = 3.0,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Importance weights ``ρ`` correcting for the sampler–trainer mismatch (TRL's vLLM IS correction).
 
     ``token_*``: ``ρ_t = exp(log ρ_t)`` ``[B, T]``. ``sequence_*``: ``ρ_i = exp(Σ_t log ρ_t)`` ``[B, 1]``
@@ -79,6 +88,16 @@ def sampler_importance_weights(
 
     The log-ratio is clamped to ``±log_clamp`` before ``exp`` (TRL does not clamp; the result only
     differs when TRL's would overflow to ``inf``). Returns a stop-gradient array.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import sampler_importance_weights
+      >>> old = jnp.array([[-1.0, -1.0], [-1.0, -1.0]])
+      >>> sampler = jnp.array([[-1.0, -1.0], [-3.0, -1.0]])  # row 1's first token: trainer/sampler ratio e^2
+      >>> mask = jnp.ones((2, 2), bool)
+      >>> print(sampler_importance_weights(old, sampler, mask, "token_truncate", clip_max=3.0))
+      [[1. 1.]
+       [3. 1.]]
     """
     check_choice("mode", mode, SAMPLER_CORRECTION_MODES)
     if clip_min is None and clip_max is None:
@@ -100,12 +119,12 @@ def sampler_importance_weights(
 
 
 def off_policy_sequence_mask(
-    advantages: jnp.ndarray,
-    logps: jnp.ndarray,
-    behaviour_logps: jnp.ndarray,
-    mask: jnp.ndarray,
-    threshold: float,
-) -> jnp.ndarray:
+    advantages: ArrayLike,
+    logps: ArrayLike,
+    behaviour_logps: ArrayLike,
+    mask: ArrayLike,
+    threshold: Scalar,
+) -> jax.Array:
     """DeepSeek-V3.2 off-policy sequence mask (OPSM, arXiv 2512.02556, eq. 9).
 
     Drop a sequence when its advantage is negative *and* the policy has drifted from the behaviour
@@ -121,6 +140,17 @@ def off_policy_sequence_mask(
 
     Returns:
       ``[B, 1]`` float mask (1 keep, 0 drop), stop-gradient.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import off_policy_sequence_mask
+      >>> adv = jnp.array([-1.0, -1.0, 1.0])
+      >>> logps = jnp.array([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
+      >>> behaviour = jnp.array([[-1.0, -1.0], [-0.2, -0.2], [-0.2, -0.2]])  # rows 1, 2 drifted: KL 0.8
+      >>> print(off_policy_sequence_mask(adv, logps, behaviour, jnp.ones((3, 2), bool), threshold=0.5))
+      [[1.]
+       [0.]
+       [1.]]
     """
     logps = _sg(as_float(logps, "logps"))
     beh = _sg(as_float(behaviour_logps, "behaviour_logps"))
@@ -174,14 +204,14 @@ def _clamped_log_ratio(anchor_logps, sampler_logps, mask, log_clamp):
 
 
 def divergence_rejection_mask(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
     option: str = "seq_mean_k3",
-    upper: float = 0.01,
-    lower: Optional[float] = None,
-    log_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    upper: Scalar = 0.01,
+    lower: Optional[Scalar] = None,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Rejection sampling on the rollout–trainer divergence (verl ``rollout_rs``; Liu et al. 2025, "When
     speed kills stability", Part 3: geometric / K3 rejection; k-estimators: Schulman 2020, "Approximating
     KL divergence").
@@ -225,6 +255,7 @@ def divergence_rejection_mask(
         stat = jnp.max(jnp.where(m, stat, -jnp.inf), axis=-1, keepdims=True)
         stat = jnp.where(jnp.any(m, axis=-1, keepdims=True), stat, zero)
     if kind == "k1":
+        assert lo is not None  # (_rs_bounds gives k1 options a lower bound)
         keep = (stat >= jnp.log(lo)) & (stat <= jnp.log(hi))
     else:
         keep = stat <= hi
@@ -232,13 +263,13 @@ def divergence_rejection_mask(
 
 
 def geometric_sequence_mask(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
-    lower: Optional[float] = 0.999,
-    upper: float = 1.001,
-    log_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
+    lower: Optional[Scalar] = 0.999,
+    upper: Scalar = 1.001,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Geo-RS: keep a sequence iff its geometric-mean ratio ``exp((1/|y|) Σ_t log ρ_t)`` lies in
     ``[lower, upper]`` (verl ``seq_mean_k1``, defaults of ``decoupled_geo_rs``: ±0.1 %). Length
     invariant, unlike the product ratio (the "length trap", objectives-survey 4.2). ``[B, T]`` bool."""
@@ -246,12 +277,12 @@ def geometric_sequence_mask(
 
 
 def token_veto_mask(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
-    threshold: float = 1e-4,
-    log_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
+    threshold: Scalar = 1e-4,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Per-token veto (verl PR #3694 ``rollout_token_veto_threshold``): drop a whole sequence if any of its
     tokens has ``ρ_t = π_old/π_sampler < threshold`` (a token the trainer considers near-impossible).
 
@@ -264,14 +295,14 @@ def token_veto_mask(
 
 
 def rollout_is_weights(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
     level: str = "token",
-    upper: Optional[float] = 2.0,
-    lower: Optional[float] = None,
-    log_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    upper: Optional[Scalar] = 2.0,
+    lower: Optional[Scalar] = None,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Truncated importance weights for the rollout–trainer mismatch (verl ``rollout_is``; Token-TIS /
     Seq-TIS of Yao et al. 2025; truncated IS, Ionides 2008; geometric level as in SkyRL / NeMo).
 
@@ -304,12 +335,12 @@ def rollout_is_weights(
 
 
 def self_normalized_weights(
-    weights: jnp.ndarray,
-    mask: jnp.ndarray,
+    weights: ArrayLike,
+    mask: ArrayLike,
     level: str = "token",
-    weights_mean: Optional[jnp.ndarray] = None,
-    eps: float = 1e-8,
-) -> jnp.ndarray:
+    weights_mean: Optional[ArrayLike] = None,
+    eps: Scalar = 1e-8,
+) -> jax.Array:
     """Self-normalised importance sampling (Kong 1992; Owen 2013, ch. 9 eq. 9.9; verl
     ``rollout_is_batch_normalize``): divide the weights by their batch mean so they average to 1.
 
@@ -346,12 +377,12 @@ def self_normalized_weights(
 
 
 def rollout_mismatch_metrics(
-    old_logps: jnp.ndarray,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
-    weights: Optional[jnp.ndarray] = None,
-    log_clamp: Optional[float] = 20.0,
-) -> Dict[str, jnp.ndarray]:
+    old_logps: ArrayLike,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
+    weights: Optional[ArrayLike] = None,
+    log_clamp: Optional[Scalar] = 20.0,
+) -> Dict[str, Any]:
     """Off-policy diagnostics of the sampler–trainer mismatch (verl ``compute_offpolicy_metrics`` and
     the ESS of ``compute_is_metrics``; definitions in Liu et al. 2025, "When speed kills stability").
 
@@ -482,7 +513,7 @@ class RolloutCorrectionConfig:
         if not isinstance(self.rs_thresholds, tuple) or len(self.rs_thresholds) != len(self.rs):
             raise ValueError(f"rs_thresholds={self.rs_thresholds!r} must be a tuple with one (lower, upper) "
                              f"pair per rs option ({len(self.rs)})")
-        for opt, pair in zip(self.rs, self.rs_thresholds):
+        for opt, pair in zip(self.rs, self.rs_thresholds, strict=True):
             check_choice("rs", opt, ROLLOUT_RS_OPTIONS)
             if not (isinstance(pair, tuple) and len(pair) == 2):
                 raise ValueError(f"rs_thresholds entry {pair!r} for {opt!r} must be a (lower, upper) pair")
@@ -592,11 +623,11 @@ class RolloutCorrectionConfig:
 
 def rollout_correction(
     config: RolloutCorrectionConfig,
-    sampler_logps: jnp.ndarray,
-    mask: jnp.ndarray,
+    sampler_logps: ArrayLike,
+    mask: ArrayLike,
     *,
-    old_logps: Optional[jnp.ndarray] = None,
-    logps: Optional[jnp.ndarray] = None,
+    old_logps: Optional[ArrayLike] = None,
+    logps: Optional[ArrayLike] = None,
 ):
     """Compose the rollout-correction stages of ``config`` (verl ``compute_rollout_correction_and_
     rejection_mask`` + ``apply_bypass_mode``; decoupled PPO, Hilton et al. arXiv 2110.00641, eq. 4).
@@ -637,7 +668,7 @@ def rollout_correction(
         check_same_shape(samp, "sampler_logps", logps=anchor_src)
         anchor = samp
     keep = m
-    for opt, (lo, hi) in zip(config.rs, config.rs_thresholds):
+    for opt, (lo, hi) in zip(config.rs, config.rs_thresholds, strict=True):
         keep = keep & divergence_rejection_mask(anchor_src, samp, m, opt, hi, lo, config.log_clamp)
     if config.veto_threshold is not None:
         keep = keep & token_veto_mask(anchor_src, samp, m, config.veto_threshold, config.log_clamp)

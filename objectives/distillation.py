@@ -25,8 +25,19 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import (as_float, as_mask, check_choice, check_range, check_rank, check_same_shape,
-                                      check_shape, is_array)
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_range,
+    check_rank,
+    check_same_shape,
+    check_shape,
+    is_array,
+    maybe_nonzero,
+)
 from trlax.objectives.aggregation import AGGREGATION_MODES, aggregate, masked_sum, mean_metric
 
 DISTILLATION_LEVELS = ("token", "sequence", "mean", "sum")
@@ -45,7 +56,7 @@ def _kl_from_logprobs(log_p, log_q) -> jnp.ndarray:
     return jnp.sum(jnp.where(pos, jnp.exp(lp) * diff, 0.0), axis=-1)
 
 
-def _divergence(log_s, log_t, beta: float) -> jnp.ndarray:
+def _divergence(log_s, log_t, beta: Scalar) -> jax.Array:
     """Generalised JSD between log-prob vectors (last axis): β·KL(T‖M) + (1−β)·KL(S‖M)."""
     if is_array(beta):  # traced β: the same three cases as selects (the mixture sees β inside (0, 1))
         mixture = _mixture(log_s, log_t, jnp.clip(beta, 1e-6, 1.0 - 1e-6))
@@ -76,7 +87,13 @@ def _logits_pair(student_logits, teacher_logits, same_vocab: bool = True):
     return s.astype(dt), t.astype(dt)
 
 
-def transform_logits(logits, *, bias=None, scale: float = 1.0, softcap: Optional[float] = None) -> jnp.ndarray:
+def transform_logits(
+    logits: ArrayLike,
+    *,
+    bias: Optional[ArrayLike] = None,
+    scale: Scalar = 1.0,
+    softcap: Optional[Scalar] = None,
+) -> jax.Array:
     """Final-logit post-processing of LM heads, in TRL ``DistillationTrainer``'s order: ``z = (z + bias)·scale``
     (LM-head bias; Cohere / Granite-style ``logit_scale``), then Gemma-style soft-capping
     ``softcap·tanh(z / softcap)``. ``[..., V]`` in and out; ``bias`` is ``[V]``."""
@@ -117,8 +134,14 @@ HEAD_OPTIONS = ("student_lm_head_bias", "teacher_lm_head_bias", "student_logit_s
                 "student_final_logit_softcapping", "teacher_final_logit_softcapping")
 
 
-def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temperature: float = 1.0,
-                    **head_options) -> jnp.ndarray:
+def generalized_jsd(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: Scalar = 0.5,
+    temperature: Scalar = 1.0,
+    **head_options,
+) -> jax.Array:
     """Per-token generalised JSD of GKD (Agarwal et al., arXiv 2306.13649, eq. 1; TRL
     ``GKDTrainer.generalized_jsd_loss`` before reduction).
 
@@ -137,39 +160,59 @@ def generalized_jsd(student_logits, teacher_logits, *, beta: float = 0.5, temper
 
     Returns:
       ``[B, T]`` divergence per position (unmasked; reduce with :func:`gkd_loss` or ``aggregate``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import generalized_jsd
+      >>> student = jnp.array([[[0.0, 1.0, 2.0]]])
+      >>> teacher = jnp.array([[[2.0, 1.0, 0.0]]])
+      >>> print(generalized_jsd(student, teacher, beta=0.5))  # [B, T] per position
+      [[0.2476]]
+      >>> print(generalized_jsd(student, teacher, beta=0.0))  # beta = 0: KL(teacher || student)
+      [[1.1504]]
     """
     check_range("beta", beta, low=0.0, high=1.0)
     check_range("temperature", temperature, low=0.0, low_inclusive=False)
-    s, t = _head_options(*_logits_pair(student_logits, teacher_logits), head_options)
+    s, t = _logits_pair(student_logits, teacher_logits)
+    s, t = _head_options(s, t, head_options)
     log_s = jax.nn.log_softmax(s / temperature, axis=-1)
     log_t = jax.nn.log_softmax(t / temperature, axis=-1)
     return _divergence(log_s, log_t, beta)
 
 
-def forward_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:
+def forward_kl(student_logits: ArrayLike, teacher_logits: ArrayLike, *, temperature: Scalar = 1.0) -> jax.Array:
     """Per-token forward KL(p_T‖p_S) (mode-covering; word-level KD, Hinton et al. arXiv 1503.02531,
-    Kim & Rush arXiv 1606.07947): ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=0``."""
+    Kim & Rush arXiv 1606.07947): ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import forward_kl
+      >>> student = jnp.log(jnp.array([[[0.5, 0.5]]]))
+      >>> teacher = jnp.log(jnp.array([[[0.9, 0.1]]]))
+      >>> print(forward_kl(student, teacher))  # KL(teacher || student) = 0.9 log 1.8 + 0.1 log 0.2
+      [[0.3681]]
+    """
     return generalized_jsd(student_logits, teacher_logits, beta=0.0, temperature=temperature)
 
 
-def reverse_kl(student_logits, teacher_logits, *, temperature: float = 1.0) -> jnp.ndarray:
+def reverse_kl(student_logits: ArrayLike, teacher_logits: ArrayLike, *, temperature: Scalar = 1.0) -> jax.Array:
     """Per-token reverse KL(p_S‖p_T) (mode-seeking; MiniLLM arXiv 2306.08543 eq. 1, GKD β = 1):
     ``[B, T, V] -> [B, T]``. Equal to :func:`generalized_jsd` with ``beta=1``."""
     return generalized_jsd(student_logits, teacher_logits, beta=1.0, temperature=temperature)
 
 
 def gkd_loss(
-    student_logits,
-    teacher_logits,
-    mask,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    mask: ArrayLike,
     *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    beta: Scalar = 0.5,
+    temperature: Scalar = 1.0,
     level: str = "token",
     num_items: Optional[Any] = None,
     num_sequences: Optional[Any] = None,
     **head_options,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """GKD loss (arXiv 2306.13649, eq. 1-2; TRL ``GKDTrainer``): masked generalised JSD, reduced
 
     - ``token``: ``Σ_{b,t} m·JSD / max(N, 1)`` with ``N = num_items`` (global token count of the
@@ -194,6 +237,16 @@ def gkd_loss(
 
     Returns:
       ``(loss, metrics)`` with ``jsd`` (Mean over tokens).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import gkd_loss
+      >>> student = jnp.array([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]])
+      >>> teacher = jnp.array([[[2.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
+      >>> mask = jnp.array([[1, 0]], bool)  # the second position is padding
+      >>> loss, metrics = gkd_loss(student, teacher, mask, beta=0.5)
+      >>> print(round(float(loss), 4))
+      0.2476
     """
     check_choice("level", level, DISTILLATION_LEVELS)
     jsd = generalized_jsd(student_logits, teacher_logits, beta=beta, temperature=temperature, **head_options)
@@ -214,7 +267,13 @@ def gkd_loss(
 # ---------------------------------------------------------------------------- on-policy distillation
 
 
-def on_policy_distillation_advantages(student_logps, teacher_logps, mask, *, kl_coef: float = 1.0) -> jnp.ndarray:
+def on_policy_distillation_advantages(
+    student_logps: ArrayLike,
+    teacher_logps: ArrayLike,
+    mask: ArrayLike,
+    *,
+    kl_coef: Scalar = 1.0,
+) -> jax.Array:
     """Per-token reverse-KL advantage of on-policy distillation (Thinking Machines, "On-Policy
     Distillation", 2025; GKD arXiv 2306.13649 sec. 3 with β = 1, discount 0):
     ``A_t = −kl_coef·(log π_S(y_t) − log π_T(y_t))`` on the student's own samples, 0 where masked.
@@ -238,16 +297,17 @@ def on_policy_distillation_advantages(student_logps, teacher_logps, mask, *, kl_
 
 
 def on_policy_distillation_loss(
-    logps,
-    teacher_logps,
-    mask,
+    logps: ArrayLike,
+    teacher_logps: ArrayLike,
+    mask: ArrayLike,
     *,
-    sampler_logps=None,
-    kl_coef: float = 1.0,
+    sampler_logps: Optional[ArrayLike] = None,
+    kl_coef: Scalar = 1.0,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """On-policy distillation (GKD arXiv 2306.13649 sec. 3 with β = 1; Thinking Machines 2025) as an
-    importance-sampled policy gradient with the per-token reverse-KL advantage (:func:`on_policy_distillation_advantages` of the *sampler* log-probs):
+    importance-sampled policy gradient with the per-token reverse-KL advantage
+    (:func:`on_policy_distillation_advantages` of the *sampler* log-probs):
     ``loss = −Σ_{b,t} m·(π_θ/π_sampler)(y_t)·A_t / max(N, 1)``. On-policy (``sampler_logps=None``)
     the ratio is 1 and the gradient is ``−Σ A_t ∇log π_θ(y_t) / N`` — the reverse-KL gradient
     (per-token, no future terms).
@@ -275,7 +335,7 @@ def on_policy_distillation_loss(
     return loss, {"reverse_kl": mean_metric(rkl, m)}
 
 
-def iw_opd_weights(advantages, mask, *, gamma: float = 0.5, eps: float = 1e-8) -> jnp.ndarray:
+def iw_opd_weights(advantages: ArrayLike, mask: ArrayLike, *, gamma: Scalar = 0.5, eps: Scalar = 1e-8) -> jax.Array:
     """IW-OPD position weights (arXiv 2606.22600, eq. 7; TRL ``IWOPDTrainer``):
     ``w_t = 1 + γ·(1 − Σ_{s<t}|a_s| / max(Σ_s|a_s|, ε))`` — tokens before most of the row's
     teacher-student disagreement get up to ``1 + γ``, the tail down to 1.
@@ -301,15 +361,15 @@ def iw_opd_weights(advantages, mask, *, gamma: float = 0.5, eps: float = 1e-8) -
 
 
 def iw_opd_loss(
-    logps,
-    teacher_logps,
-    mask,
+    logps: ArrayLike,
+    teacher_logps: ArrayLike,
+    mask: ArrayLike,
     *,
-    rollout_logps=None,
-    gamma: float = 0.5,
-    eps: float = 1e-8,
+    rollout_logps: Optional[ArrayLike] = None,
+    gamma: Scalar = 0.5,
+    eps: Scalar = 1e-8,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """IW-OPD, importance-weighted on-policy distillation (arXiv 2606.22600, eq. 8; TRL
     ``IWOPDTrainer._compute_iw_opd_loss``):
     ``a_t = sg(ℓ_T − ℓ_roll)``, ``w_t`` = :func:`iw_opd_weights`,
@@ -344,15 +404,15 @@ def iw_opd_loss(
 
 
 def sparse_top1_divergence(
-    student_logits,
-    teacher_logits,
-    tokens,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    tokens: ArrayLike,
     *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    beta: Scalar = 0.5,
+    temperature: Scalar = 1.0,
     add_tail: bool = True,
     reverse_token: str = "sampled",
-) -> jnp.ndarray:
+) -> jax.Array:
     """Sparse top-1 generalised JSD of TRL ``IWOPDTrainer`` (``loss_top_k=1``, ``beta > 0``;
     ``_compute_sparse_top_1_divergence_loss``): the support is the teacher's top-1 token (forward term) and
     a reverse-KL token — the sampled ``tokens`` (``reverse_token="sampled"``) or the student's argmax
@@ -399,17 +459,17 @@ def sparse_top1_divergence(
 
 
 def sparse_top1_distillation_loss(
-    student_logits,
-    teacher_logits,
-    tokens,
-    mask,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    tokens: ArrayLike,
+    mask: ArrayLike,
     *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    beta: Scalar = 0.5,
+    temperature: Scalar = 1.0,
     add_tail: bool = True,
     reverse_token: str = "sampled",
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """:func:`sparse_top1_divergence` reduced like TRL (``Σ m·D / max(N, 1)``, ``N = num_items`` or the
     local token count). Returns ``(loss, metrics)`` with ``jsd`` (Mean over tokens)."""
     d = sparse_top1_divergence(student_logits, teacher_logits, tokens, beta=beta, temperature=temperature,
@@ -422,8 +482,8 @@ def sparse_top1_distillation_loss(
 # ------------------------------------------------------------------------- cross-tokenizer distillation
 
 
-def uld_divergence(student_logits, teacher_logits, *, student_temperature: float = 1.0,
-                   teacher_temperature: float = 1.0) -> jnp.ndarray:
+def uld_divergence(student_logits: ArrayLike, teacher_logits: ArrayLike, *, student_temperature: Scalar = 1.0,
+                   teacher_temperature: Scalar = 1.0) -> jax.Array:
     """Universal Logit Distillation per-token distance (Boizard et al., arXiv 2402.12030, eq. 4-5; TRL
     ``GOLDTrainer``'s ``ULDLoss``): ``Σ_i |p_S^(i) − p_T^(i)|`` between the *sorted* (descending) next-token
     probabilities, the smaller vocabulary zero-padded — the closed-form Wasserstein-1 distance between the
@@ -450,18 +510,18 @@ def uld_divergence(student_logits, teacher_logits, *, student_temperature: float
 
 
 def uld_loss(
-    student_logits,
-    teacher_logits,
-    student_mask,
-    teacher_mask,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    student_mask: ArrayLike,
+    teacher_mask: ArrayLike,
     *,
-    student_temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    distillation_weight: float = 1.0,
-    crossentropy_weight: float = 0.0,
-    logps=None,
+    student_temperature: Scalar = 1.0,
+    teacher_temperature: Scalar = 1.0,
+    distillation_weight: Scalar = 1.0,
+    crossentropy_weight: Scalar = 0.0,
+    logps: Optional[ArrayLike] = None,
     num_sequences: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """ULD / GOLD cross-tokenizer distillation loss (arXiv 2402.12030, eq. 5; TRL ``GOLDTrainer`` with
     ``use_uld_loss=True``, positional alignment, no hybrid matching).
 
@@ -496,7 +556,7 @@ def uld_loss(
     rows = jnp.asarray(s.shape[0] if num_sequences is None else num_sequences, d.dtype)
     loss = distillation_weight * jnp.sum(per_row) / jnp.maximum(rows, 1)
     metrics: Dict[str, Any] = {"uld": mean_metric(_sg(d), m), "aligned_tokens": jnp.sum(m).astype(jnp.float32)}
-    if crossentropy_weight != 0:
+    if maybe_nonzero(crossentropy_weight):
         if logps is None:
             raise ValueError(f"crossentropy_weight={crossentropy_weight!r} needs `logps` ([B, T_S]); got None")
         lp = as_float(logps, "logps")
@@ -516,13 +576,13 @@ def _add_tail_bucket(log_p: jnp.ndarray) -> jnp.ndarray:
 
 
 def topk_distillation_divergence(
-    student_logits,
-    teacher_logits,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
     *,
     topk: int,
-    alpha: float = 0.5,
+    alpha: Scalar = 0.5,
     add_tail: bool = False,
-) -> jnp.ndarray:
+) -> jax.Array:
     """Top-k logit divergence of SDPO / SDFT (arXiv 2601.20802 sec. 3.2; TRL
     ``compute_topk_self_distillation_loss``): the student's top-k tokens define the support; teacher
     log-probs are gathered on it. With ``add_tail`` both get a tail bucket ``log(1 − Σ_topk p)``;
@@ -547,26 +607,26 @@ def topk_distillation_divergence(
     else:
         log_s = log_s - jax.scipy.special.logsumexp(log_s, axis=-1, keepdims=True)
         log_t = log_t - jax.scipy.special.logsumexp(log_t, axis=-1, keepdims=True)
-    return _divergence(log_s, log_t, float(alpha))
+    return _divergence(log_s, log_t, alpha if is_array(alpha) else float(alpha))
 
 
 def self_distillation_loss(
-    student_logits,
-    teacher_logits,
-    mask,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    mask: ArrayLike,
     *,
     mode: str = "topk_logits",
-    alpha: float = 0.5,
+    alpha: Scalar = 0.5,
     topk: int = 100,
     add_tail: bool = False,
-    tokens=None,
-    logps=None,
-    old_logps=None,
-    is_clip: Optional[float] = None,
+    tokens: Optional[ArrayLike] = None,
+    logps: Optional[ArrayLike] = None,
+    old_logps: Optional[ArrayLike] = None,
+    is_clip: Optional[Scalar] = None,
     aggregation: str = "dapo",
     num_items: Optional[Any] = None,
     num_sequences: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """SDPO / SDFT self-distillation loss (Hübotter et al. arXiv 2601.20802 eq. 4; Shenfeld et al.
     arXiv 2601.19897; TRL ``experimental.sdpo`` / ``sdft`` ``loss_utils``).
 
@@ -597,7 +657,7 @@ def self_distillation_loss(
     elif mode == "full_logit":
         div = generalized_jsd(student_logits, teacher_logits, beta=alpha)
     else:
-        if alpha != 1.0:
+        if not is_array(alpha) and alpha != 1.0:
             raise ValueError(f"alpha={alpha!r} is not allowed with mode='sampled_token'; allowed values: 1.0")
         if tokens is None:
             raise ValueError("`tokens` is required with mode='sampled_token'")
@@ -629,17 +689,17 @@ def self_distillation_loss(
 
 
 def minillm_loss(
-    student_logits,
-    teacher_logits,
-    tokens,
-    mask,
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    tokens: ArrayLike,
+    mask: ArrayLike,
     *,
-    gamma: float = 1.0,
+    gamma: Scalar = 1.0,
     length_normalize: bool = True,
-    single_step_coef: float = 1.0,
-    temperature: float = 1.0,
+    single_step_coef: Scalar = 1.0,
+    temperature: Scalar = 1.0,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """MiniLLM reverse-KL policy gradient (Gu et al., arXiv 2306.08543, eq. 5-7, sec. 2.2).
 
     On student samples ``y`` with per-token reward ``r_t = log p_T(y_t) − log q_θ(y_t)`` (constant):

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_range, check_rank, check_same_shape
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_range,
+    check_rank,
+    check_same_shape,
+)
 from trlax.objectives.aggregation import masked_mean
 
 
-def entropy_threshold(entropies: jnp.ndarray, mask: jnp.ndarray, top_quantile: float) -> jnp.ndarray:
+def entropy_threshold(entropies: ArrayLike, mask: ArrayLike, top_quantile: Scalar) -> jax.Array:
     """The ``1 − ρ`` quantile (linear interpolation, as ``torch.quantile``) of the entropies of the
     valid tokens, for a top-``ρ`` high-entropy mask. NaN when no token is valid.
 
@@ -25,16 +34,23 @@ def entropy_threshold(entropies: jnp.ndarray, mask: jnp.ndarray, top_quantile: f
 
 
 def high_entropy_mask(
-    entropies: jnp.ndarray,
-    mask: jnp.ndarray,
-    top_quantile: float = 0.2,
-    threshold: Optional[jnp.ndarray] = None,
-) -> jnp.ndarray:
+    entropies: ArrayLike,
+    mask: ArrayLike,
+    top_quantile: Scalar = 0.2,
+    threshold: Optional[ArrayLike] = None,
+) -> jax.Array:
     """Keep only the top-``ρ`` highest-entropy tokens ("Beyond the 80/20 rule", Wang et al. 2025,
     arXiv 2506.01939, eq. 3; TRL ``top_entropy_quantile``).
 
     Returns a ``[B, T]`` bool mask: ``H_t ≥ threshold`` and ``mask_t``. All-False for an empty mask.
     ``threshold`` overrides the local quantile (use a globally gathered one across devices).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import high_entropy_mask
+      >>> ent = jnp.array([[0.1, 2.0, 0.3, 1.5, 0.2]])
+      >>> print(high_entropy_mask(ent, jnp.ones((1, 5), bool), top_quantile=0.4))  # the top 40% of tokens by entropy
+      [[False  True False  True False]]
     """
     ent = as_float(entropies, "entropies")
     mask = as_mask(mask)
@@ -46,7 +62,7 @@ def high_entropy_mask(
     return keep & mask
 
 
-def entropy_bonus(entropies: jnp.ndarray, mask: jnp.ndarray, num_items=None) -> jnp.ndarray:
+def entropy_bonus(entropies: ArrayLike, mask: ArrayLike, num_items: Optional[ArrayLike] = None) -> jax.Array:
     """Mean entropy over the (effective) mask, ``Σ H m / max(Σ m, 1)``; subtract ``coef ×`` this from the
     loss to encourage exploration (Skywork-OR1, arXiv 2505.22312, eq. 5). ``num_items`` replaces the
     local count by a global one (micro-batching)."""
@@ -59,11 +75,11 @@ def entropy_bonus(entropies: jnp.ndarray, mask: jnp.ndarray, num_items=None) -> 
 
 
 def is_truncated(
-    completion_ids: jnp.ndarray,
-    mask: jnp.ndarray,
+    completion_ids: ArrayLike,
+    mask: ArrayLike,
     eos_token_ids: Sequence[int],
     pad_token_id: Optional[int] = None,
-) -> jnp.ndarray:
+) -> jax.Array:
     """``[B]`` bool: the completion did not end with a stop token (its last real token is neither an
     EOS id nor the pad id, as TRL). Empty completions count as truncated."""
     ids = jnp.asarray(completion_ids)
@@ -79,7 +95,7 @@ def is_truncated(
     return (length == 0) | ~ended
 
 
-def mask_truncated_completions(mask: jnp.ndarray, truncated: jnp.ndarray) -> jnp.ndarray:
+def mask_truncated_completions(mask: ArrayLike, truncated: ArrayLike) -> jax.Array:
     """Zero whole rows of ``mask`` whose completion was truncated (DAPO overlong filtering,
     arXiv 2503.14476 sec. 3.4; TRL ``mask_truncated_completions``)."""
     mask = as_mask(mask)

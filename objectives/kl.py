@@ -28,7 +28,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_same_shape
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_same_shape,
+)
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "mse")
 # verl's "+" suffix: forward value of the named estimator, gradient of k2 (straight-through)
@@ -66,13 +73,13 @@ def _log_ratio(logps, ref_logps, mask, clamp) -> jnp.ndarray:
 
 
 def kl_penalty(
-    logps: jnp.ndarray,
-    ref_logps: jnp.ndarray,
-    mask: Optional[jnp.ndarray] = None,
+    logps: ArrayLike,
+    ref_logps: ArrayLike,
+    mask: Optional[ArrayLike] = None,
     kind: str = "k3",
-    clamp: Optional[float] = 20.0,
-    output_clamp: Optional[float] = None,
-) -> jnp.ndarray:
+    clamp: Optional[Scalar] = 20.0,
+    output_clamp: Optional[Scalar] = None,
+) -> jax.Array:
     """Per-token KL estimate ``[B, T]`` of ``KL(π_θ ‖ π_ref)`` (table in the module docstring).
 
     Args:
@@ -85,6 +92,16 @@ def kl_penalty(
       clamp: clamp on ``d`` before ``exp`` (``None`` disables).
       output_clamp: optional clamp of the estimate to ``±output_clamp`` (verl / OpenRLHF clamp k3 to
         ±10). Off by default: it silently zeroes the KL gradient on outliers (survey pitfall 4.7).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import kl_penalty
+      >>> logps = jnp.array([[-1.0, -2.0]])
+      >>> ref = jnp.array([[-1.5, -2.0]])
+      >>> print(kl_penalty(logps, ref, kind="k1"))  # log pi - log pi_ref
+      [[0.5 0. ]]
+      >>> print(kl_penalty(logps, ref, kind="k3"))  # exp(ref - logps) - (ref - logps) - 1 >= 0
+      [[0.1065 0.    ]]
     """
     check_choice("kind", kind, ALL_KL_ESTIMATORS)
     if kind.endswith("+"):
@@ -95,13 +112,13 @@ def kl_penalty(
 
 
 def straight_through_kl(
-    logps: jnp.ndarray,
-    ref_logps: jnp.ndarray,
-    mask: Optional[jnp.ndarray] = None,
+    logps: ArrayLike,
+    ref_logps: ArrayLike,
+    mask: Optional[ArrayLike] = None,
     value_kind: str = "k3",
     grad_kind: str = "k2",
-    clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """Straight-through KL ``[B, T]``: the *value* of ``value_kind``, the *gradient* of ``grad_kind``,
     ``sg(f_v(d)) + f_g(d) − sg(f_g(d))`` with ``d = log π_θ − log π_ref`` (clamped to ``±clamp``).
 
@@ -116,27 +133,27 @@ def straight_through_kl(
     return _sg(_estimate(d, value_kind)) + g - _sg(g)
 
 
-def bias_corrected_kl(kl: jnp.ndarray, ratio: jnp.ndarray) -> jnp.ndarray:
+def bias_corrected_kl(kl: ArrayLike, ratio: ArrayLike) -> jax.Array:
     """DeepSeek-V3.2's unbiased KL (arXiv 2512.02556, eq. 7): ``k3 · π_θ/π_old``.
 
     Samples come from π_old; weighting by the (differentiable) ratio makes the k3 gradient an
     unbiased estimate of ``∇KL(π_θ‖π_ref)``. ``ratio`` may be ``[B, T]`` or the ``[B, 1]`` sequence
     ratio (as TRL, which broadcasts it). TRL's ``use_bias_correction_kl``.
     """
-    return kl * ratio
+    return jnp.multiply(kl, ratio)
 
 
 # ----------------------------------------------------------------------------- KL in the reward
 
 
 def kl_in_reward(
-    token_scores: jnp.ndarray,
-    logps: jnp.ndarray,
-    ref_logps: jnp.ndarray,
-    mask: jnp.ndarray,
-    beta,
+    token_scores: ArrayLike,
+    logps: ArrayLike,
+    ref_logps: ArrayLike,
+    mask: ArrayLike,
+    beta: Scalar,
     kind: str = "k1",
-    clamp: Optional[float] = 20.0,
+    clamp: Optional[Scalar] = 20.0,
 ):
     """KL penalty folded into the per-token reward (Ziegler et al. 2019, arXiv 1909.08593, the KL-penalised reward;
     Ouyang et al. 2022, arXiv 2203.02155, eq. 2; verl ``use_kl_in_reward``):
@@ -155,6 +172,16 @@ def kl_in_reward(
       ``(rewards [B, T], current_kl)``: ``current_kl`` is the batch mean of the per-sequence mean KL
       (verl's ``actor/reward_kl_penalty``; empty rows count 0), the input of
       :func:`adaptive_kl_controller`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import kl_in_reward
+      >>> scores = jnp.array([[0.0, 1.0]])  # the reward on the last token
+      >>> logps = jnp.array([[-1.0, -2.0]])
+      >>> ref = jnp.array([[-1.5, -2.5]])
+      >>> rewards, kl = kl_in_reward(scores, logps, ref, jnp.ones((1, 2), bool), beta=0.1)
+      >>> print(rewards)  # scores - beta * k1
+      [[-0.05  0.95]]
     """
     scores = _sg(as_float(token_scores, "token_scores"))
     mask = as_mask(mask)
@@ -168,7 +195,7 @@ def kl_in_reward(
     return rewards, jnp.mean(row_kl)
 
 
-def fixed_kl_controller(beta, current_kl=None, n_steps=None):
+def fixed_kl_controller(beta: Scalar, current_kl: Optional[ArrayLike] = None, n_steps=None):
     """Fixed KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, constant β; verl ``FixedKLController``):
     returns ``beta`` (a scalar) unchanged. Same signature as
     :func:`adaptive_kl_controller`, so a train loop can swap them."""
@@ -176,17 +203,24 @@ def fixed_kl_controller(beta, current_kl=None, n_steps=None):
 
 
 def adaptive_kl_controller(
-    beta,
-    current_kl,
+    beta: Scalar,
+    current_kl: ArrayLike,
     n_steps,
-    target_kl: float = 0.1,
-    horizon: float = 10000.0,
-    max_error: float = 0.2,
+    target_kl: Scalar = 0.1,
+    horizon: Scalar = 10000.0,
+    max_error: Scalar = 0.2,
 ):
     """Adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, adaptive β schedule; verl
     ``AdaptiveKLController``): ``e = clip(KL/KL_target − 1, −0.2, 0.2)``,
     ``β ← β·(1 + e·n_steps/horizon)``. Pure: the caller keeps ``beta`` (the state) and passes it
-    back in. ``n_steps`` is the number of samples since the last update (verl: the batch size)."""
+    back in. ``n_steps`` is the number of samples since the last update (verl: the batch size).
+
+    Examples:
+      >>> from trlax.objectives import adaptive_kl_controller
+      >>> beta = adaptive_kl_controller(0.1, current_kl=0.2, n_steps=100, target_kl=0.1, horizon=1000)
+      >>> print(round(float(beta), 4))  # KL above target: beta grows by 1 + clip(0.2/0.1 - 1, -0.2, 0.2) * 100/1000
+      0.102
+    """
     beta = jnp.asarray(beta)
     err = jnp.clip(jnp.asarray(current_kl, beta.dtype) / target_kl - 1.0, -max_error, max_error)
     return beta * (1.0 + err * jnp.asarray(n_steps, beta.dtype) / horizon)

@@ -34,7 +34,7 @@ __all__ = [
     "logps_and_entropy",
     "fused_logps_and_entropy",
 ]
-
+from trlax.objectives._checks import ArrayLike
 
 # ----------------------------------------------------------------------------------- validation
 
@@ -73,7 +73,7 @@ def _as_logits(logits: Any) -> jnp.ndarray:
 # ------------------------------------------------------------------------------------ plain path
 
 
-def token_logps(logits: jnp.ndarray, targets: jnp.ndarray, temperature: Any = 1.0) -> jnp.ndarray:
+def token_logps(logits: ArrayLike, targets: ArrayLike, temperature: Any = 1.0) -> jax.Array:
     """Log-probability of each target token, ``log softmax(logits / τ)[..., y]``.
 
     The per-token ``log π_θ(o_t | q, o_<t)`` of GRPO (Shao et al. 2024, arXiv 2402.03300, eq. 3) and
@@ -87,11 +87,18 @@ def token_logps(logits: jnp.ndarray, targets: jnp.ndarray, temperature: Any = 1.
 
     Returns:
       ``[...]`` log-probs in float32 (float64 for float64 logits), always ``≤ 0``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import token_logps
+      >>> logits = jnp.array([[[0.0, 0.0], [0.0, 2.0]]])
+      >>> print(token_logps(logits, jnp.array([[0, 1]])))  # log softmax(logits)[target]
+      [[-0.6931 -0.1269]]
     """
     return logps_and_entropy(logits, targets, temperature)[0]
 
 
-def token_entropy(logits: jnp.ndarray, temperature: Any = 1.0) -> jnp.ndarray:
+def token_entropy(logits: ArrayLike, temperature: Any = 1.0) -> jax.Array:
     """Shannon entropy of ``softmax(logits / τ)`` per position, ``H = logsumexp(z) − Σ p z``.
 
     Used by entropy masks / bonuses (Wang et al. 2025, arXiv 2506.01939, eq. 2).
@@ -108,7 +115,7 @@ def token_entropy(logits: jnp.ndarray, temperature: Any = 1.0) -> jnp.ndarray:
     return _stats(z)[1]
 
 
-def logps_and_entropy(logits: jnp.ndarray, targets: jnp.ndarray, temperature: Any = 1.0):
+def logps_and_entropy(logits: ArrayLike, targets: ArrayLike, temperature: Any = 1.0):
     """Both :func:`token_logps` and :func:`token_entropy` from one pass over ``[..., V]`` logits.
 
     Args:
@@ -116,6 +123,13 @@ def logps_and_entropy(logits: jnp.ndarray, targets: jnp.ndarray, temperature: An
 
     Returns:
       ``(logps, entropy)``, each ``[...]`` float32 (or float64).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import logps_and_entropy
+      >>> logps, entropy = logps_and_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]]))
+      >>> print(logps, entropy)  # uniform over 4: log 1/4 and entropy log 4
+      [[-1.3863]] [[1.3863]]
     """
     x = _as_logits(logits)
     ids = _check_targets(targets, x.shape[:-1])
@@ -206,9 +220,9 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_logps_and_entropy(
-    hidden: jnp.ndarray,
-    lm_head: jnp.ndarray,
-    targets: jnp.ndarray,
+    hidden: ArrayLike,
+    lm_head: ArrayLike,
+    targets: ArrayLike,
     temperature: Any = 1.0,
     chunk_size: int = 1024,
 ):

@@ -26,7 +26,7 @@ micro-batch losses gives the full-batch loss exactly. With one micro-batch both 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,9 @@ import numpy as np
 
 from trlax.objectives import advantages as _adv  # noqa: F401  (re-exported names live there)
 from trlax.objectives._checks import (
+    ArrayLike,
     ConfigMixin,
+    Scalar,
     as_float,
     as_mask,
     check_choice,
@@ -48,7 +50,6 @@ from trlax.objectives._checks import (
 )
 from trlax.objectives.aggregation import (
     AGGREGATION_MODES,
-    Mean,
     aggregate,
     masked_max,
     masked_min,
@@ -59,7 +60,6 @@ from trlax.objectives.correction import (
     SAMPLER_CORRECTION_MODES,
     off_policy_sequence_mask,
     sampler_importance_weights,
-    sampler_log_ratio,
 )
 from trlax.objectives.entropy import high_entropy_mask, mask_truncated_completions
 from trlax.objectives.kl import ALL_KL_ESTIMATORS, kl_penalty
@@ -157,47 +157,47 @@ class PolicyLossConfig(ConfigMixin):
 
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
-    epsilon: float = 0.2
-    epsilon_high: Optional[float] = None
-    delta: Optional[float] = None
-    beta: float = 0.0
+    epsilon: Scalar = 0.2
+    epsilon_high: Optional[Scalar] = None
+    delta: Optional[Scalar] = None
+    beta: Scalar = 0.0
     kl_estimator: str = "k3"
     use_bias_correction_kl: bool = True
-    top_entropy_quantile: float = 1.0
-    off_policy_mask_threshold: Optional[float] = None
+    top_entropy_quantile: Scalar = 1.0
+    off_policy_mask_threshold: Optional[Scalar] = None
     sampler_correction: Optional[str] = None
-    sampler_clip_min: Optional[float] = None
-    sampler_clip_max: Optional[float] = 3.0
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    sampler_clip_min: Optional[Scalar] = None
+    sampler_clip_max: Optional[Scalar] = 3.0
+    sapo_temperature_pos: Scalar = 1.0
+    sapo_temperature_neg: Scalar = 1.05
+    vespo_k_pos: Scalar = 2.0
+    vespo_lambda_pos: Scalar = 3.0
+    vespo_k_neg: Scalar = 3.0
+    vespo_lambda_neg: Scalar = 2.0
     max_completion_length: Optional[int] = None
-    entropy_coef: float = 0.0
+    entropy_coef: Scalar = 0.0
     mask_truncated_completions: bool = False
-    log_ratio_clamp: Optional[float] = 20.0
+    log_ratio_clamp: Optional[Scalar] = 20.0
     # ---- beyond TRL (issue 3) ----
     loss_agg_mode: Optional[str] = None
-    clip_ratio_c: Optional[float] = None
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-4
-    ppo_kl_coef: float = 1.0
-    aspo_negative_clip_ratio_c: float = 3.0
-    aspo_positive_clip_ratio_c: float = 3.0
-    topr_positive_weight: float = 1.0
-    topr_negative_weight: float = 1.0
+    clip_ratio_c: Optional[Scalar] = None
+    clip_cov_ratio: Scalar = 2e-4
+    clip_cov_lb: Scalar = 1.0
+    clip_cov_ub: Scalar = 5.0
+    kl_cov_ratio: Scalar = 2e-4
+    ppo_kl_coef: Scalar = 1.0
+    aspo_negative_clip_ratio_c: Scalar = 3.0
+    aspo_positive_clip_ratio_c: Scalar = 3.0
+    topr_positive_weight: Scalar = 1.0
+    topr_negative_weight: Scalar = 1.0
     topr_sequence_ratio: bool = False
     dppo_divergence: str = "binary_tv"
-    dppo_ratio_cap: Optional[float] = 20.0
-    m2po_threshold: float = 0.04
-    squared_log_ratio_coef: float = 0.0
-    high_entropy_epsilon: Optional[float] = None
-    high_entropy_epsilon_high: Optional[float] = None
-    entropy_clip_quantile: float = 0.8
+    dppo_ratio_cap: Optional[Scalar] = 20.0
+    m2po_threshold: Scalar = 0.04
+    squared_log_ratio_coef: Scalar = 0.0
+    high_entropy_epsilon: Optional[Scalar] = None
+    high_entropy_epsilon_high: Optional[Scalar] = None
+    entropy_clip_quantile: Scalar = 0.8
     force_on_policy_ratio: bool = False
 
     def __post_init__(self):
@@ -284,18 +284,19 @@ class PolicyLossConfig(ConfigMixin):
 
     # ------------------------------------------------------------------------------------ presets
     @property
-    def epsilon_low(self) -> float:
+    def epsilon_low(self) -> Scalar:
         return self.epsilon
 
     @property
-    def effective_epsilon_high(self) -> float:
+    def effective_epsilon_high(self) -> Scalar:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     @classmethod
     def grpo(cls, **overrides) -> "PolicyLossConfig":
         """GRPO / DeepSeekMath (arXiv 2402.03300; paper index with DeepSeek-R1 values): per-sequence
         token mean, ``beta=0.001``, ``epsilon=10.0`` (R1's very loose clip), k3 KL."""
-        return cls(**{"loss_type": "grpo", "beta": 0.001, "epsilon": 10.0, "use_bias_correction_kl": False, **overrides})
+        return cls(**{"loss_type": "grpo", "beta": 0.001, "epsilon": 10.0, "use_bias_correction_kl": False,
+                      **overrides})
 
     @classmethod
     def dapo(cls, **overrides) -> "PolicyLossConfig":
@@ -455,7 +456,7 @@ class PolicyLossConfig(ConfigMixin):
         return cls.dppo(**{"squared_log_ratio_coef": 1e-3, **overrides})
 
     @classmethod
-    def kimi15(cls, tau: float = 0.1, **overrides) -> "PolicyLossConfig":
+    def kimi15(cls, tau: Scalar = 0.1, **overrides) -> "PolicyLossConfig":
         """Kimi k1.5 (arXiv 2501.12599, eq. 3): ``−A·log π + τ/2·(log π − log π_old)²``; the paper does
         not publish τ, ``0.1`` is ROLL's ``kimi15_tau`` default."""
         return cls(**{"loss_type": "gpg", "squared_log_ratio_coef": 0.5 * tau, "beta": 0.0, **overrides})
@@ -532,21 +533,21 @@ def _advantages_2d(advantages, B: int, T: int) -> jnp.ndarray:
 
 
 def policy_loss(
-    logps: jnp.ndarray,
-    old_logps: Optional[jnp.ndarray],
-    advantages: jnp.ndarray,
-    mask: jnp.ndarray,
+    logps: ArrayLike,
+    old_logps: Optional[ArrayLike],
+    advantages: ArrayLike,
+    mask: ArrayLike,
     config: PolicyLossConfig,
     *,
-    ref_logps: Optional[jnp.ndarray] = None,
-    sampler_logps: Optional[jnp.ndarray] = None,
-    entropies: Optional[jnp.ndarray] = None,
+    ref_logps: Optional[ArrayLike] = None,
+    sampler_logps: Optional[ArrayLike] = None,
+    entropies: Optional[ArrayLike] = None,
     num_items: Optional[Any] = None,
     num_sequences: Optional[Any] = None,
-    entropy_threshold: Optional[jnp.ndarray] = None,
-    truncated: Optional[jnp.ndarray] = None,
+    entropy_threshold: Optional[ArrayLike] = None,
+    truncated: Optional[ArrayLike] = None,
     rng: Optional[jax.Array] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """GRPO-family policy loss (pipeline in the module docstring).
 
     Args:
@@ -575,6 +576,23 @@ def policy_loss(
 
     Returns:
       ``(loss, metrics)``: scalar loss and a dict of ``Mean`` pairs / min / max scalars.
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import PolicyLossConfig, policy_loss
+      >>> logps = jnp.array([[-1.0, -1.2, -0.8], [-0.5, -0.7, -2.0]])
+      >>> old = logps + jnp.array([[0.1, -0.1, 0.0], [0.0, 0.2, 0.0]])
+      >>> adv = jnp.array([1.0, -1.0])
+      >>> mask = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+      >>> truncated = jnp.array([False, True])  # DAPO drops truncated completions from the loss
+      >>> config = PolicyLossConfig.dapo()
+      >>> loss, metrics = policy_loss(logps, old, adv, mask, config, truncated=truncated)
+      >>> print(round(float(loss), 4), round(float(metrics["clip_ratio/region_mean"].value), 4))
+      -1.0033 0.0
+      >>> grad = jax.grad(lambda lp: policy_loss(lp, old, adv, mask, config, truncated=truncated)[0])(logps)
+      >>> print(grad[1])  # the truncated row gets no gradient
+      [0. 0. 0.]
     """
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"`config` must be a PolicyLossConfig, got {type(config).__name__}")
@@ -628,7 +646,8 @@ def policy_loss(
 
     # 2. surrogate
     lt = config.loss_type
-    eps_l, eps_h = config.epsilon, config.effective_epsilon_high
+    eps_l: Any = config.epsilon  # a scalar, or [B, T] with the entropy-dependent clip
+    eps_h: Any = config.effective_epsilon_high
     if config.high_entropy_epsilon is not None:
         if entropies is None:
             raise ValueError("`entropies` is required when high_entropy_epsilon is set")
@@ -733,7 +752,7 @@ class SurrogateInputs(NamedTuple):
     mask: jax.Array
     epsilon_low: Any
     epsilon_high: Any
-    sampler_logps: Optional[jax.Array]
+    sampler_logps: Optional[ArrayLike]
     sampler_log_is: Optional[jax.Array]
     rng: Optional[jax.Array]
     metrics: Dict[str, Any]
@@ -769,6 +788,19 @@ def register_policy_loss(name: str, surrogate: Callable[[SurrogateInputs], jax.A
       aggregation: its default :func:`aggregate` mode (``loss_agg_mode`` overrides it).
       token_level_only: reject ``importance_sampling_level`` other than ``token``.
       overwrite: allow replacing an existing name (built-ins included).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import PolicyLossConfig, policy_loss, register_policy_loss
+      >>> def reinforce(x):  # -A log pi per token (the importance ratio is ignored)
+      ...     return -x.advantages * x.logps
+      >>> _ = register_policy_loss("reinforce_doc", reinforce, token_level_only=True, overwrite=True)
+      >>> logps = jnp.array([[-1.0, -2.0], [-0.5, -0.5]])
+      >>> mask = jnp.array([[1, 1], [1, 0]], bool)
+      >>> config = PolicyLossConfig(loss_type="reinforce_doc")
+      >>> loss, _ = policy_loss(logps, logps, jnp.array([1.0, -1.0]), mask, config)
+      >>> print(round(float(loss), 4))  # token mean of [1, 2] and [-0.5]: 2.5 / 3
+      0.8333
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} must be a non-empty string")
@@ -903,19 +935,19 @@ for _name, _fn in (("gmpo", _gmpo_surrogate), ("gpg", _gpg_surrogate), ("clip_co
 
 
 def adaptive_entropy_coef(
-    coef: jnp.ndarray,
-    window_entropy: jnp.ndarray,
-    target: float = 0.2,
-    delta: float = 0.005,
-    coef_min: float = 0.0,
-    coef_max: float = 1.0,
-) -> jnp.ndarray:
+    coef: ArrayLike,
+    window_entropy: ArrayLike,
+    target: Scalar = 0.2,
+    delta: Scalar = 0.005,
+    coef_min: Scalar = 0.0,
+    coef_max: Scalar = 1.0,
+) -> jax.Array:
     """Skywork-OR1 adaptive entropy controller (arXiv 2505.22312, sec. 3.2.3; TRL
     ``use_adaptive_entropy``): after each optimiser step, raise the coefficient by ``delta`` when the
     window's entropy is at or below ``target``, else lower it, within ``[coef_min, coef_max]``.
     Pure: the caller keeps ``coef`` in its train state. The bonus is applied only while the last
     window's entropy is ``≤ target`` (use ``jnp.where(window_entropy <= target, coef, 0)``)."""
-    coef = jnp.asarray(coef)
+    coef, window_entropy = jnp.asarray(coef), jnp.asarray(window_entropy)
     return jnp.where(window_entropy <= target, jnp.minimum(coef + delta, coef_max), jnp.maximum(coef - delta, coef_min))
 
 

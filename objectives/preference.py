@@ -18,7 +18,9 @@ Layers, each usable alone:
    and TDPO), :func:`cal_dpo_loss`, :func:`tdpo_loss`, :func:`beta_dpo_loss` (dynamic β with pair
    filtering, stateful), :func:`preference_sft_loss` (the RPO / ``sft`` NLL term);
 3. the recipe :func:`preference_loss` on per-token ``[B, T]`` arrays, driven by the frozen
-   :class:`PreferenceLossConfig` (weighted combination of loss types as in MPO, WPO weighting, RPO).
+   :class:`PreferenceLossConfig` (weighted combination of loss types as in MPO, WPO weighting, RPO);
+   every ``loss_type`` is an entry of ``PREFERENCE_LOSS_REGISTRY``, and
+   :func:`register_preference_loss` adds a user's own to the same pipeline.
 
 Conventions follow TRL 1.16's ``DPOTrainer`` (``loss = Σ_k w_k · mean_pairs(ℓ_k · wpo)``; the WPO
 weights and logged rewards are constants; ``sft`` is the token mean over all chosen tokens of the
@@ -34,13 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 
 from trlax.objectives._checks import (
+    ArrayLike,
     ConfigMixin,
+    Scalar,
     as_float,
     as_mask,
     check_choice,
@@ -51,7 +55,7 @@ from trlax.objectives._checks import (
     maybe_nonzero,
     register_config,
 )
-from trlax.objectives.aggregation import Mean, masked_sum, mean_metric
+from trlax.objectives.aggregation import masked_sum, mean_metric
 
 PREFERENCE_LOSS_TYPES = (
     "sigmoid",
@@ -97,7 +101,7 @@ _EXP_CLAMP = 80.0
 # ------------------------------------------------------------------------------------------ scores
 
 
-def sequence_logps(logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def sequence_logps(logps: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Sequence log-probability ``S = Σ_t m_t ℓ_t`` (DPO, arXiv 2305.18290, eq. 7: log π(y|x) as a sum).
 
     Args:
@@ -106,6 +110,12 @@ def sequence_logps(logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
     Returns:
       ``[B]`` sums (0 for an empty row), float32 or wider.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import sequence_logps
+      >>> print(sequence_logps(jnp.array([[-1.0, -2.0, -9.0]]), jnp.array([[1, 1, 0]])))
+      [-3.]
     """
     logps = as_float(logps, "logps")
     check_rank(logps, 2, "logps")
@@ -115,12 +125,12 @@ def sequence_logps(logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def ld_dpo_logps(
-    chosen_logps: jnp.ndarray,
-    rejected_logps: jnp.ndarray,
-    chosen_mask: jnp.ndarray,
-    rejected_mask: jnp.ndarray,
-    ld_alpha: float,
-) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
+    ld_alpha: Scalar,
+) -> Tuple[jax.Array, jax.Array]:
     """LD-DPO length-desensitised sequence log-probs (arXiv 2409.06411, eq. 9–10).
 
     For pair ``i`` let ``l_p = min(|y_w|, |y_l|)``. In each row the first ``l_p`` completion tokens
@@ -163,8 +173,8 @@ def _ld_split_sum(logps, mask, shared, ld_alpha):
 
 
 def f_divergence_scores(
-    logratios: jnp.ndarray, f_divergence_type: str = "reverse_kl", alpha: float = 0.5
-) -> jnp.ndarray:
+    logratios: ArrayLike, f_divergence_type: str = "reverse_kl", alpha: Scalar = 0.5
+) -> jax.Array:
     """f-DPO scores ``g(ρ) = f'(π/π_ref)`` of the log-ratio ``ρ`` (arXiv 2309.16240, Table 1 / eq. 10).
 
     * ``reverse_kl``: ``ρ`` (standard DPO);
@@ -181,6 +191,15 @@ def f_divergence_scores(
 
     Returns:
       scores with the shape of ``logratios``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import f_divergence_scores
+      >>> rho = jnp.array([-1.0, 0.0, 1.0])
+      >>> print(f_divergence_scores(rho, "reverse_kl"))  # the log-ratio itself (DPO)
+      [-1.  0.  1.]
+      >>> print(f_divergence_scores(rho, "forward_kl"))  # -exp(-rho)
+      [-1.7183  0.      0.6321]
     """
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCE_TYPES)
     x = as_float(logratios, "logratios")
@@ -197,7 +216,7 @@ def f_divergence_scores(
     return jnp.where(near_one, x, jnp.expm1(t) / am1)
 
 
-def length_normalized_scores(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def length_normalized_scores(scores: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Per-token average ``s / max(|y|, 1)`` of a sequence score (IPO as run in TRL, arXiv
     2310.12036 eq. 17 with length normalisation; Tülu 3 ``sigmoid_norm``, arXiv 2411.15124 eq. 6).
 
@@ -216,7 +235,7 @@ def length_normalized_scores(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndar
     return scores / jnp.maximum(jnp.sum(mask, -1), 1).astype(scores.dtype)
 
 
-def wpo_weights(logps: jnp.ndarray, log_sum_sq_probs: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def wpo_weights(logps: ArrayLike, log_sum_sq_probs: ArrayLike, mask: ArrayLike) -> jax.Array:
     """WPO sequence weight (arXiv 2406.11827, eq. 2; TRL ``use_weighting``), a constant (stop-gradient).
 
     ``w = exp( Σ_t m_t (ℓ_t − log Σ_v π_v²) / max(|y|, 1) )``: the length-normalised probability of
@@ -242,7 +261,7 @@ def wpo_weights(logps: jnp.ndarray, log_sum_sq_probs: jnp.ndarray, mask: jnp.nda
     return jnp.exp(jnp.minimum(aligned / n, _EXP_CLAMP))
 
 
-def tdpo_token_kl(logits: jnp.ndarray, ref_logits: jnp.ndarray) -> jnp.ndarray:
+def tdpo_token_kl(logits: ArrayLike, ref_logits: ArrayLike) -> jax.Array:
     """Per-position forward KL ``KL(π_ref(·|s_t) ‖ π_θ(·|s_t))`` over the full vocabulary
     (TDPO, arXiv 2404.11999, eq. 15 sequential KL, one term per position).
 
@@ -262,7 +281,7 @@ def tdpo_token_kl(logits: jnp.ndarray, ref_logits: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
 
 
-def odpo_offset(chosen_scores: jnp.ndarray, rejected_scores: jnp.ndarray, alpha: float = 1.0) -> jnp.ndarray:
+def odpo_offset(chosen_scores: ArrayLike, rejected_scores: ArrayLike, alpha: Scalar = 1.0) -> jax.Array:
     """ODPO offset ``Δ_r = α · log(r_w − r_l)`` from external scores (arXiv 2402.10571, eq. 8 with
     the log scaling of sec. 4). Score gaps are floored at ``1e-8`` so ties give a finite, very negative
     offset. Pass the result as ``offsets`` to :func:`dpo_loss` / :func:`preference_loss`.
@@ -273,6 +292,12 @@ def odpo_offset(chosen_scores: jnp.ndarray, rejected_scores: jnp.ndarray, alpha:
 
     Returns:
       ``[B]`` constant offsets (stop-gradient).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import odpo_offset
+      >>> print(odpo_offset(jnp.array([3.0, 2.0]), jnp.array([1.0, 1.0])))  # alpha * log(s_w - s_l)
+      [0.6931 0.    ]
     """
     check_range("alpha", alpha)
     w = as_float(chosen_scores, "chosen_scores")
@@ -289,7 +314,7 @@ def _smoothed_logistic(x, eps):
     return -(1.0 - eps) * jax.nn.log_sigmoid(x) - eps * jax.nn.log_sigmoid(-x)
 
 
-def cal_dpo_loss(chosen_logratios: jnp.ndarray, rejected_logratios: jnp.ndarray, beta: float = 0.1) -> jnp.ndarray:
+def cal_dpo_loss(chosen_logratios: ArrayLike, rejected_logratios: ArrayLike, beta: Scalar = 0.1) -> jax.Array:
     """Cal-DPO per-pair loss (arXiv 2412.14516, eq. 10, in the official code's form: β only in the
     calibration targets)::
 
@@ -301,6 +326,12 @@ def cal_dpo_loss(chosen_logratios: jnp.ndarray, rejected_logratios: jnp.ndarray,
 
     Returns:
       ``[B]`` losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import cal_dpo_loss
+      >>> print(cal_dpo_loss(jnp.array([5.0]), jnp.array([-5.0]), beta=0.1))  # on the calibration targets +-1/(2 beta)
+      [0.]
     """
     check_range("beta", beta, low=0.0, low_inclusive=False)
     w = as_float(chosen_logratios, "chosen_logratios")
@@ -314,14 +345,14 @@ TDPO_VARIANTS = ("tdpo1", "tdpo2")
 
 
 def tdpo_loss(
-    chosen_logratios: jnp.ndarray,
-    rejected_logratios: jnp.ndarray,
-    chosen_kl: jnp.ndarray,
-    rejected_kl: jnp.ndarray,
-    beta: float = 0.1,
-    alpha: float = 0.5,
+    chosen_logratios: ArrayLike,
+    rejected_logratios: ArrayLike,
+    chosen_kl: ArrayLike,
+    rejected_kl: ArrayLike,
+    beta: Scalar = 0.1,
+    alpha: Scalar = 0.5,
     variant: str = "tdpo2",
-) -> jnp.ndarray:
+) -> jax.Array:
     """Token-level DPO (arXiv 2404.11999, eq. 17 TDPO1 and eq. 19 TDPO2).
 
     With ``D = Σ_t KL(π_ref ‖ π_θ)`` the sequential KL of a completion (:func:`tdpo_token_kl`)::
@@ -353,27 +384,27 @@ def tdpo_loss(
 
 
 def dpo_loss(
-    chosen_logps: jnp.ndarray,
-    rejected_logps: jnp.ndarray,
-    ref_chosen_logps: Optional[jnp.ndarray],
-    ref_rejected_logps: Optional[jnp.ndarray],
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    ref_chosen_logps: Optional[ArrayLike],
+    ref_rejected_logps: Optional[ArrayLike],
     loss_type: str = "sigmoid",
     *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
+    beta: Scalar = 0.1,
+    label_smoothing: Scalar = 0.0,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    chosen_lengths: Optional[jnp.ndarray] = None,
-    rejected_lengths: Optional[jnp.ndarray] = None,
+    f_alpha_divergence_coef: Scalar = 0.5,
+    discopop_tau: Scalar = 0.05,
+    chosen_lengths: Optional[ArrayLike] = None,
+    rejected_lengths: Optional[ArrayLike] = None,
     sigmoid_label_smoothing: bool = False,
-    rdpo_alpha: float = 0.0,
-    dpop_lambda: float = 0.0,
-    offsets: Optional[jnp.ndarray] = None,
-    chosen_kl: Optional[jnp.ndarray] = None,
-    rejected_kl: Optional[jnp.ndarray] = None,
-    tdpo_alpha: float = 0.5,
-) -> jnp.ndarray:
+    rdpo_alpha: Scalar = 0.0,
+    dpop_lambda: Scalar = 0.0,
+    offsets: Optional[ArrayLike] = None,
+    chosen_kl: Optional[ArrayLike] = None,
+    rejected_kl: Optional[ArrayLike] = None,
+    tdpo_alpha: Scalar = 0.5,
+) -> jax.Array:
     """Per-pair DPO-family loss on sequence log-probs ``[B]`` (one ``loss_type``; ``sft`` excluded).
 
     ``ρ = S − S_ref`` (``S_ref = 0`` if the reference is ``None``: reference-free), ``s = g(ρ)``
@@ -423,6 +454,16 @@ def dpo_loss(
 
     Returns:
       ``[B]`` per-pair losses.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import dpo_loss
+      >>> chosen, rejected = jnp.array([-10.0, -12.0]), jnp.array([-14.0, -11.0])
+      >>> ref_chosen, ref_rejected = jnp.array([-11.0, -12.0]), jnp.array([-13.0, -12.0])
+      >>> print(dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5))  # -log sigmoid(beta * margin)
+      [0.3133 0.9741]
+      >>> print(dpo_loss(chosen, rejected, ref_chosen, ref_rejected, "ipo", beta=0.5))  # (margin - 1/(2 beta))^2
+      [1. 4.]
     """
     check_choice("loss_type", loss_type, tuple(t for t in PREFERENCE_LOSS_TYPES if t != "sft"))
     check_range("beta", beta, low=0.0, low_inclusive=False)
@@ -476,16 +517,8 @@ def dpo_loss(
             return (d - 1.0 / (2.0 * beta)) ** 2
         return -jax.nn.log_sigmoid(beta * d)
 
-    delta = s_w - s_l
-    if maybe_nonzero(dpop_lambda):
-        delta = delta - dpop_lambda * jnp.maximum(-rho_w, 0.0)
-    x = beta * delta
-    if maybe_nonzero(rdpo_alpha):
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("`chosen_lengths` and `rejected_lengths` are required when rdpo_alpha != 0 (or an array)")
-        x = x + rdpo_alpha * (jnp.asarray(chosen_lengths, x.dtype) - jnp.asarray(rejected_lengths, x.dtype))
-    if offsets is not None:
-        x = x - jax.lax.stop_gradient(as_float(offsets, "offsets"))
+    x = _bradley_terry_logit(s_w - s_l, rho_w, beta, dpop_lambda, rdpo_alpha, chosen_lengths, rejected_lengths,
+                             offsets)
     if lt == "sigmoid":
         return _smoothed_logistic(x, eps) if sigmoid_label_smoothing else -jax.nn.log_sigmoid(x)
     if lt == "hinge":
@@ -504,9 +537,23 @@ def dpo_loss(
     return (1.0 - m) * (-jax.nn.log_sigmoid(x)) + jnp.exp(jnp.minimum(log_m - x, _EXP_CLAMP))
 
 
+def _bradley_terry_logit(delta, rho_w, beta, dpop_lambda, rdpo_alpha, chosen_lengths, rejected_lengths, offsets):
+    """``x = β(Δ − λ·max(0, −ρ_w)) + α_R(n_w − n_l) − offset`` (DPOP / R-DPO / ODPO, see :func:`dpo_loss`)."""
+    if maybe_nonzero(dpop_lambda):
+        delta = delta - dpop_lambda * jnp.maximum(-rho_w, 0.0)
+    x = beta * delta
+    if maybe_nonzero(rdpo_alpha):
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("`chosen_lengths` and `rejected_lengths` are required when rdpo_alpha != 0 (or an array)")
+        x = x + rdpo_alpha * (jnp.asarray(chosen_lengths, x.dtype) - jnp.asarray(rejected_lengths, x.dtype))
+    if offsets is not None:
+        x = x - jax.lax.stop_gradient(as_float(offsets, "offsets"))
+    return x
+
+
 def preference_sft_loss(
-    chosen_logps: jnp.ndarray, chosen_mask: jnp.ndarray, num_tokens: Optional[Any] = None
-) -> jnp.ndarray:
+    chosen_logps: ArrayLike, chosen_mask: ArrayLike, num_tokens: Optional[Any] = None
+) -> jax.Array:
     """The ``sft`` / RPO NLL term: ``−Σ m ℓ / max(N, 1)`` over *all* chosen completion tokens of the
     batch (token mean, TRL 1.16 ``loss_type="sft"``; RPO, arXiv 2405.16436 eq. 8; IRPO, arXiv
     2404.19733 eq. 2 normalises per sequence length instead).
@@ -540,17 +587,17 @@ class BetaDPOState(NamedTuple):
 
 
 def beta_dpo_loss(
-    chosen_logratios: jnp.ndarray,
-    rejected_logratios: jnp.ndarray,
+    chosen_logratios: ArrayLike,
+    rejected_logratios: ArrayLike,
     state: BetaDPOState,
     key: jax.Array,
     *,
-    beta: float = 0.1,
-    alpha: float = 0.6,
+    beta: Scalar = 0.1,
+    alpha: Scalar = 0.6,
     rho: float = 0.8,
-    gamma: float = 0.9,
-    beta_min: float = 1e-3,
-) -> Tuple[jnp.ndarray, BetaDPOState, Dict[str, jnp.ndarray]]:
+    gamma: Scalar = 0.9,
+    beta_min: Scalar = 1e-3,
+) -> Tuple[jax.Array, BetaDPOState, Dict[str, jax.Array]]:
     """β-DPO: batch-level dynamic β with data filtering (arXiv 2407.08639, eq. 7–9; Algorithm 1).
 
     With the reward gaps ``M_i = β_0 (ρ_w − ρ_l)`` (constants):
@@ -645,7 +692,8 @@ class PreferenceLossConfig(ConfigMixin):
     Field names and defaults follow TRL 1.16's ``DPOConfig``.
 
     Attributes:
-      loss_type: one name of :data:`PREFERENCE_LOSS_TYPES` or a tuple of names (combined with
+      loss_type: one name of :data:`PREFERENCE_LOSS_TYPES` (or one added with
+        :func:`register_preference_loss`) or a tuple of names (combined with
         ``loss_weights``, as MPO). ``aot_pair`` is accepted as the older name of ``aot_unpaired``.
       loss_weights: one weight per loss type (``None``: all 1). Command-line forms are accepted:
         ``loss_type="sigmoid,sft"``, ``loss_weights="1.0,0.005"``.
@@ -669,20 +717,20 @@ class PreferenceLossConfig(ConfigMixin):
     """
 
     loss_type: Union[str, Tuple[str, ...]] = "sigmoid"
-    loss_weights: Optional[Tuple[float, ...]] = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    loss_weights: Optional[Tuple[Scalar, ...]] = None
+    beta: Scalar = 0.1
+    label_smoothing: Scalar = 0.0
     sigmoid_label_smoothing: bool = False
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    ld_alpha: Optional[float] = None
+    f_alpha_divergence_coef: Scalar = 0.5
+    ld_alpha: Optional[Scalar] = None
     use_weighting: bool = False
-    discopop_tau: float = 0.05
+    discopop_tau: Scalar = 0.05
     reference_free: bool = False
-    rpo_alpha: Optional[float] = None
-    rdpo_alpha: float = 0.0
-    dpop_lambda: float = 0.0
-    tdpo_alpha: float = 0.5
+    rpo_alpha: Optional[Scalar] = None
+    rdpo_alpha: Scalar = 0.0
+    dpop_lambda: Scalar = 0.0
+    tdpo_alpha: Scalar = 0.5
 
     def __post_init__(self):
         lt = _as_tuple(self.loss_type)
@@ -692,7 +740,7 @@ class PreferenceLossConfig(ConfigMixin):
                              f"allowed values: {', '.join(map(repr, PREFERENCE_LOSS_TYPES))}")
         names = tuple(LOSS_TYPE_ALIASES.get(n, n) for n in names)
         for n in names:
-            check_choice("loss_type", n, PREFERENCE_LOSS_TYPES)
+            check_choice("loss_type", n, tuple(PREFERENCE_LOSS_REGISTRY))
         object.__setattr__(self, "loss_type", names[0] if isinstance(lt, str) else names)
         weights = _as_weights(self.loss_weights)
         if weights is not None:
@@ -712,14 +760,15 @@ class PreferenceLossConfig(ConfigMixin):
                              "(the EXO paper uses 1e-3)")
         check_choice("f_divergence_type", self.f_divergence_type, F_DIVERGENCE_TYPES)
         if self.f_divergence_type != "reverse_kl":
-            bad = [n for n in names if n not in F_DIVERGENCE_LOSS_TYPES]
+            bad = [n for n in names if not PREFERENCE_LOSS_REGISTRY[n].f_divergence]
             if bad:
+                ok = [n for n, e in PREFERENCE_LOSS_REGISTRY.items() if e.f_divergence]
                 raise ValueError(f"f_divergence_type={self.f_divergence_type!r} is not allowed with loss_type "
-                                 f"{bad!r}; allowed loss types: {', '.join(map(repr, F_DIVERGENCE_LOSS_TYPES))}")
+                                 f"{bad!r}; allowed loss types: {', '.join(map(repr, ok))}")
         check_range("f_alpha_divergence_coef", self.f_alpha_divergence_coef)
         check_range("ld_alpha", self.ld_alpha, low=0.0, high=1.0, allow_none=True)
         if self.use_weighting:
-            bad = [n for n in names if n in ("aot", "aot_unpaired")]
+            bad = [n for n in names if PREFERENCE_LOSS_REGISTRY[n].sorts_pairs]
             if bad:
                 raise ValueError(f"use_weighting=True is not allowed with loss_type {bad!r} (AOT sorts pairs, "
                                  "which misaligns the per-pair weights); allowed: use_weighting=False")
@@ -733,9 +782,10 @@ class PreferenceLossConfig(ConfigMixin):
                 raise ValueError(f"{f}={getattr(self, f)!r} must be a bool; allowed values: True, False")
         modifies = [f for f in ("rdpo_alpha", "dpop_lambda")
                     if not is_array(getattr(self, f)) and getattr(self, f) != 0]
-        if modifies and not any(n in LOGIT_LOSS_TYPES for n in names):
+        if modifies and not any(PREFERENCE_LOSS_REGISTRY[n].logit_modifiers for n in names):
+            ok = [n for n, e in PREFERENCE_LOSS_REGISTRY.items() if e.logit_modifiers]
             raise ValueError(f"rdpo_alpha / dpop_lambda modify the logit of loss types "
-                             f"{', '.join(map(repr, LOGIT_LOSS_TYPES))}; loss_type={names!r} has none")
+                             f"{', '.join(map(repr, ok))}; loss_type={names!r} has none")
 
     # -------------------------------------------------------------------------------- derived
     @property
@@ -743,10 +793,10 @@ class PreferenceLossConfig(ConfigMixin):
         return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
     @property
-    def weighted_losses(self) -> Tuple[Tuple[str, float], ...]:
+    def weighted_losses(self) -> Tuple[Tuple[str, Scalar], ...]:
         """``((loss_type, weight), ...)`` actually summed, the RPO ``sft`` term included."""
         weights = self.loss_weights or (1.0,) * len(self.loss_types)
-        out = tuple(zip(self.loss_types, weights))
+        out = tuple(zip(self.loss_types, weights, strict=True))
         if self.rpo_alpha is not None:
             out = out + (("sft", self.rpo_alpha),)
         return out
@@ -758,9 +808,10 @@ class PreferenceLossConfig(ConfigMixin):
         return cls(**{"loss_type": "sigmoid", "beta": 0.1, **overrides})
 
     @classmethod
-    def cdpo(cls, label_smoothing: float = 0.1, **overrides) -> "PreferenceLossConfig":
+    def cdpo(cls, label_smoothing: Scalar = 0.1, **overrides) -> "PreferenceLossConfig":
         """Conservative DPO (Mitchell 2023, eq. 3): label-smoothed ``sigmoid``, ``ε=0.1``."""
-        return cls(**{"loss_type": "sigmoid", "sigmoid_label_smoothing": True, "label_smoothing": label_smoothing, **overrides})
+        return cls(**{"loss_type": "sigmoid", "sigmoid_label_smoothing": True, "label_smoothing": label_smoothing,
+                      **overrides})
 
     @classmethod
     def ipo(cls, **overrides) -> "PreferenceLossConfig":
@@ -918,29 +969,30 @@ def _check_pair(lp, mask, name, mask_name, B=None):
 
 
 def preference_loss(
-    chosen_logps: jnp.ndarray,
-    rejected_logps: jnp.ndarray,
-    ref_chosen_logps: Optional[jnp.ndarray],
-    ref_rejected_logps: Optional[jnp.ndarray],
-    chosen_mask: jnp.ndarray,
-    rejected_mask: jnp.ndarray,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    ref_chosen_logps: Optional[ArrayLike],
+    ref_rejected_logps: Optional[ArrayLike],
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
     config: PreferenceLossConfig,
     *,
-    chosen_log_sum_sq_probs: Optional[jnp.ndarray] = None,
-    rejected_log_sum_sq_probs: Optional[jnp.ndarray] = None,
-    chosen_token_kl: Optional[jnp.ndarray] = None,
-    rejected_token_kl: Optional[jnp.ndarray] = None,
-    offsets: Optional[jnp.ndarray] = None,
+    chosen_log_sum_sq_probs: Optional[ArrayLike] = None,
+    rejected_log_sum_sq_probs: Optional[ArrayLike] = None,
+    chosen_token_kl: Optional[ArrayLike] = None,
+    rejected_token_kl: Optional[ArrayLike] = None,
+    offsets: Optional[ArrayLike] = None,
     num_pairs: Optional[Any] = None,
     num_chosen_tokens: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """DPO-family loss on per-token log-probs (DPO, arXiv 2305.18290, eq. 7, and its variants; MPO's
     weighted sum of losses, arXiv 2411.10442, eq. 6; TRL 1.16 ``DPOTrainer`` semantics).
 
     1. sequence log-probs ``S`` by masked sums, or the LD-DPO split (:func:`ld_dpo_logps`) when
        ``ld_alpha`` is set (policy and reference alike);
-    2. for each ``(loss_type, weight)`` of ``config.weighted_losses``: per-pair loss
-       (:func:`dpo_loss`, or the scalar :func:`preference_sft_loss` for ``sft``), times the WPO pair
+    2. for each ``(loss_type, weight)`` of ``config.weighted_losses``: the registered loss
+       (``PREFERENCE_LOSS_REGISTRY``; built-ins: :func:`dpo_loss` per pair, or the scalar
+       :func:`preference_sft_loss` for ``sft``; see :func:`register_preference_loss`), times the WPO pair
        weight ``w_w·w_l`` if ``use_weighting``, averaged over pairs, times the weight; summed.
 
     Args:
@@ -966,6 +1018,19 @@ def preference_loss(
       ``(loss, metrics)``: metrics ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
       ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` as :class:`Mean` pairs over pairs
       (rewards are ``β·ρ``, constants), plus ``wpo/weight`` with ``use_weighting``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import PreferenceLossConfig, preference_loss
+      >>> chosen = jnp.array([[-1.0, -2.0], [-0.5, -0.5]])
+      >>> rejected = jnp.array([[-2.0, -2.0], [-1.0, -9.0]])
+      >>> ref_chosen, ref_rejected = chosen + 0.5, rejected
+      >>> mask_c = jnp.ones((2, 2), bool)
+      >>> mask_r = jnp.array([[1, 1], [1, 0]], bool)  # the second rejected completion has one token
+      >>> config = PreferenceLossConfig.dpo()
+      >>> loss, metrics = preference_loss(chosen, rejected, ref_chosen, ref_rejected, mask_c, mask_r, config)
+      >>> print(round(float(loss), 4), round(float(metrics["rewards/margins"].value), 4))
+      0.7444 -0.1
     """
     if not isinstance(config, PreferenceLossConfig):
         raise TypeError(f"`config` must be a PreferenceLossConfig, got {type(config).__name__}")
@@ -990,25 +1055,28 @@ def preference_loss(
         R_l = None if ref_r is None else masked_sum(ref_r, rm, axis=-1)
     else:
         S_w, S_l = ld_dpo_logps(cl, rl, cm, rm, config.ld_alpha)
-        R_w, R_l = (None, None) if ref_c is None else ld_dpo_logps(ref_c, ref_r, cm, rm, config.ld_alpha)
+        R_w, R_l = (None, None) if ref_c is None or ref_r is None else ld_dpo_logps(ref_c, ref_r, cm, rm,
+                                                                                     config.ld_alpha)
     n_w = jnp.sum(cm, -1).astype(S_w.dtype)
     n_l = jnp.sum(rm, -1).astype(S_w.dtype)
 
     kl_w = kl_l = None
-    if any(t in ("tdpo1", "tdpo2") for t in config.loss_types):
+    if chosen_token_kl is not None or rejected_token_kl is not None:
         if chosen_token_kl is None or rejected_token_kl is None:
-            raise ValueError("`chosen_token_kl` and `rejected_token_kl` are required for loss_type tdpo1 / tdpo2")
+            raise ValueError("`chosen_token_kl` and `rejected_token_kl` are required together (one of them is None)")
         ckl = as_float(chosen_token_kl, "chosen_token_kl")
         rkl = as_float(rejected_token_kl, "rejected_token_kl")
         check_same_shape(cl, "chosen_logps", chosen_token_kl=ckl)
         check_same_shape(rl, "rejected_logps", rejected_token_kl=rkl)
         kl_w, kl_l = masked_sum(ckl, cm, axis=-1), masked_sum(rkl, rm, axis=-1)
+    entries = [(lt, PREFERENCE_LOSS_REGISTRY[lt], weight) for lt, weight in config.weighted_losses]
     if offsets is not None:
         offsets = as_float(offsets, "offsets")
         if offsets.shape != (B,):
             raise ValueError(f"`offsets` must have shape ({B},), got {tuple(offsets.shape)}")
-        if not any(t in LOGIT_LOSS_TYPES for t in config.loss_types):
-            raise ValueError(f"`offsets` (ODPO) modify the logit of loss types {', '.join(LOGIT_LOSS_TYPES)}; "
+        if not any(e.logit_modifiers for _, e, _ in entries):
+            ok = [n for n, e in PREFERENCE_LOSS_REGISTRY.items() if e.logit_modifiers]
+            raise ValueError(f"`offsets` (ODPO) modify the logit of loss types {', '.join(ok)}; "
                              f"loss_type={config.loss_type!r} has none")
 
     metrics: Dict[str, Any] = {}
@@ -1022,28 +1090,28 @@ def preference_loss(
 
     denom = jnp.asarray(B if num_pairs is None else num_pairs, S_w.dtype)
     denom = jnp.maximum(denom, 1.0)
+    inputs = PreferenceInputs(config, S_w, S_l, R_w, R_l, n_w, n_l, offsets, kl_w, kl_l, cl, cm, num_chosen_tokens,
+                              metrics)
     loss = jnp.zeros((), S_w.dtype)
-    for lt, weight in config.weighted_losses:
-        if lt == "sft":
-            # a batch-level token mean, the same for every pair (TRL broadcasts it, then averages
-            # over pairs); added directly so that micro-batch losses sum to the full-batch loss
-            sft = preference_sft_loss(cl, cm, num_chosen_tokens)
+    # 2. every (loss_type, weight) through the registry (built-ins and registered losses alike)
+    for lt, entry, weight in entries:
+        x = inputs if entry.logit_modifiers else inputs._replace(offsets=None)
+        out = as_float(entry.loss(x), f"the output of loss_type {lt!r}")
+        if not entry.per_pair:
+            # a batch-level term (``sft``: a token mean, the same for every pair; TRL broadcasts it,
+            # then averages over pairs): added directly so that micro-batch losses sum to the full-batch loss
+            if out.shape != ():
+                raise ValueError(f"loss_type {lt!r} is registered with per_pair=False and must return a scalar, "
+                                 f"got shape {tuple(out.shape)}")
             if pair_w is not None:
-                sft = sft * jnp.sum(pair_w) / denom
-            loss = loss + weight * sft
+                out = out * jnp.sum(pair_w) / denom
+            loss = loss + weight * out
             continue
-        else:
-            per_pair = dpo_loss(
-                S_w, S_l, R_w, R_l, lt, beta=config.beta, label_smoothing=config.label_smoothing,
-                f_divergence_type=config.f_divergence_type, f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-                discopop_tau=config.discopop_tau, chosen_lengths=n_w, rejected_lengths=n_l, sigmoid_label_smoothing=config.sigmoid_label_smoothing,
-                rdpo_alpha=config.rdpo_alpha if lt in LOGIT_LOSS_TYPES else 0.0,
-                dpop_lambda=config.dpop_lambda if lt in LOGIT_LOSS_TYPES else 0.0,
-                offsets=offsets if lt in LOGIT_LOSS_TYPES else None,
-                chosen_kl=kl_w, rejected_kl=kl_l, tdpo_alpha=config.tdpo_alpha)
+        if out.shape != (B,):
+            raise ValueError(f"loss_type {lt!r} must return per-pair losses of shape ({B},), got {tuple(out.shape)}")
         if pair_w is not None:
-            per_pair = per_pair * pair_w
-        loss = loss + weight * (jnp.sum(per_pair) / denom)
+            out = out * pair_w
+        loss = loss + weight * (jnp.sum(out) / denom)
 
     # metrics (constants): implicit rewards β·ρ, as TRL
     sg = jax.lax.stop_gradient
@@ -1059,6 +1127,157 @@ def preference_loss(
     return loss, metrics
 
 
+# -------------------------------------------------------------------------------------- loss registry
+
+
+class PreferenceInputs(NamedTuple):
+    """What step 2 of :func:`preference_loss` hands a registered loss (see :func:`register_preference_loss`).
+
+    Sequence-level ``[B]`` arrays: ``chosen_logps`` / ``rejected_logps`` are the policy's ``S``
+    (differentiable; LD-DPO-weighted when ``config.ld_alpha`` is set), ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` the reference's (constants; ``None`` with ``reference_free``),
+    ``chosen_lengths`` / ``rejected_lengths`` the completion lengths, ``offsets`` the ODPO offsets
+    (``None`` unless given and the loss takes the logit modifiers), ``chosen_kl`` / ``rejected_kl`` the
+    TDPO sequential KLs (``None`` unless given). Per-token ``chosen_token_logps`` / ``chosen_mask``
+    ``[B, Tc]`` and the global ``num_chosen_tokens`` serve token-level terms (the ``sft`` NLL). A loss
+    may add scalar metrics to ``metrics`` (``Mean`` pairs via ``mean_metric``).
+    """
+
+    config: "PreferenceLossConfig"
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+    ref_chosen_logps: Optional[jax.Array]
+    ref_rejected_logps: Optional[jax.Array]
+    chosen_lengths: jax.Array
+    rejected_lengths: jax.Array
+    offsets: Optional[jax.Array]
+    chosen_kl: Optional[jax.Array]
+    rejected_kl: Optional[jax.Array]
+    chosen_token_logps: jax.Array
+    chosen_mask: jax.Array
+    num_chosen_tokens: Optional[Any]
+    metrics: Dict[str, Any]
+
+    def logratios(self) -> Tuple[jax.Array, jax.Array]:
+        """``(ρ_w, ρ_l)`` with ``ρ = S − S_ref`` (``S_ref = 0`` reference-free)."""
+        rw = self.chosen_logps if self.ref_chosen_logps is None else self.chosen_logps - self.ref_chosen_logps
+        rl = self.rejected_logps if self.ref_rejected_logps is None else self.rejected_logps - self.ref_rejected_logps
+        return rw, rl
+
+    def logit(self) -> jax.Array:
+        """The Bradley–Terry logit ``x = β(Δ − λ·max(0, −ρ_w)) + α_R(n_w − n_l) − offset`` of
+        :func:`dpo_loss`, with the config's f-divergence scores ``Δ = g(ρ_w) − g(ρ_l)``, DPOP ``λ``,
+        R-DPO ``α_R`` and ODPO offsets (a loss registered with ``logit_modifiers=True`` uses it)."""
+        c = self.config
+        rho_w, rho_l = self.logratios()
+        s_w = f_divergence_scores(rho_w, c.f_divergence_type, c.f_alpha_divergence_coef)
+        s_l = f_divergence_scores(rho_l, c.f_divergence_type, c.f_alpha_divergence_coef)
+        return _bradley_terry_logit(s_w - s_l, rho_w, c.beta, c.dpop_lambda, c.rdpo_alpha, self.chosen_lengths,
+                                    self.rejected_lengths, self.offsets)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLossType:
+    """A registered preference ``loss_type``: ``loss`` (``PreferenceInputs -> [B]`` per-pair losses, or a
+    scalar batch-level term when ``per_pair`` is False), and what the config may combine it with:
+    ``f_divergence`` (a non-default ``f_divergence_type``), ``logit_modifiers`` (``rdpo_alpha``,
+    ``dpop_lambda``, ODPO ``offsets``), ``sorts_pairs`` (its per-pair output is not in batch order, so
+    no WPO weighting)."""
+
+    loss: Callable[[PreferenceInputs], jax.Array]
+    per_pair: bool = True
+    f_divergence: bool = False
+    logit_modifiers: bool = False
+    sorts_pairs: bool = False
+
+
+PREFERENCE_LOSS_REGISTRY: Dict[str, PreferenceLossType] = {}
+"""Every ``loss_type`` :class:`PreferenceLossConfig` accepts, built-ins included
+(name -> :class:`PreferenceLossType`)."""
+
+
+def register_preference_loss(name: str, loss: Callable[[PreferenceInputs], jax.Array], *, per_pair: bool = True,
+                             f_divergence: bool = False, logit_modifiers: bool = False, sorts_pairs: bool = False,
+                             overwrite: bool = False) -> PreferenceLossType:
+    """Register a preference loss under ``loss_type=name``, so :class:`PreferenceLossConfig` accepts it
+    (alone or in a weighted combination, as MPO) and :func:`preference_loss` runs it through the whole
+    pipeline (sequence sums or LD-DPO, reference, WPO weights, pair averaging with ``num_pairs``, RPO
+    term, reward metrics) without editing trlax. The built-in loss types are registered the same way.
+
+    Args:
+      name: the new ``loss_type``.
+      loss: ``PreferenceInputs -> [B]`` per-pair losses to minimise (pure and jit-compatible; read
+        hyperparameters from ``inputs.config``, e.g. ``inputs.config.beta``, which may be traced).
+      per_pair: False for a batch-level scalar term (as the ``sft`` NLL), added without pair averaging.
+      f_divergence: accept a non-default ``f_divergence_type`` (the loss uses the scores of
+        :meth:`PreferenceInputs.logit` or :func:`f_divergence_scores`).
+      logit_modifiers: accept ``rdpo_alpha`` / ``dpop_lambda`` / ``offsets`` (use :meth:`PreferenceInputs.logit`).
+      sorts_pairs: the per-pair output is not in batch order (refuses WPO weighting).
+      overwrite: allow replacing an existing name (built-ins included).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import PreferenceLossConfig, preference_loss, register_preference_loss
+      >>> def squared_margin(x):  # (β·(ρ_w − ρ_l) − 1)², a toy loss on the implicit-reward margin
+      ...     rho_w, rho_l = x.logratios()
+      ...     return (x.config.beta * (rho_w - rho_l) - 1.0) ** 2
+      >>> _ = register_preference_loss("squared_margin_doc", squared_margin, overwrite=True)
+      >>> lp = jnp.array([[-1.0, -2.0], [-0.5, -0.5]])
+      >>> mask = jnp.ones((2, 2), bool)
+      >>> cfg = PreferenceLossConfig(loss_type="squared_margin_doc", beta=0.5)
+      >>> loss, metrics = preference_loss(lp, lp - 1.0, lp, lp, mask, mask, cfg)
+      >>> print(round(float(loss), 4))  # ρ_w − ρ_l = 2 in both pairs: (0.5·2 − 1)² = 0
+      0.0
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} must be a non-empty string")
+    if name in LOSS_TYPE_ALIASES:
+        raise ValueError(f"name={name!r} is an alias of {LOSS_TYPE_ALIASES[name]!r}; pick another name")
+    if name in PREFERENCE_LOSS_REGISTRY and not overwrite:
+        raise ValueError(f"loss_type {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(loss):
+        raise TypeError(f"`loss` must be callable, got {type(loss).__name__}")
+    entry = PreferenceLossType(loss, bool(per_pair), bool(f_divergence), bool(logit_modifiers), bool(sorts_pairs))
+    PREFERENCE_LOSS_REGISTRY[name] = entry
+    return entry
+
+
+def _builtin_pair_loss(lt: str) -> Callable[[PreferenceInputs], jax.Array]:
+    """The per-pair loss of built-in ``lt``: :func:`dpo_loss` with the config's hyperparameters."""
+    logit = lt in LOGIT_LOSS_TYPES
+
+    def loss(x: PreferenceInputs) -> jax.Array:
+        c = x.config
+        if lt in TDPO_VARIANTS and (x.chosen_kl is None or x.rejected_kl is None):
+            raise ValueError("`chosen_token_kl` and `rejected_token_kl` are required for loss_type tdpo1 / tdpo2")
+        return dpo_loss(
+            x.chosen_logps, x.rejected_logps, x.ref_chosen_logps, x.ref_rejected_logps, lt, beta=c.beta,
+            label_smoothing=c.label_smoothing, f_divergence_type=c.f_divergence_type,
+            f_alpha_divergence_coef=c.f_alpha_divergence_coef, discopop_tau=c.discopop_tau,
+            chosen_lengths=x.chosen_lengths, rejected_lengths=x.rejected_lengths,
+            sigmoid_label_smoothing=c.sigmoid_label_smoothing, rdpo_alpha=c.rdpo_alpha if logit else 0.0,
+            dpop_lambda=c.dpop_lambda if logit else 0.0, offsets=x.offsets if logit else None,
+            chosen_kl=x.chosen_kl, rejected_kl=x.rejected_kl, tdpo_alpha=c.tdpo_alpha)
+
+    loss.__name__ = loss.__qualname__ = f"dpo_loss[{lt}]"
+    return loss
+
+
+def _sft_term(x: PreferenceInputs) -> jax.Array:
+    return preference_sft_loss(x.chosen_token_logps, x.chosen_mask, x.num_chosen_tokens)
+
+
+for _name in PREFERENCE_LOSS_TYPES:
+    if _name == "sft":
+        register_preference_loss("sft", _sft_term, per_pair=False, f_divergence=True)
+    else:
+        register_preference_loss(_name, _builtin_pair_loss(_name), f_divergence=_name in F_DIVERGENCE_LOSS_TYPES,
+                                 logit_modifiers=_name in LOGIT_LOSS_TYPES,
+                                 sorts_pairs=_name in ("aot", "aot_unpaired"))
+del _name
+
+
+
 __all__ = [
     "ALPHA_DIVERGENCE_CLAMP",
     "LOSS_TYPE_ALIASES",
@@ -1067,8 +1286,11 @@ __all__ = [
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "LOGIT_LOSS_TYPES",
+    "PREFERENCE_LOSS_REGISTRY",
     "PREFERENCE_LOSS_TYPES",
+    "PreferenceInputs",
     "PreferenceLossConfig",
+    "PreferenceLossType",
     "beta_dpo_loss",
     "cal_dpo_loss",
     "dpo_loss",
@@ -1078,6 +1300,7 @@ __all__ = [
     "odpo_offset",
     "preference_loss",
     "preference_sft_loss",
+    "register_preference_loss",
     "sequence_logps",
     "tdpo_loss",
     "tdpo_token_kl",

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_rank, check_same_shape
+from trlax.objectives._checks import ArrayLike, Scalar, as_float, as_mask, check_rank, check_same_shape
 
 DEFAULT_LOG_RATIO_CLAMP = 20.0
 
@@ -43,19 +43,26 @@ def _masked_diff(logps, old, mask):
     return jnp.where(mask, d, jnp.zeros((), d.dtype))
 
 
-def safe_exp(log_x: jnp.ndarray, clamp: Optional[float] = DEFAULT_LOG_RATIO_CLAMP) -> jnp.ndarray:
+def safe_exp(log_x: ArrayLike, clamp: Optional[Scalar] = DEFAULT_LOG_RATIO_CLAMP) -> jax.Array:
     """``exp(clip(log_x, -clamp, clamp))``: the clamp comes *before* ``exp`` so neither the value nor
-    the backward pass can overflow (``0 * inf`` in a backward pass is NaN). ``clamp=None`` disables it."""
+    the backward pass can overflow (``0 * inf`` in a backward pass is NaN). ``clamp=None`` disables it.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import safe_exp
+      >>> print(safe_exp(jnp.array([0.0, 1.0, 1000.0]), clamp=2.0))  # the exponent is clamped to [-2, 2]
+      [1.     2.7183 7.3891]
+    """
     if clamp is None:
         return jnp.exp(log_x)
     return jnp.exp(jnp.clip(log_x, -clamp, clamp))
 
 
 def token_log_ratio(
-    logps: jnp.ndarray,
-    old_logps: Optional[jnp.ndarray],
-    mask: jnp.ndarray,
-) -> jnp.ndarray:
+    logps: ArrayLike,
+    old_logps: Optional[ArrayLike],
+    mask: ArrayLike,
+) -> jax.Array:
     """Per-token log importance ratio ``log π_θ(y_t) − sg(log π_old(y_t))`` (PPO, Schulman et al. 2017,
     arXiv 1707.06347, eq. 6; GRPO, arXiv 2402.03300, eq. 3).
 
@@ -72,10 +79,10 @@ def token_log_ratio(
 
 
 def sequence_log_ratio(
-    logps: jnp.ndarray,
-    old_logps: Optional[jnp.ndarray],
-    mask: jnp.ndarray,
-) -> jnp.ndarray:
+    logps: ArrayLike,
+    old_logps: Optional[ArrayLike],
+    mask: ArrayLike,
+) -> jax.Array:
     """GSPO sequence-level log ratio: the length-normalised (geometric-mean) ratio
     ``log s_i = (1/|y_i|) Σ_t (log π_θ − sg(log π_old))`` (Zheng et al. 2025, arXiv 2507.18071, eq. 7).
 
@@ -90,10 +97,10 @@ def sequence_log_ratio(
 
 
 def gspo_token_log_ratio(
-    logps: jnp.ndarray,
-    old_logps: Optional[jnp.ndarray],
-    mask: jnp.ndarray,
-) -> jnp.ndarray:
+    logps: ArrayLike,
+    old_logps: Optional[ArrayLike],
+    mask: ArrayLike,
+) -> jax.Array:
     """GSPO-token log ratio ``log s_{i,t} = log π_θ(y_t) − sg(log π_θ(y_t)) + sg(log s_i)``
     (arXiv 2507.18071, eq. 13).
 
@@ -111,20 +118,33 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 
 
 def importance_log_ratio(
-    logps: jnp.ndarray,
-    old_logps: Optional[jnp.ndarray],
-    mask: jnp.ndarray,
+    logps: ArrayLike,
+    old_logps: Optional[ArrayLike],
+    mask: ArrayLike,
     level: str = "token",
-) -> jnp.ndarray:
+) -> jax.Array:
     """Dispatch on ``level``: ``token`` -> ``[B, T]``, ``sequence`` (GSPO) -> ``[B, 1]``,
-    ``sequence_token`` (GSPO-token) -> ``[B, T]``."""
+    ``sequence_token`` (GSPO-token) -> ``[B, T]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import importance_log_ratio
+      >>> logps = jnp.array([[-1.0, -2.0, -0.5]])
+      >>> old = jnp.array([[-1.5, -2.0, -0.5]])
+      >>> mask = jnp.array([[1, 1, 0]], bool)
+      >>> print(importance_log_ratio(logps, old, mask, "token"))
+      [[0.5 0.  0. ]]
+      >>> print(importance_log_ratio(logps, old, mask, "sequence"))  # GSPO: the masked token mean, [B, 1]
+      [[0.25]]
+    """
     if level == "token":
         return token_log_ratio(logps, old_logps, mask)
     if level == "sequence":
         return sequence_log_ratio(logps, old_logps, mask)
     if level == "sequence_token":
         return gspo_token_log_ratio(logps, old_logps, mask)
-    raise ValueError(f"level={level!r} is not allowed; allowed values: {', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}")
+    raise ValueError(f"level={level!r} is not allowed; allowed values: "
+                     f"{', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}")
 
 
 __all__ = [

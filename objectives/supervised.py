@@ -16,8 +16,18 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import (as_float, as_mask, check_choice, check_range, check_rank, check_same_shape,
-                                      maybe_nonzero)
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_range,
+    check_rank,
+    check_same_shape,
+    is_array,
+    maybe_nonzero,
+)
 from trlax.objectives.aggregation import masked_sum, mean_metric
 
 SFT_LOSS_TYPES = ("nll", "dft")
@@ -25,7 +35,12 @@ SFT_LOSS_TYPES = ("nll", "dft")
 _sg = jax.lax.stop_gradient
 
 
-def sft_mask(attention_mask, *, completion_mask=None, assistant_mask=None) -> jnp.ndarray:
+def sft_mask(
+    attention_mask: ArrayLike,
+    *,
+    completion_mask: Optional[ArrayLike] = None,
+    assistant_mask: Optional[ArrayLike] = None,
+) -> jax.Array:
     """Loss mask for SFT: completion-only / assistant-only training (InstructGPT, arXiv 2203.02155,
     sec. 3.5 trains on the response tokens; TRL ``completion_only_loss`` / ``assistant_only_loss``).
 
@@ -46,7 +61,7 @@ def sft_mask(attention_mask, *, completion_mask=None, assistant_mask=None) -> jn
     return m
 
 
-def dft_per_token_loss(logps) -> jnp.ndarray:
+def dft_per_token_loss(logps: ArrayLike) -> jax.Array:
     """Dynamic Fine-Tuning per-token loss (Wu et al., arXiv 2508.05629, eq. 9):
     ``L_t = −sg(p_t)·log p_t`` with ``p_t = exp(log p_t)``. Shape-preserving (``[B, T]`` in and out);
     the gradient is ``−p_t·∇log p_t`` (the SFT gradient reweighted by the token probability)."""
@@ -54,7 +69,7 @@ def dft_per_token_loss(logps) -> jnp.ndarray:
     return -_sg(jnp.exp(lp)) * lp
 
 
-def mean_log_softmax(logits) -> jnp.ndarray:
+def mean_log_softmax(logits: ArrayLike) -> jax.Array:
     """``[B, T, V] -> [B, T]``: ``(1/V)·Σ_v log p_v`` with ``p = softmax(logits)`` — minus the cross-entropy
     to the uniform distribution, the term label smoothing mixes in (Szegedy et al., arXiv 1512.00567,
     sec. 7). Computed in float32 or wider."""
@@ -64,14 +79,14 @@ def mean_log_softmax(logits) -> jnp.ndarray:
 
 
 def sft_loss(
-    logps,
-    mask,
+    logps: ArrayLike,
+    mask: ArrayLike,
     *,
     loss_type: str = "nll",
     num_items: Optional[Any] = None,
-    label_smoothing: float = 0.0,
-    logits=None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    label_smoothing: Scalar = 0.0,
+    logits: Optional[ArrayLike] = None,
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """SFT loss: ``Σ_{b,t} m·L_t / max(N, 1)`` (TRL ``SFTTrainer.compute_loss``).
 
     ``L_t = −log p_t`` (``nll``, maximum likelihood) or the DFT loss ``−sg(p_t) log p_t`` (``dft``,
@@ -96,6 +111,15 @@ def sft_loss(
 
     Returns:
       ``(loss, metrics)`` with ``nll`` (Mean over tokens) and ``num_tokens``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import sft_loss
+      >>> logps = jnp.array([[-1.0, -2.0, -5.0], [-0.5, -5.0, -5.0]])
+      >>> mask = jnp.array([[1, 1, 0], [1, 0, 0]], bool)
+      >>> loss, metrics = sft_loss(logps, mask)  # token mean of -log p over the 3 completion tokens
+      >>> print(round(float(loss), 4))
+      1.1667
     """
     check_choice("loss_type", loss_type, SFT_LOSS_TYPES)
     check_range("label_smoothing", label_smoothing, low=0.0, high=1.0)
@@ -152,12 +176,12 @@ class BEMATransformation(NamedTuple):
 
 def bema(
     update_freq: int = 400,
-    ema_power: float = 0.5,
-    bias_power: float = 0.2,
-    lag: float = 10.0,
+    ema_power: Scalar = 0.5,
+    bias_power: Scalar = 0.2,
+    lag: Scalar = 10.0,
     update_after: int = 0,
-    multiplier: float = 1.0,
-    min_ema_multiplier: float = 0.0,
+    multiplier: Scalar = 1.0,
+    min_ema_multiplier: Scalar = 0.0,
 ) -> BEMATransformation:
     """Bias-corrected exponential moving average of parameters (Block & Zhang, arXiv 2508.00180,
     alg. 1 / eq. 8; TRL ``BEMACallback``).
@@ -180,6 +204,18 @@ def bema(
     Returns:
       :class:`BEMATransformation` ``(init, update)``. θ₀ and the EMA are kept in float32 or wider
       (bf16 parameters are not averaged in bf16); the returned BEMA weights have the parameters' dtypes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import bema
+      >>> avg = bema(update_freq=1, lag=1.0)
+      >>> params = {"w": jnp.array([0.0, 0.0])}
+      >>> state = avg.init(params)
+      >>> for step in range(3):
+      ...     params = {"w": params["w"] + 1.0}  # an optimiser step
+      ...     averaged, state = avg.update(params, state)
+      >>> print(averaged["w"], int(state.step))
+      [4.5004 4.5004] 3
     """
     for name, v in (("update_freq", update_freq), ("update_after", update_after)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -191,7 +227,7 @@ def bema(
     check_range("lag", lag, low=0.0)
     check_range("multiplier", multiplier, low=0.0)
     check_range("min_ema_multiplier", min_ema_multiplier, low=0.0, high=1.0)
-    if lag == 0.0 and multiplier == 0.0:
+    if not is_array(lag) and not is_array(multiplier) and lag == 0.0 and multiplier == 0.0:
         raise ValueError("lag=0 and multiplier=0 make (lag + multiplier·t) zero; allowed: lag > 0 or multiplier > 0")
 
     def init(params) -> BEMAState:
@@ -220,11 +256,8 @@ def bema(
             return th0_out, ema_out, cur_out
 
         out = jax.tree_util.tree_map(leaf, params, state.theta0, state.ema, state.bema)
-        treedef = jax.tree_util.tree_structure(params)
-        leaves = treedef.flatten_up_to(out)
-        th0 = treedef.unflatten([x[0] for x in leaves])
-        ema = treedef.unflatten([x[1] for x in leaves])
-        cur = treedef.unflatten([x[2] for x in leaves])
+        # ``out`` has a (θ₀, EMA, BEMA) triple at each leaf of ``params``: split it into three trees
+        th0, ema, cur = (jax.tree_util.tree_map(lambda _, o, i=i: o[i], params, out) for i in range(3))
         return cur, BEMAState(step, th0, ema, cur)
 
     return BEMATransformation(init, update)

@@ -14,7 +14,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_rank, check_same_shape
+from trlax.objectives._checks import ArrayLike, Scalar, as_float, as_mask, check_choice, check_rank, check_same_shape
 
 _sg = jax.lax.stop_gradient
 
@@ -36,13 +36,13 @@ def _check_broadcast(ref: jnp.ndarray, ref_name: str, **others: jnp.ndarray) -> 
 
 
 def ppo_clip_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-    clip_ratio_c: Optional[float] = None,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    epsilon_low: Scalar = 0.2,
+    epsilon_high: Optional[Scalar] = None,
+    delta: Optional[Scalar] = None,
+    clip_ratio_c: Optional[Scalar] = None,
+) -> jax.Array:
     """Clipped surrogate ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)``.
 
     PPO (Schulman et al. 2017, arXiv 1707.06347, eq. 7) with DAPO's decoupled "clip-higher" bounds
@@ -62,6 +62,14 @@ def ppo_clip_loss(
 
     ``epsilon_low`` / ``epsilon_high`` may also be ``[B, T]`` arrays (per-token clip ranges, e.g.
     :func:`entropy_dependent_epsilon`).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import ppo_clip_loss
+      >>> ratio = jnp.array([0.5, 1.0, 1.5, 1.5])
+      >>> adv = jnp.array([1.0, 1.0, 1.0, -1.0])
+      >>> print(ppo_clip_loss(ratio, adv, epsilon_low=0.2))  # -min(r A, clip(r, 0.8, 1.2) A)
+      [-0.5 -1.  -1.2  1.5]
     """
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
@@ -76,13 +84,21 @@ def ppo_clip_loss(
 
 
 def clip_indicators(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    epsilon_low: float,
-    epsilon_high: Optional[float] = None,
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    epsilon_low: Scalar,
+    epsilon_high: Optional[Scalar] = None,
 ):
     """Where the PPO clip is active: ``(low, high, region)`` booleans (as TRL's ``clip_ratio`` metrics):
-    low = ``r < 1−ε_low ∧ A < 0``, high = ``r > 1+ε_high ∧ A > 0``, region = either."""
+    low = ``r < 1−ε_low ∧ A < 0``, high = ``r > 1+ε_high ∧ A > 0``, region = either.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import clip_indicators
+      >>> low, high, region = clip_indicators(jnp.array([0.5, 1.0, 1.5]), jnp.array([-1.0, 1.0, 1.0]), 0.2)
+      >>> print(low, high, region)
+      [ True False False] [False False  True] [ True False  True]
+    """
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
     ratio = _sg(jnp.asarray(ratio))
     adv = jnp.asarray(advantages)
@@ -93,18 +109,27 @@ def clip_indicators(
 
 
 def cispo_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    logps: jnp.ndarray,
-    epsilon_high: float,
-    epsilon_low: Optional[float] = None,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    logps: ArrayLike,
+    epsilon_high: Scalar,
+    epsilon_low: Optional[Scalar] = None,
+) -> jax.Array:
     """CISPO: ``−sg(clip(r, ·, ε_high)) · A · log π_θ`` (MiniMax-M1, arXiv 2506.13585, eq. 4).
 
     The clipped IS weight is a stop-gradient constant, so *every* token keeps a REINFORCE gradient
     ``sg(r̂)·A·∇ log π`` (clipped tokens included). Following TRL / ScaleRL, ``epsilon_high`` is an
     **absolute** cap on the ratio (e.g. 5.0), not ``1 + ε``; ``epsilon_low`` is an optional absolute
     floor (the paper uses none).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import cispo_loss
+      >>> ratio = jnp.array([0.5, 1.0, 3.0])
+      >>> adv = jnp.array([1.0, 1.0, 1.0])
+      >>> logps = jnp.array([-1.0, -1.0, -1.0])
+      >>> print(cispo_loss(ratio, adv, logps, epsilon_high=2.0))  # -sg(min(r, eps_high)) A log pi (an absolute cap)
+      [0.5 1.  2. ]
     """
     ratio = as_float(ratio, "ratio")
     logps = as_float(logps, "logps")
@@ -117,16 +142,22 @@ def cispo_loss(
 
 
 def sapo_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    temperature_pos: float = 1.0,
-    temperature_neg: float = 1.05,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    temperature_pos: Scalar = 1.0,
+    temperature_neg: Scalar = 1.05,
+) -> jax.Array:
     """SAPO soft gate ``−(4/τ)·σ(τ(r − 1))·A`` with ``τ = τ_pos`` if ``A > 0`` else ``τ_neg``
     (Soft Adaptive Policy Optimization, arXiv 2511.20347, eq. 6).
 
     The factor ``4/τ`` makes the gradient ``4σ(1−σ)·r·∇log π`` equal PPO's at ``r = 1``; the gate
     decays smoothly instead of a hard clip. ``A = 0`` uses ``τ_neg`` (as TRL).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import sapo_loss
+      >>> print(sapo_loss(jnp.array([1.0, 1.0]), jnp.array([1.0, -1.0])))  # ratio 1: the gate is 4 sigmoid(0) / tau
+      [-2.      1.9048]
     """
     ratio = as_float(ratio, "ratio")
     adv = _sg(as_float(advantages, "advantages"))
@@ -139,16 +170,16 @@ _LOG_1E8 = float(jnp.log(1e-8))
 
 
 def vespo_weights(
-    log_ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    mask: jnp.ndarray,
+    log_ratio: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
     *,
-    sampler_log_is: Optional[jnp.ndarray] = None,
-    k_pos: float = 2.0,
-    lambda_pos: float = 3.0,
-    k_neg: float = 3.0,
-    lambda_neg: float = 2.0,
-) -> jnp.ndarray:
+    sampler_log_is: Optional[ArrayLike] = None,
+    k_pos: Scalar = 2.0,
+    lambda_pos: Scalar = 3.0,
+    k_neg: Scalar = 3.0,
+    lambda_neg: Scalar = 2.0,
+) -> jax.Array:
     """VESPO gamma weights ``φ(w) = e^λ · w^k · e^{−λw}`` on the sequence ratio (arXiv 2602.10693, eq. 9).
 
     ``log w_i = Σ_t m·clip(log r_t, −20, 20)`` (a *sum*, the true sequence ratio) plus, when a token
@@ -184,7 +215,7 @@ def vespo_weights(
     return _sg(jnp.where(jnp.isfinite(phi), phi, 0.0))
 
 
-def vespo_loss(phi: jnp.ndarray, advantages: jnp.ndarray, logps: jnp.ndarray) -> jnp.ndarray:
+def vespo_loss(phi: ArrayLike, advantages: ArrayLike, logps: ArrayLike) -> jax.Array:
     """VESPO per-token loss ``−φ_i · A · log π_θ(y_t)`` (``φ`` from :func:`vespo_weights`, constant)."""
     logps = as_float(logps, "logps")
     phi = as_float(phi, "phi")
@@ -194,12 +225,12 @@ def vespo_loss(phi: jnp.ndarray, advantages: jnp.ndarray, logps: jnp.ndarray) ->
 
 
 def luspo_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    epsilon_low: float,
-    epsilon_high: Optional[float] = None,
-    delta: Optional[float] = None,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    epsilon_low: Scalar,
+    epsilon_high: Optional[Scalar] = None,
+    delta: Optional[Scalar] = None,
+) -> jax.Array:
     """LUSPO (Length-Unbiased Sequence Policy Optimization, arXiv 2602.05261, eq. 5): the GSPO clipped
     surrogate on the sequence ratio, aggregated with a per-sequence *sum* (``aggregate(mode="luspo")``)
     so each sequence weighs ``|y_i|`` times its loss, removing GSPO's length bias. The per-token loss
@@ -217,12 +248,12 @@ def _row_values(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 def dual_clip_indicator(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    epsilon_low,
-    epsilon_high=None,
-    clip_ratio_c: float = 3.0,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    epsilon_low: Scalar,
+    epsilon_high: Optional[Scalar] = None,
+    clip_ratio_c: Scalar = 3.0,
+) -> jax.Array:
     """Where the dual clip (arXiv 1912.09729) is the active branch: ``A < 0`` and
     ``max(r, clip(r, 1−ε_low, 1+ε_high)) > c`` (verl's ``pg_clipfrac_lower``). Boolean, broadcast shape."""
     eps_h = epsilon_low if epsilon_high is None else epsilon_high
@@ -234,10 +265,10 @@ def dual_clip_indicator(
 
 
 def reinforce_loss(
-    logps: jnp.ndarray,
-    advantages: jnp.ndarray,
-    weights: Optional[jnp.ndarray] = None,
-) -> jnp.ndarray:
+    logps: ArrayLike,
+    advantages: ArrayLike,
+    weights: Optional[ArrayLike] = None,
+) -> jax.Array:
     """Plain REINFORCE / GPG per-token loss ``−sg(w)·A·log π_θ(y_t)`` ``[B, T]``.
 
     Williams 1992 (REINFORCE); Group Policy Gradient (GPG, Chu et al. 2025, arXiv 2504.02546, the GPG objective):
@@ -261,13 +292,13 @@ def reinforce_loss(
 
 
 def gmpo_loss(
-    log_ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    mask: jnp.ndarray,
-    epsilon_low: float = 0.4,
-    epsilon_high: Optional[float] = None,
-    log_ratio_clamp: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    log_ratio: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    epsilon_low: Scalar = 0.4,
+    epsilon_high: Optional[Scalar] = None,
+    log_ratio_clamp: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """GMPO (Geometric-Mean Policy Optimization, Zhao et al. 2025, arXiv 2507.20673, the GMPO objective) per-sequence
     loss ``[B, 1]``: ``−Ā_i · exp((1/|y_i|) Σ_t δ̃_t)``.
 
@@ -307,7 +338,13 @@ def gmpo_loss(
     return -adv_seq * jnp.exp(seq)
 
 
-def gmpo_clip_indicators(log_ratio, advantages, mask, epsilon_low=0.4, epsilon_high=None):
+def gmpo_clip_indicators(
+    log_ratio: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    epsilon_low: Scalar = 0.4,
+    epsilon_high: Optional[Scalar] = None,
+):
     """Where GMPO's log-space clip (arXiv 2507.20673) is active, ``(high, low)`` ``[B, T]`` booleans:
     high = ``δ > ε_high ∧ A > 0``, low = ``δ < −ε_low ∧ A < 0`` (TRL ``GMPOTrainer``'s
     ``clip_ratio/high_mean`` / ``low_mean``; verl's ``pg_clipfrac`` also counts out-of-range tokens
@@ -319,7 +356,7 @@ def gmpo_clip_indicators(log_ratio, advantages, mask, epsilon_low=0.4, epsilon_h
     return mask & (d > eps_h) & (a > 0), mask & (d < -epsilon_low) & (a < 0)
 
 
-def covariance_scores(advantages: jnp.ndarray, logps: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def covariance_scores(advantages: ArrayLike, logps: ArrayLike, mask: ArrayLike) -> jax.Array:
     """Per-token centred cross term ``cov_t = (A_t − Ā)(log π_t − mean log π)`` ``[B, T]`` (means over
     the valid tokens of the batch), the covariance proxy of Cui et al. 2025 ("The Entropy Mechanism of
     RL for Reasoning LMs", arXiv 2505.22617, the token-level covariance). Stop-gradient; 0 at masked positions."""
@@ -337,7 +374,7 @@ def covariance_scores(advantages: jnp.ndarray, logps: jnp.ndarray, mask: jnp.nda
     return jnp.where(mask, cov, zero)
 
 
-def _num_selected(mask: jnp.ndarray, fraction: float, dtype) -> jnp.ndarray:
+def _num_selected(mask: jax.Array, fraction: Scalar, dtype) -> jax.Array:
     """``max(⌊fraction · N_valid⌋, 1)`` (in ``dtype``; verl's ``max(int(ratio * N), 1)``)."""
     n = jnp.sum(mask).astype(dtype)
     return jnp.maximum(jnp.floor(n * fraction), 1.0)
@@ -351,14 +388,14 @@ def _ranks(score: jnp.ndarray) -> jnp.ndarray:
 
 
 def clip_cov_mask(
-    cov: jnp.ndarray,
-    mask: jnp.ndarray,
-    ppo_clipped: jnp.ndarray,
+    cov: ArrayLike,
+    mask: ArrayLike,
+    ppo_clipped: ArrayLike,
     key: jax.Array,
-    clip_cov_ratio: float = 2e-4,
-    clip_cov_lb: float = 1.0,
-    clip_cov_ub: float = 5.0,
-) -> jnp.ndarray:
+    clip_cov_ratio: Scalar = 2e-4,
+    clip_cov_lb: Scalar = 1.0,
+    clip_cov_ub: Scalar = 5.0,
+) -> jax.Array:
     """Clip-Cov token selection (arXiv 2505.22617, Clip-Cov): among valid tokens not already
     clipped by PPO with ``lb < cov_t < ub``, pick ``min(max(⌊r·N⌋, 1), #candidates)`` uniformly at
     random (``N`` = valid tokens of the batch); their gradient is then detached. Returns ``[B, T]`` bool.
@@ -377,7 +414,7 @@ def clip_cov_mask(
     return cand & (rank.astype(k.dtype) < k)
 
 
-def kl_cov_mask(cov: jnp.ndarray, mask: jnp.ndarray, kl_cov_ratio: float = 2e-4) -> jnp.ndarray:
+def kl_cov_mask(cov: ArrayLike, mask: ArrayLike, kl_cov_ratio: Scalar = 2e-4) -> jax.Array:
     """KL-Cov token selection (arXiv 2505.22617, KL-Cov): the ``max(⌊r·N⌋, 1)`` valid tokens with
     the largest ``cov_t`` (ties: lower flat index first). Deterministic. ``[B, T]`` bool."""
     cov = _sg(jnp.asarray(cov))
@@ -389,12 +426,12 @@ def kl_cov_mask(cov: jnp.ndarray, mask: jnp.ndarray, kl_cov_ratio: float = 2e-4)
 
 
 def clip_cov_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    selected: jnp.ndarray,
-    epsilon_low: float = 0.2,
-    epsilon_high: Optional[float] = None,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    selected: ArrayLike,
+    epsilon_low: Scalar = 0.2,
+    epsilon_high: Optional[Scalar] = None,
+) -> jax.Array:
     """Clip-Cov per-token loss (arXiv 2505.22617, Clip-Cov objective): the PPO clipped surrogate, set to 0 (value
     and gradient) at the tokens of :func:`clip_cov_mask`. ``[B, T]``."""
     loss = ppo_clip_loss(ratio, advantages, epsilon_low, epsilon_high)
@@ -403,12 +440,12 @@ def clip_cov_loss(
 
 
 def kl_cov_loss(
-    ratio: jnp.ndarray,
-    log_ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    selected: jnp.ndarray,
-    kl_coef: float = 1.0,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    log_ratio: ArrayLike,
+    advantages: ArrayLike,
+    selected: ArrayLike,
+    kl_coef: Scalar = 1.0,
+) -> jax.Array:
     """KL-Cov per-token loss (arXiv 2505.22617, KL-Cov objective): unclipped ``−A·r``, plus
     ``kl_coef·|log π_θ − log π_old|`` at the tokens of :func:`kl_cov_mask` (gradient
     ``kl_coef·sign(δ)``, 0 at ``δ = 0``). ``[B, T]``."""
@@ -424,14 +461,14 @@ def kl_cov_loss(
 
 
 def aspo_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    logps: jnp.ndarray,
-    epsilon_low=0.2,
-    epsilon_high=None,
-    negative_clip_ratio_c: float = 3.0,
-    positive_clip_ratio_c: float = 3.0,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    logps: ArrayLike,
+    epsilon_low: Scalar = 0.2,
+    epsilon_high: Optional[Scalar] = None,
+    negative_clip_ratio_c: Scalar = 3.0,
+    positive_clip_ratio_c: Scalar = 3.0,
+) -> jax.Array:
     """ASPO (Asymmetric Importance Sampling Policy Optimization, arXiv 2510.06062, the ASPO objective) ``[B, T]``.
 
     ``A < 0``: ``r_c = max(r, 1−ε_low)``; loss ``−A·r_c``, but where ``r_c > c_neg`` the soft dual clip
@@ -459,12 +496,12 @@ def aspo_loss(
 
 
 def topr_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    logps: jnp.ndarray,
-    positive_weight: float = 1.0,
-    negative_weight: float = 1.0,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    logps: ArrayLike,
+    positive_weight: Scalar = 1.0,
+    negative_weight: Scalar = 1.0,
+) -> jax.Array:
     """TOPR (Tapered Off-Policy REINFORCE, Le Roux et al. 2025, arXiv 2503.14286, the TOPR gradient) ``[B, T]``:
     ``A ≥ 0``: ``−w₊·A·log π_θ`` (SFT-like, no IS); ``A < 0``: ``−w₋·sg(clip(r, 0, 1))·A·log π_θ``.
 
@@ -483,14 +520,14 @@ DPPO_DIVERGENCES = ("binary_tv", "binary_kl")
 
 
 def dppo_mask(
-    logps: jnp.ndarray,
-    behaviour_logps: jnp.ndarray,
-    advantages: jnp.ndarray,
-    mask: jnp.ndarray,
-    delta_low: float = 0.2,
-    delta_high: float = 0.2,
+    logps: ArrayLike,
+    behaviour_logps: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    delta_low: Scalar = 0.2,
+    delta_high: Scalar = 0.2,
     divergence: str = "binary_tv",
-) -> jnp.ndarray:
+) -> jax.Array:
     """DPPO trust-region mask (Divergence PPO, arXiv 2602.04879, binary-TV / binary-KL) ``[B, T]`` bool, stop-gradient.
 
     With ``π = exp(log π_θ)``, ``μ = exp(log μ)`` the behaviour (old / sampler) probability of the token:
@@ -525,12 +562,12 @@ def dppo_mask(
 
 
 def dppo_loss(
-    ratio: jnp.ndarray,
-    advantages: jnp.ndarray,
-    logps: jnp.ndarray,
-    keep: jnp.ndarray,
-    ratio_cap: Optional[float] = 20.0,
-) -> jnp.ndarray:
+    ratio: ArrayLike,
+    advantages: ArrayLike,
+    logps: ArrayLike,
+    keep: ArrayLike,
+    ratio_cap: Optional[Scalar] = 20.0,
+) -> jax.Array:
     """DPPO per-token loss (arXiv 2602.04879; sec. 5.4 for the cap) ``[B, T]``:
     ``−sg(min(r, cap))·A·log π_θ`` at tokens kept by :func:`dppo_mask`, 0 elsewhere. Its gradient
     equals that of ``−r·A`` (prime-rl / SkyRL form) wherever ``r < cap``."""
@@ -543,7 +580,7 @@ def dppo_loss(
     return jnp.where(jnp.asarray(keep, bool), loss, jnp.zeros((), loss.dtype))
 
 
-def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04) -> jnp.ndarray:
+def m2po_mask(log_ratio: ArrayLike, mask: ArrayLike, threshold: Scalar = 0.04) -> jax.Array:
     """M2PO second-moment trust mask (Zheng et al. 2025, "Prosperity before Collapse", arXiv 2510.01161,
     second-moment mask; AReaL ``m2_threshold``) ``[B, T]`` bool keep-mask, stop-gradient.
 
@@ -572,7 +609,7 @@ def m2po_mask(log_ratio: jnp.ndarray, mask: jnp.ndarray, threshold: float = 0.04
     return mask & (rank >= n_drop)
 
 
-def m2po_loss(ratio: jnp.ndarray, advantages: jnp.ndarray, keep: jnp.ndarray) -> jnp.ndarray:
+def m2po_loss(ratio: ArrayLike, advantages: ArrayLike, keep: ArrayLike) -> jax.Array:
     """M2PO per-token loss (arXiv 2510.01161, the M2PO objective): unclipped ``−M_t·r·A`` with ``M`` from
     :func:`m2po_mask` (the second-moment mask replaces PPO clipping). Reduce with a token mean."""
     ratio = as_float(ratio, "ratio")
@@ -582,7 +619,7 @@ def m2po_loss(ratio: jnp.ndarray, advantages: jnp.ndarray, keep: jnp.ndarray) ->
     return jnp.where(jnp.asarray(keep, bool), loss, jnp.zeros((), loss.dtype))
 
 
-def squared_log_ratio_penalty(log_ratio: jnp.ndarray, coef: float) -> jnp.ndarray:
+def squared_log_ratio_penalty(log_ratio: ArrayLike, coef: Scalar) -> jax.Array:
     """Kimi's squared log-ratio regulariser ``coef·(log π_θ − log π_old)²`` ``[B, T]``.
 
     Kimi k1.5 (arXiv 2501.12599, eq. 3) uses ``τ/2·(log π_θ/π_old)²`` next to ``−A·log π_θ``
@@ -593,12 +630,12 @@ def squared_log_ratio_penalty(log_ratio: jnp.ndarray, coef: float) -> jnp.ndarra
     return coef * lr * lr
 
 
-def kimi_loss(logps: jnp.ndarray, log_ratio: jnp.ndarray, advantages: jnp.ndarray, tau: float = 0.1) -> jnp.ndarray:
+def kimi_loss(logps: ArrayLike, log_ratio: ArrayLike, advantages: ArrayLike, tau: Scalar = 0.1) -> jax.Array:
     """Kimi k1.5 per-token loss (arXiv 2501.12599, eq. 3): ``−A·log π_θ + τ/2·(log π_θ − log π_old)²``."""
     return reinforce_loss(logps, advantages) + squared_log_ratio_penalty(log_ratio, 0.5 * tau)
 
 
-def force_on_policy_log_ratio(logps: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+def force_on_policy_log_ratio(logps: ArrayLike, mask: Optional[ArrayLike] = None) -> jax.Array:
     """``log π_θ − sg(log π_θ)``: value 0 (ratio 1), gradient ``∇log π_θ`` — the ratio of an exactly
     on-policy step whatever the old log-probs (NeMo-RL ``force_on_policy_ratio``; PPO at ``r = 1``,
     arXiv 1707.06347). ``[B, T]``, 0 at masked positions."""
@@ -611,11 +648,11 @@ def force_on_policy_log_ratio(logps: jnp.ndarray, mask: Optional[jnp.ndarray] = 
 
 
 def entropy_dependent_epsilon(
-    entropies: jnp.ndarray,
-    mask: jnp.ndarray,
-    low_entropy_epsilon: float = 0.2,
-    high_entropy_epsilon: float = 0.4,
-    quantile: float = 0.8,
+    entropies: ArrayLike,
+    mask: ArrayLike,
+    low_entropy_epsilon: Scalar = 0.2,
+    high_entropy_epsilon: Scalar = 0.4,
+    quantile: Scalar = 0.8,
 ):
     """Per-token clip range by entropy (Archer, "Stabilizing Knowledge, Promoting Reasoning",
     arXiv 2507.15778, dual-token constraints): tokens whose entropy is above the row's ``quantile`` (linear

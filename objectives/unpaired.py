@@ -37,8 +37,19 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from trlax.objectives._checks import as_float, as_mask, check_choice, check_range, check_rank, check_same_shape
-from trlax.objectives.aggregation import Mean, masked_sum, mean_metric
+from trlax.objectives._checks import (
+    ArrayLike,
+    Scalar,
+    as_float,
+    as_mask,
+    check_choice,
+    check_range,
+    check_rank,
+    check_same_shape,
+    is_array,
+    maybe_nonzero,
+)
+from trlax.objectives.aggregation import masked_sum, mean_metric
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -91,7 +102,8 @@ def _row_mean(per_row: jnp.ndarray, num_sequences) -> jnp.ndarray:
 def _check_rows(ref: jnp.ndarray, ref_name: str, **others) -> None:
     for name, arr in others.items():
         if arr is not None and tuple(jnp.shape(arr)) != tuple(ref.shape):
-            raise ValueError(f"`{name}` must have shape {tuple(ref.shape)} (like `{ref_name}`), got {tuple(jnp.shape(arr))}")
+            raise ValueError(f"`{name}` must have shape {tuple(ref.shape)} (like `{ref_name}`), "
+                             f"got {tuple(jnp.shape(arr))}")
 
 
 def _preference_metrics(chosen_rewards, rejected_rewards, chosen_scores, rejected_scores) -> Dict[str, Any]:
@@ -106,7 +118,7 @@ def _preference_metrics(chosen_rewards, rejected_rewards, chosen_scores, rejecte
     }
 
 
-def _logsig_pair(x, beta: float, label_smoothing: float) -> jnp.ndarray:
+def _logsig_pair(x, beta: Scalar, label_smoothing: Scalar) -> jax.Array:
     """Conservative sigmoid loss ``−(1−ε) log σ(βx) − ε log σ(−βx)`` (CPO eq. 3 with label smoothing)."""
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * x) - label_smoothing * jax.nn.log_sigmoid(-beta * x)
 
@@ -121,7 +133,13 @@ def _log1mexp(x: jnp.ndarray) -> jnp.ndarray:
 # ---------------------------------------------------------------------------------------------- KTO
 
 
-def kto_kl_baseline(kl_logps, ref_kl_logps, kl_mask=None, *, axis_name: Optional[str] = None) -> jnp.ndarray:
+def kto_kl_baseline(
+    kl_logps: ArrayLike,
+    ref_kl_logps: ArrayLike,
+    kl_mask: Optional[ArrayLike] = None,
+    *,
+    axis_name: Optional[str] = None,
+) -> jax.Array:
     """KTO reference point ``z₀`` (arXiv 2402.01306, eq. 8; TRL ``KTOTrainer``).
 
     ``z₀ = max(mean_i [log π_θ(y'_i|x_i) − log π_ref(y'_i|x_i)], 0)``, stop-gradient, where ``y'_i`` are
@@ -156,21 +174,21 @@ def kto_kl_pairs(completions):
 
 
 def kto_loss(
-    policy_logps,
-    ref_logps,
-    labels,
+    policy_logps: ArrayLike,
+    ref_logps: ArrayLike,
+    labels: ArrayLike,
     *,
-    mask=None,
+    mask: Optional[ArrayLike] = None,
     kl: Optional[Any] = None,
-    kl_logps=None,
-    ref_kl_logps=None,
-    kl_mask=None,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    kl_logps: Optional[ArrayLike] = None,
+    ref_kl_logps: Optional[ArrayLike] = None,
+    kl_mask: Optional[ArrayLike] = None,
+    beta: Scalar = 0.1,
+    desirable_weight: Scalar = 1.0,
+    undesirable_weight: Scalar = 1.0,
     loss_type: str = "kto",
     num_sequences: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """KTO (arXiv 2402.01306, eq. 7-8) and unpaired APO-zero (arXiv 2408.06266, eq. 7).
 
     With ``ρ = log π_θ(y|x) − log π_ref(y|x)`` (summed over completion tokens) and reference point
@@ -193,6 +211,16 @@ def kto_loss(
 
     Returns:
       ``(loss, metrics)``; metrics hold ``kl`` and per-label ``Mean`` rewards / log-probs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import kto_loss
+      >>> logps = jnp.array([-10.0, -12.0])
+      >>> ref = jnp.array([-11.0, -11.0])
+      >>> labels = jnp.array([True, False])  # desirable, undesirable
+      >>> loss, metrics = kto_loss(logps, ref, labels, kl=0.0, beta=0.1)
+      >>> print(round(float(loss), 4))  # both examples: 1 - sigmoid(0.1 * 1)
+      0.475
     """
     check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
     check_range("beta", beta, low=0.0, low_inclusive=False)
@@ -243,7 +271,7 @@ class BCOState(NamedTuple):
 
     mean: jnp.ndarray
     var: jnp.ndarray
-    count: jnp.ndarray
+    count: jnp.ndarray  # type: ignore[assignment]  # (a field named like tuple.count)
 
 
 def bco_init(dtype=jnp.float32) -> BCOState:
@@ -253,7 +281,7 @@ def bco_init(dtype=jnp.float32) -> BCOState:
     return BCOState(jnp.zeros((), dtype), jnp.ones((), dtype), jnp.asarray(1e-24, dtype))
 
 
-def bco_update_moments(state: BCOState, rewards, mask=None) -> BCOState:
+def bco_update_moments(state: BCOState, rewards: ArrayLike, mask: Optional[ArrayLike] = None) -> BCOState:
     """Merge a batch of rewards into BCO's running moments (arXiv 2404.04656, sec. 4.2; Chan et al.'s
     parallel mean / variance update).
 
@@ -293,7 +321,14 @@ class UDMClassifier(NamedTuple):
     b: jnp.ndarray
 
 
-def bco_udm_fit(embeddings, labels, *, mask=None, l2: float = 1.0, num_steps: int = 20) -> UDMClassifier:
+def bco_udm_fit(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mask: Optional[ArrayLike] = None,
+    l2: Scalar = 1.0,
+    num_steps: int = 20,
+) -> UDMClassifier:
     """Fit BCO's UDM density-ratio classifier (arXiv 2404.04656, sec. 4.3) as TRL's ``BCOTrainer`` does —
     scikit-learn ``LogisticRegression(class_weight="balanced")`` (C = 1) on prompt embeddings, desirable = 1 —
     by ``num_steps`` Newton steps from 0 on the same convex objective::
@@ -336,7 +371,7 @@ def bco_udm_fit(embeddings, labels, *, mask=None, l2: float = 1.0, num_steps: in
     return UDMClassifier(theta[:-1], theta[-1])
 
 
-def bco_udm_probs(classifier: UDMClassifier, embeddings) -> jnp.ndarray:
+def bco_udm_probs(classifier: UDMClassifier, embeddings: ArrayLike) -> jax.Array:
     """``[N]`` ``P(desirable | prompt) = σ(e·w + b)`` of a :func:`bco_udm_fit` classifier (constants)."""
     x = _sg(as_float(embeddings, "embeddings"))
     check_rank(x, 2, "embeddings")
@@ -345,8 +380,8 @@ def bco_udm_probs(classifier: UDMClassifier, embeddings) -> jnp.ndarray:
     return _sg(jax.nn.sigmoid(x @ classifier.w.astype(x.dtype) + classifier.b.astype(x.dtype)))
 
 
-def bco_udm_weights(desirable_probs, *, min_density_ratio: float = 0.5, max_density_ratio: float = 10.0,
-                    labels=None):
+def bco_udm_weights(desirable_probs: ArrayLike, *, min_density_ratio: Scalar = 0.5, max_density_ratio: Scalar = 10.0,
+                    labels: Optional[ArrayLike] = None):
     """BCO underlying-distribution matching weights (arXiv 2404.04656, sec. 4.3 / eq. 11): with
     ``p = P(desirable | prompt)`` from a prompt classifier (:func:`bco_udm_fit`, :func:`bco_udm_probs`),
     the density ratio ``p / (1 − p)`` (``+1e-8`` in the denominator, as TRL) clipped to
@@ -372,17 +407,17 @@ def bco_udm_weights(desirable_probs, *, min_density_ratio: float = 0.5, max_dens
 
 
 def bco_loss(
-    policy_logps,
-    ref_logps,
-    labels,
+    policy_logps: ArrayLike,
+    ref_logps: ArrayLike,
+    labels: ArrayLike,
     state: BCOState,
     *,
-    mask=None,
-    beta: float = 0.01,
-    weights=None,
+    mask: Optional[ArrayLike] = None,
+    beta: Scalar = 0.01,
+    weights: Optional[ArrayLike] = None,
     update_state: bool = True,
     num_sequences: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, BCOState, Dict[str, Any]]:
+) -> Tuple[jax.Array, BCOState, Dict[str, Any]]:
     """BCO, unpaired binary-classifier optimisation (arXiv 2404.04656, eq. 9 and sec. 4.2).
 
     Reward ``r = β(log π_θ(y|x) − log π_ref(y|x))``; the running mean δ of all rewards seen so far
@@ -431,16 +466,16 @@ def bco_loss(
 
 
 def orpo_loss(
-    chosen_logps,
-    rejected_logps,
-    chosen_mask,
-    rejected_mask,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
     *,
-    beta: float = 0.1,
-    nll_logps=None,
-    nll_mask=None,
+    beta: Scalar = 0.1,
+    nll_logps: Optional[ArrayLike] = None,
+    nll_mask: Optional[ArrayLike] = None,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """ORPO (arXiv 2403.07691, eq. 6-7): ``L = L_NLL − λ·mean_i log σ(log OR_i)``.
 
     ``S̄`` is the length-normalised (mean) log-prob of each completion; the log odds ratio is
@@ -457,6 +492,15 @@ def orpo_loss(
 
     Returns:
       ``(loss, metrics)`` with ``nll_loss``, ``log_odds_ratio`` (mean log σ), ``log_odds_chosen``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import orpo_loss
+      >>> chosen, rejected = jnp.array([[-0.5, -0.5]]), jnp.array([[-2.0, -2.0]])
+      >>> mask = jnp.ones((1, 2), bool)
+      >>> loss, metrics = orpo_loss(chosen, rejected, mask, mask, beta=0.1)  # NLL - beta log sigmoid(log odds ratio)
+      >>> print(round(float(loss), 4), round(float(metrics["nll_loss"]), 4))
+      0.5097 0.5
     """
     check_range("beta", beta, low=0.0)
     sw = _seq_score(chosen_logps, chosen_mask, "chosen_logps", average=True, mask_name="chosen_mask")
@@ -479,29 +523,33 @@ def orpo_loss(
 # -------------------------------------------------------------------------------- CPO / SimPO / AlphaPO
 
 
-def alphapo_reward(scores, alpha: float) -> jnp.ndarray:
+def alphapo_reward(scores: ArrayLike, alpha: Scalar) -> jax.Array:
     """AlphaPO reward transform (arXiv 2501.03884, eq. 5): ``r = (1 − p^{−α})/α`` with ``p = e^S``,
     i.e. ``−expm1(−αS)/α``; ``α = 0`` gives ``S`` (SimPO). The exponent is capped at 80 to stay finite."""
     s = as_float(scores, "scores")
+    if is_array(alpha):  # traced α: α = 0 (SimPO) as a select, with a safe divisor on the other side
+        off = alpha == 0.0
+        a = jnp.where(off, 1.0, alpha)
+        return jnp.where(off, s, -jnp.expm1(jnp.minimum(-a * s, 80.0)) / a)
     if alpha == 0.0:
         return s
     return -jnp.expm1(jnp.minimum(-alpha * s, 80.0)) / alpha
 
 
 def cpo_loss(
-    chosen_logps,
-    rejected_logps,
-    chosen_mask,
-    rejected_mask,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
     *,
     loss_type: str = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
-    alpha: float = 0.0,
-    cpo_alpha: Optional[float] = 1.0,
+    beta: Scalar = 0.1,
+    label_smoothing: Scalar = 0.0,
+    simpo_gamma: Scalar = 0.5,
+    alpha: Scalar = 0.0,
+    cpo_alpha: Scalar = 1.0,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """CPO family, reference-free (TRL ``CPOTrainer``): ``mean_i ℓ(x_i) + cpo_alpha·NLL_chosen``.
 
     Score ``S``: completion log-prob sum for ``sigmoid`` / ``hinge``, length-normalised mean for
@@ -524,6 +572,17 @@ def cpo_loss(
 
     Returns:
       ``(loss, metrics)`` with ``nll_loss`` and reward metrics (``β·u(S)``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import cpo_loss
+      >>> chosen = jnp.array([[-1.0, -1.0], [-0.5, -0.5]])
+      >>> rejected = jnp.array([[-2.0, -2.0], [-0.5, -1.5]])
+      >>> mask = jnp.ones((2, 2), bool)
+      >>> loss, metrics = cpo_loss(chosen, rejected, mask, mask, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
+      ...                          cpo_alpha=0.0)
+      >>> print(round(float(loss), 4), round(float(metrics["rewards/margins"].value), 4))
+      0.3377 1.5
     """
     check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
     check_range("beta", beta, low=0.0, low_inclusive=False)
@@ -548,7 +607,7 @@ def cpo_loss(
     else:
         losses = jnp.square(x - 1.0 / (2.0 * beta))
     loss = jnp.mean(losses)
-    if cpo_alpha != 0.0:
+    if maybe_nonzero(cpo_alpha):  # an array weight (traced: its value is unknown) keeps the term
         nll = _token_nll(chosen_logps, chosen_mask, "chosen_logps", "chosen_mask", num_items)
         loss = loss + cpo_alpha * nll
     else:
@@ -558,16 +617,42 @@ def cpo_loss(
     return loss, metrics
 
 
-def simpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, *, beta: float = 2.5,
-               gamma: float = 1.375, label_smoothing: float = 0.0):
+def simpo_loss(
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
+    *,
+    beta: Scalar = 2.5,
+    gamma: Scalar = 1.375,
+    label_smoothing: Scalar = 0.0,
+):
     """SimPO (arXiv 2405.14734, eq. 6) with the paper-index values ``β = 2.5``, ``γ = 1.375``, no NLL:
-    ``−log σ(β(S̄_w − S̄_l) − γ)``. Shapes as :func:`cpo_loss`."""
+    ``−log σ(β(S̄_w − S̄_l) − γ)``. Shapes as :func:`cpo_loss`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from trlax.objectives import simpo_loss
+      >>> chosen, rejected = jnp.array([[-1.0, -1.0]]), jnp.array([[-2.0, -2.0]])
+      >>> mask = jnp.ones((1, 2), bool)
+      >>> loss, _ = simpo_loss(chosen, rejected, mask, mask)  # -log sigmoid(2.5 * (-1 - (-2)) - 1.375)
+      >>> print(round(float(loss), 4))
+      0.2812
+    """
     return cpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, loss_type="simpo", beta=beta,
                     simpo_gamma=gamma, label_smoothing=label_smoothing, cpo_alpha=0.0)
 
 
-def alphapo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, *, alpha: float = 0.25,
-                 beta: float = 2.5, gamma: float = 0.1):
+def alphapo_loss(
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
+    *,
+    alpha: Scalar = 0.25,
+    beta: Scalar = 2.5,
+    gamma: Scalar = 0.1,
+):
     """AlphaPO (arXiv 2501.03884, eq. 6) with the paper-index values ``α = 0.25``, ``β = 2.5``,
     ``γ = 0.1``: SimPO on ``u(S̄) = (1 − e^{−αS̄})/α``. Shapes as :func:`cpo_loss`."""
     return cpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, loss_type="alphapo", beta=beta,
@@ -578,20 +663,20 @@ def alphapo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, *, al
 
 
 def tpo_loss(
-    chosen_logps,
-    rejected_logps,
-    gold_logps,
-    chosen_mask,
-    rejected_mask,
-    gold_mask,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    gold_logps: ArrayLike,
+    chosen_mask: ArrayLike,
+    rejected_mask: ArrayLike,
+    gold_mask: ArrayLike,
     *,
     loss_type: str = "sigmoid",
-    beta: float = 0.01,
-    tpo_alpha: float = 1.0,
-    tpo_l_gamma: float = 0.5,
-    label_smoothing: float = 0.0,
+    beta: Scalar = 0.01,
+    tpo_alpha: Scalar = 1.0,
+    tpo_l_gamma: Scalar = 0.5,
+    label_smoothing: Scalar = 0.0,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """TPO, triple preference optimisation (arXiv 2405.16681, eq. 11; TPO-L eq. 14).
 
     Reference-free contrast ``x = S_w − S_l`` (sum for ``sigmoid`` / ``hinge``, mean for ``ipo`` /
@@ -630,9 +715,10 @@ def tpo_loss(
         losses = _logsig_pair(x - tpo_l_gamma / beta, beta, label_smoothing)
     loss = jnp.mean(losses)
     nll = jnp.zeros((), loss.dtype)
-    if tpo_alpha != 0.0:
+    if maybe_nonzero(tpo_alpha):  # an array weight (traced: its value is unknown) keeps the term
         if gold_logps is None or gold_mask is None:
-            raise ValueError(f"`gold_logps` and `gold_mask` are required when tpo_alpha={tpo_alpha} != 0")
+            raise ValueError(f"`gold_logps` and `gold_mask` are required when tpo_alpha={tpo_alpha} != 0 "
+                             "(or an array)")
         nll = _token_nll(gold_logps, gold_mask, "gold_logps", "gold_mask", num_items)
         loss = loss + tpo_alpha * nll
     metrics = _preference_metrics(beta * sw, beta * sl, sw, sl)
@@ -643,7 +729,7 @@ def tpo_loss(
 # ------------------------------------------------------------------------ Online DPO / XPO / Nash-MD
 
 
-def order_by_reward(first_rewards, second_rewards, first, second):
+def order_by_reward(first_rewards: ArrayLike, second_rewards: ArrayLike, first: Any, second: Any):
     """Rank two policy samples per prompt by reward (Online DPO, arXiv 2402.04792): the chosen one is
     ``first`` where ``first_rewards >= second_rewards`` (ties go to ``first``, as TRL).
 
@@ -669,16 +755,16 @@ def order_by_reward(first_rewards, second_rewards, first, second):
 
 
 def online_dpo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
     *,
-    chosen_mask=None,
-    rejected_mask=None,
-    beta: float = 0.1,
+    chosen_mask: Optional[ArrayLike] = None,
+    rejected_mask: Optional[ArrayLike] = None,
+    beta: Scalar = 0.1,
     loss_type: str = "sigmoid",
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """Online DPO (arXiv 2402.04792, alg. 1; TRL ``OnlineDPOTrainer``) on reward-ranked policy samples.
 
     ``x = (S_w − S_l) − (S^ref_w − S^ref_l)`` with completion log-prob sums;
@@ -706,19 +792,19 @@ def online_dpo_loss(
 
 
 def xpo_loss(
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    ref_sample_logps,
+    chosen_logps: ArrayLike,
+    rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    ref_sample_logps: ArrayLike,
     *,
-    chosen_mask=None,
-    rejected_mask=None,
-    ref_sample_mask=None,
-    beta: float = 0.1,
-    alpha: float = 1e-5,
+    chosen_mask: Optional[ArrayLike] = None,
+    rejected_mask: Optional[ArrayLike] = None,
+    ref_sample_mask: Optional[ArrayLike] = None,
+    beta: Scalar = 0.1,
+    alpha: Scalar = 1e-5,
     loss_type: str = "sigmoid",
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """XPO, exploratory preference optimisation (arXiv 2405.21046, alg. 1 line 7; TRL ``XPOTrainer``).
 
     The chosen / rejected pair is the reward ranking of one policy sample ``y`` and one reference
@@ -746,7 +832,7 @@ def xpo_loss(
     return dpo + xpo, metrics
 
 
-def nash_md_mixture_logits(logits, ref_logits, mixture_coef: float = 0.5) -> jnp.ndarray:
+def nash_md_mixture_logits(logits: ArrayLike, ref_logits: ArrayLike, mixture_coef: Scalar = 0.5) -> jax.Array:
     """Nash-MD geometric-mixture sampling policy (arXiv 2312.00886, eq. 9; TRL ``GeometricMixtureWrapper``):
     ``log π_mix ∝ κ·z_ref + (1 − κ)·z_θ`` per token, returned as normalised log-probs ``[..., V]``."""
     check_range("mixture_coef", mixture_coef, low=0.0, high=1.0)
@@ -756,13 +842,13 @@ def nash_md_mixture_logits(logits, ref_logits, mixture_coef: float = 0.5) -> jnp
 
 
 def nash_md_loss(
-    logps,
-    ref_logps,
-    mask,
-    preference_probs,
+    logps: ArrayLike,
+    ref_logps: ArrayLike,
+    mask: ArrayLike,
+    preference_probs: ArrayLike,
     *,
-    beta: float = 0.1,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    beta: Scalar = 0.1,
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """Nash-MD policy loss (arXiv 2312.00886, eq. 11; TRL ``NashMDTrainer`` July 2026 code).
 
     For a policy sample ``y`` and a mixture sample ``y'`` with preference ``P = P(y ≻ y')`` (e.g.
@@ -800,12 +886,12 @@ def nash_md_loss(
 
 
 def reward_model_loss(
-    chosen_rewards,
-    rejected_rewards,
+    chosen_rewards: ArrayLike,
+    rejected_rewards: ArrayLike,
     *,
-    margin=None,
-    center_rewards_coefficient: Optional[float] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+    margin: Optional[ArrayLike] = None,
+    center_rewards_coefficient: Optional[Scalar] = None,
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """Bradley-Terry reward-model loss (Ouyang et al. 2022, eq. 1; TRL ``RewardTrainer``).
 
     ``loss = mean_i −log σ(r_w − r_l − m_i)`` with the Llama-2 margin ``m`` (arXiv 2307.09288, eq. 2;
@@ -848,13 +934,13 @@ def reward_model_loss(
 
 
 def process_reward_loss(
-    logits,
-    labels,
-    mask,
+    logits: ArrayLike,
+    labels: ArrayLike,
+    mask: ArrayLike,
     *,
     last_step_only: bool = False,
     num_items: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """Process reward model loss (Uesato et al., arXiv 2211.14275, sec. 3; TRL ``PRMTrainer``):
     token classification cross-entropy on the step-label positions (the last token of each
     reasoning step; ``mask`` selects them), averaged over labelled tokens.
@@ -894,7 +980,7 @@ def process_reward_loss(
 # --------------------------------------------------------------------------------------------- A*-PO
 
 
-def astar_po_values(rewards, beta1: float = 0.5, mask=None) -> jnp.ndarray:
+def astar_po_values(rewards: ArrayLike, beta1: Scalar = 0.5, mask: Optional[ArrayLike] = None) -> jax.Array:
     """A*-PO stage 1 (arXiv 2505.20686, eq. 4): ``V*(x) = β₁·(log Σ_i e^{r_i/β₁} − log N)`` over the
     ``N`` rewards of reference samples per prompt.
 
@@ -920,15 +1006,15 @@ def astar_po_values(rewards, beta1: float = 0.5, mask=None) -> jnp.ndarray:
 
 
 def astar_po_loss(
-    policy_logps,
-    ref_logps,
-    rewards,
-    values,
+    policy_logps: ArrayLike,
+    ref_logps: ArrayLike,
+    rewards: ArrayLike,
+    values: ArrayLike,
     *,
-    mask=None,
-    beta2: float = 1e-3,
+    mask: Optional[ArrayLike] = None,
+    beta2: Scalar = 1e-3,
     num_sequences: Optional[Any] = None,
-) -> Tuple[jnp.ndarray, Dict[str, Any]]:
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """A*-PO stage 2 (arXiv 2505.20686, eq. 6; TRL ``A2POTrainer``): least-squares regression of the
     implicit reward onto the optimal advantage,
     ``loss = mean_i (β₂·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i)) − (r_i − V*(x_i)))²``.
@@ -955,7 +1041,7 @@ def astar_po_loss(
 # ---------------------------------------------------------------------------------------------- TR-DPO
 
 
-def trdpo_soft_update(ref_params, policy_params, alpha: float = 0.6):
+def trdpo_soft_update(ref_params: Any, policy_params: Any, alpha: Scalar = 0.6):
     """TR-DPO soft update (arXiv 2404.09656, eq. 5): ``θ_ref ← α·θ + (1 − α)·θ_ref`` leaf-wise.
     ``alpha = 1`` is the hard update (eq. 6). Pytrees must have the same structure."""
     check_range("alpha", alpha, low=0.0, high=1.0)
@@ -964,15 +1050,23 @@ def trdpo_soft_update(ref_params, policy_params, alpha: float = 0.6):
         ref_params, policy_params)
 
 
-def trdpo_hard_update(ref_params, policy_params):
+def trdpo_hard_update(ref_params: Any, policy_params: Any):
     """TR-DPO hard update (arXiv 2404.09656, eq. 6): ``θ_ref ← θ`` (a copy of the policy pytree)."""
     return jax.tree_util.tree_map(lambda r, p: jnp.asarray(p).astype(jnp.asarray(r).dtype), ref_params, policy_params)
 
 
-def trdpo_ref_update(ref_params, policy_params, step, *, alpha: float = 0.6, sync_steps: int = 512):
+def trdpo_ref_update(
+    ref_params: Any,
+    policy_params: Any,
+    step: ArrayLike,
+    *,
+    alpha: Scalar = 0.6,
+    sync_steps: int = 512,
+):
     """TR-DPO reference update on a schedule (arXiv 2404.09656, sec. 3; TRL ``SyncRefModelCallback``):
     at optimiser steps where ``step % sync_steps == 0`` apply :func:`trdpo_soft_update` with
-    ``alpha`` (1.0 = hard), else return ``ref_params`` unchanged. ``step`` may be a traced integer (jit-friendly selection).
+    ``alpha`` (1.0 = hard), else return ``ref_params`` unchanged. ``step`` may be a traced integer
+    (jit-friendly selection).
 
     Paper-index values (TR-DPO): ``alpha = 0.6``, ``sync_steps = 512``.
     """

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +137,7 @@ def policy_batches(
     out["entropies"] = _floats(draw, (b, t), 0.0, 5.0)
     out["advantages"] = _floats(draw, (b, t) if token_advantages else (b,), -adv, adv)
     out["mask"] = draw(masks((b, t), empty_rows=empty_rows))
-    per_token = ("logps", "old_logps", "ref_logps", "sampler_logps", "entropies")
+    per_token: Tuple[str, ...] = ("logps", "old_logps", "ref_logps", "sampler_logps", "entropies")
     per_token += ("advantages",) if token_advantages else ()
     return _finish(out, {k: "mask" for k in per_token}, dt, padding_fill)
 
@@ -239,7 +239,11 @@ def _jitted(loss_fn: Callable):
     return jax.jit(loss_fn)
 
 
-def _np64(x) -> Optional[np.ndarray]:
+@overload
+def _np64(x: None) -> None: ...
+@overload
+def _np64(x: Any) -> np.ndarray: ...
+def _np64(x: Any) -> Optional[np.ndarray]:
     """A float64 NumPy copy (bf16 goes through float32: NumPy cannot cast it directly everywhere)."""
     if x is None:
         return None
@@ -333,16 +337,16 @@ def check_permutation_equivariance(
     ``st.permutations(range(B))`` draws to test others. Arrays whose first dimension is ``B`` are
     permuted; anything else (scalars, counts) is passed as is."""
     b = _batch_size(batch, mask_keys)
-    perm = np.arange(b)[::-1] if perm is None else np.asarray(perm)
-    if sorted(perm.tolist()) != list(range(b)):
-        raise ValueError(f"perm={perm.tolist()} must be a permutation of range({b})")
-    permuted = {k: (np.asarray(x)[perm] if np.ndim(x) >= 1 and np.shape(x)[0] == b else x) for k, x in batch.items()}
+    order = np.arange(b)[::-1] if perm is None else np.asarray(perm)
+    if sorted(order.tolist()) != list(range(b)):
+        raise ValueError(f"perm={order.tolist()} must be a permutation of range({b})")
+    permuted = {k: (np.asarray(x)[order] if np.ndim(x) >= 1 and np.shape(x)[0] == b else x) for k, x in batch.items()}
     v0, g0 = _run(loss_fn, batch, grad_key)
     v1, g1 = _run(loss_fn, permuted, grad_key)
-    law = f"batch-permutation equivariance (perm={perm.tolist()})"
-    _assert_close(law, v1, v0 if v0.ndim == 0 else v0[perm], rtol, atol, "the loss")
+    law = f"batch-permutation equivariance (perm={order.tolist()})"
+    _assert_close(law, v1, v0 if v0.ndim == 0 else v0[order], rtol, atol, "the loss")
     if grad_key is not None:
-        _assert_close(law, g1, g0[perm], rtol, atol, f"the gradient w.r.t. `{grad_key}`")
+        _assert_close(law, g1, g0[order], rtol, atol, f"the gradient w.r.t. `{grad_key}`")
 
 
 def check_microbatch_additivity(
@@ -425,7 +429,7 @@ def check_jit_consistency(loss_fn: Callable, batch: Batch, *, rtol: float = 1e-5
     jitted = jax.tree_util.tree_leaves(_jitted(loss_fn)(batch))
     if len(eager) != len(jitted):
         raise AssertionError(f"jit consistency violated: {len(jitted)} outputs under jit, {len(eager)} without")
-    for i, (a, b) in enumerate(zip(jitted, eager)):
+    for i, (a, b) in enumerate(zip(jitted, eager, strict=True)):
         _assert_close("jit consistency", _np64(a), _np64(b), rtol, atol, f"output leaf {i}")
 
 

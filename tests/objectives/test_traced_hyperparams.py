@@ -1,9 +1,11 @@
 """Continuous hyperparameters are data (issue 19): Python numbers or JAX scalars, traced or not.
 
-For the preference losses, the policy loss, the KL estimators, KTO and GKD: ``vmap`` over four values of the main
-coefficient equals four separate calls with Python numbers; ``jax.grad`` w.r.t. it equals a central
-finite difference (float64); a jitted step with a β schedule compiles once; the configs are pytrees
-(float fields are leaves, the rest static) and stay hashable for static use.
+For the preference losses, the policy loss, the KL estimators, KTO, GKD, CPO / SimPO / AlphaPO, TPO,
+ULD, self-distillation and BEMA: ``vmap`` over four values of the main coefficient equals four separate
+calls with Python numbers; ``jax.grad`` w.r.t. it equals a central finite difference (float64); a jitted
+step with a β schedule compiles once; the configs are pytrees (float fields are leaves, the rest static)
+and stay hashable for static use. Also the preference-loss registry (a user's loss through the whole
+``preference_loss`` pipeline, with a traced β).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import trlax.objectives as tx
 from trlax.objectives import (
     ALL_KL_ESTIMATORS,
     KL_ESTIMATORS,
     PolicyLossConfig,
     PreferenceLossConfig,
+    alphapo_loss,
+    bema,
+    cpo_loss,
     dpo_loss,
     gkd_loss,
     kl_in_reward,
@@ -27,6 +33,9 @@ from trlax.objectives import (
     kto_loss,
     policy_loss,
     preference_loss,
+    self_distillation_loss,
+    tpo_loss,
+    uld_loss,
 )
 
 B, T = 4, 5
@@ -212,7 +221,7 @@ def test_grad_wrt_beta_equals_finite_difference():
                      ("pref", lambda b: JIT["pref"](PREF.replace(beta=b))),
                      ("kto", JIT["kto"]), ("gkd", JIT["gkd"])):
         g = jax.grad(fn)(jnp.asarray(beta, jnp.float64))
-        fd = _central_difference(lambda b: fn(jnp.asarray(b, jnp.float64)), beta)
+        fd = _central_difference(lambda b, fn=fn: fn(jnp.asarray(b, jnp.float64)), beta)
         assert abs(float(g)) > 1e-6, name
         np.testing.assert_allclose(g, fd, rtol=1e-5, err_msg=name)
 
@@ -222,7 +231,7 @@ def test_grad_wrt_config_fields():
     g = jax.grad(JIT["policy"])(POLICY)
     assert isinstance(g, PolicyLossConfig)
     for field in ("beta", "entropy_coef"):
-        fd = _central_difference(lambda v: JIT["policy"](POLICY.replace(**{field: jnp.asarray(v)})),
+        fd = _central_difference(lambda v, field=field: JIT["policy"](POLICY.replace(**{field: jnp.asarray(v)})),
                                  getattr(POLICY, field))
         np.testing.assert_allclose(getattr(g, field), fd, rtol=1e-5, err_msg=field)
     # the entropy bonus enters linearly: d loss / d entropy_coef = − the masked mean entropy
@@ -297,3 +306,172 @@ def test_traced_policy_fields_trace(field, value):
     cfg = POLICY.replace(loss_type=lt, **{field: value})
     out = jax.eval_shape(lambda v: _policy(dataclasses.replace(cfg, **{field: v})), jnp.asarray(value))
     assert out.shape == ()
+
+
+# ------------------------------------------------- unpaired / supervised / distillation leftovers
+
+
+def _cpo(alpha):  # SimPO margin on the AlphaPO transform, plus a CPO NLL term of weight α/2
+    return cpo_loss(LOGPS, REJ, MASK, MASK, loss_type="simpo", beta=2.0, simpo_gamma=0.5, alpha=alpha,
+                    cpo_alpha=0.5 * alpha)[0]
+
+
+def _alphapo(alpha):
+    return alphapo_loss(LOGPS, REJ, MASK, MASK, alpha=alpha)[0]
+
+
+def _tpo(tpo_alpha):
+    return tpo_loss(LOGPS, REJ, OLD, MASK, MASK, MASK, loss_type="tpo-l", beta=0.5, tpo_alpha=tpo_alpha,
+                    tpo_l_gamma=0.25 + tpo_alpha, label_smoothing=0.1)[0]
+
+
+def _uld(weight):
+    return uld_loss(STUDENT, TEACHER, MASK, MASK, logps=LOGPS, crossentropy_weight=weight,
+                    student_temperature=1.0 + weight)[0]
+
+
+def _self_distill(alpha):
+    return self_distillation_loss(STUDENT, TEACHER, MASK, mode="topk_logits", topk=2, alpha=alpha)[0]
+
+
+_PARAMS = {"w": _arr(_rng.normal(size=(3,))), "b": _arr(1.5)}
+
+
+def _bema(power):
+    """The BEMA weights after four steps of a drifting parameter, η = bias_power = power, κ = power / 2."""
+    t = bema(update_freq=1, ema_power=0.5 * power, bias_power=power, lag=2.0, multiplier=1.0 + power)
+    state = t.init(_PARAMS)
+    out = _PARAMS
+    for k in range(1, 5):
+        out, state = t.update(jax.tree_util.tree_map(lambda p, k=k: p + 0.3 * k * (1.0 + p), _PARAMS), state)
+    return jnp.stack([jnp.sum(out["w"]), out["b"]])
+
+
+LEFTOVERS = {  # name -> (function, four values, the 0 / off value among them where it takes a branch)
+    "cpo": (_cpo, (0.0, 0.1, 0.25, 1.0)),
+    "alphapo": (_alphapo, (0.0, 0.1, 0.25, 1.0)),
+    "tpo": (_tpo, (0.0, 0.5, 1.0, 2.0)),
+    "uld": (_uld, (0.0, 0.1, 0.5, 2.0)),
+    "self_distill": (_self_distill, (0.0, 0.3, 0.7, 1.0)),
+    "bema": (_bema, (0.0, 0.2, 0.5, 1.0)),
+}
+JIT_LEFTOVERS = {name: jax.jit(fn) for name, (fn, _) in LEFTOVERS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(LEFTOVERS))
+def test_vmap_over_coefficient_equals_separate_calls_leftovers(name):
+    """The AlphaPO α (its α = 0 branch is a select when traced), CPO / TPO / ULD NLL weights (a weight
+    of 0 drops the term for a number, multiplies it by 0 when traced), self-distillation's α, BEMA's powers."""
+    fn, values = LEFTOVERS[name]
+    f = JIT_LEFTOVERS[name]
+    batched = jax.vmap(f)(jnp.asarray(values))
+    for i, v in enumerate(values):  # (a float64 scalar argument: the finite differences below reuse the program)
+        np.testing.assert_allclose(batched[i], f(_arr(v)), rtol=1e-12, atol=1e-12, err_msg=f"{name} {v}")
+    # the number path (Python branches) at the first value (the off value where there is one): the
+    # selects agree with it
+    np.testing.assert_allclose(batched[0], _number_path(fn, values[0]), rtol=1e-12, atol=1e-12, err_msg=name)
+    assert len(np.unique(np.round(np.asarray(batched).reshape(len(values), -1)[:, 0], 9))) == len(values), name
+
+
+@pytest.mark.parametrize("name,at", [("cpo", 0.25), ("alphapo", 0.25), ("tpo", 0.5), ("uld", 0.3),
+                                     ("self_distill", 0.4), ("bema", 0.5)])
+def test_grad_wrt_coefficient_equals_finite_difference_leftovers(name, at):
+    f = JIT_LEFTOVERS[name]
+    fn = (lambda v: jnp.sum(f(v))) if name == "bema" else f
+    g = jax.grad(fn)(jnp.asarray(at, jnp.float64))
+    fd = _central_difference(lambda v: fn(jnp.asarray(v, jnp.float64)), at)
+    assert abs(float(g)) > 1e-6, name
+    np.testing.assert_allclose(g, fd, rtol=1e-5, err_msg=name)
+
+
+def test_leftover_numbers_are_still_validated():
+    with pytest.raises(ValueError, match="cpo_alpha=-1.0 is out of range"):
+        cpo_loss(LOGPS, REJ, MASK, MASK, cpo_alpha=-1.0)
+    with pytest.raises(ValueError, match="tpo_alpha=-0.5 is out of range"):
+        tpo_loss(LOGPS, REJ, OLD, MASK, MASK, MASK, tpo_alpha=-0.5)
+    with pytest.raises(ValueError, match=r"`gold_logps` and `gold_mask` are required when tpo_alpha=.*"
+                                         r" \(or an array\)"):
+        tpo_loss(LOGPS, REJ, None, MASK, MASK, None, tpo_alpha=jnp.asarray(0.0))
+    with pytest.raises(ValueError, match="lag=0 and multiplier=0"):
+        bema(lag=0.0, multiplier=0.0)
+    bema(lag=0.0, multiplier=jnp.asarray(0.0))  # an array passes (its value is data)
+    with pytest.raises(ValueError, match="alpha=0.5 is not allowed with mode='sampled_token'"):
+        self_distillation_loss(STUDENT, TEACHER, MASK, mode="sampled_token", alpha=0.5,
+                               tokens=jnp.zeros((B, T), jnp.int32))
+    with pytest.raises(ValueError, match="crossentropy_weight=0.5 needs `logps`"):
+        uld_loss(STUDENT, TEACHER, MASK, MASK, crossentropy_weight=0.5)
+
+
+# ----------------------------------------------------------------------------- preference-loss registry
+
+
+def _squared_margin(x):
+    """A user's loss: (β·(ρ_w − ρ_l) − 1)² — IPO's form on sums, written from PreferenceInputs."""
+    rho_w, rho_l = x.logratios()
+    return (x.config.beta * (rho_w - rho_l) - 1.0) ** 2
+
+
+def _my_sigmoid(x):
+    """A copy of the built-in ``sigmoid`` written from PreferenceInputs (with the logit modifiers)."""
+    return -jax.nn.log_sigmoid(x.logit())
+
+
+tx.register_preference_loss("test_squared_margin", _squared_margin, overwrite=True)
+tx.register_preference_loss("test_sigmoid", _my_sigmoid, logit_modifiers=True, f_divergence=True, overwrite=True)
+LSSP = _arr(-np.abs(_rng.normal(size=(B, T))))  # per-token log Σ π² for WPO
+
+
+def _pref_full(config, chosen):
+    loss, metrics = preference_loss(chosen, REJ, REF, REF_REJ, MASK, MASK, config, chosen_log_sum_sq_probs=LSSP,
+                                    rejected_log_sum_sq_probs=LSSP, offsets=0.1 * SEQ[0])
+    return loss, metrics
+
+
+def test_registered_preference_loss_runs_the_whole_pipeline():
+    """A registered copy of ``sigmoid`` equals the built-in through LD-DPO, WPO, RPO, R-DPO / DPOP, ODPO offsets
+    and f-divergence (value, gradient, metrics), alone and in a weighted mixture; a new loss equals its
+    formula on the sequence sums and takes a traced β (vmap over four β == four calls)."""
+    kw = dict(beta=0.3, ld_alpha=0.5, use_weighting=True, rpo_alpha=0.2, rdpo_alpha=0.01, dpop_lambda=2.0,
+              f_divergence_type="js_divergence")
+    vg = jax.jit(jax.value_and_grad(lambda c, lp: _pref_full(c, lp)[0], argnums=1))
+    for copy, builtin in (("test_sigmoid", "sigmoid"), (("test_sigmoid", "sft"), ("sigmoid", "sft"))):
+        w = None if isinstance(copy, str) else (0.7, 0.3)
+        c0 = PreferenceLossConfig(loss_type=builtin, loss_weights=w, **kw)
+        c1 = PreferenceLossConfig(loss_type=copy, loss_weights=w, **kw)
+        (v0, g0), (v1, g1) = vg(c0, LOGPS), vg(c1, LOGPS)
+        np.testing.assert_allclose(v1, v0, rtol=1e-12)
+        np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-15)
+        assert abs(float(v0)) > 1e-3 and np.abs(g0).max() > 1e-3
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+                               _pref_full(c0, LOGPS)[1], _pref_full(c1, LOGPS)[1])
+
+    # a new loss: the recipe's pair mean of the formula on masked sums, β traced through the config
+    f = jax.jit(lambda c: preference_loss(LOGPS, REJ, REF, REF_REJ, MASK, MASK, c)[0])
+    cfg = PreferenceLossConfig(loss_type="test_squared_margin")
+    batched = jax.vmap(f)(jax.tree_util.tree_map(lambda *xs: jnp.asarray(xs),
+                                                 *[cfg.replace(beta=b) for b in BETAS]))
+    s = [np.sum(np.where(np.asarray(MASK), np.asarray(x), 0.0), axis=1) for x in (LOGPS, REJ, REF, REF_REJ)]
+    for i, b in enumerate(BETAS):
+        expect = np.mean((b * ((s[0] - s[2]) - (s[1] - s[3])) - 1.0) ** 2)
+        np.testing.assert_allclose(batched[i], expect, rtol=1e-12)
+
+
+def test_preference_registry_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'sigmoid' is already registered"):
+        tx.register_preference_loss("sigmoid", _squared_margin)
+    with pytest.raises(ValueError, match="'aot_pair' is an alias"):
+        tx.register_preference_loss("aot_pair", _squared_margin)
+    with pytest.raises(TypeError, match="`loss` must be callable"):
+        tx.register_preference_loss("test_bad", 3.0)
+    with pytest.raises(ValueError, match="loss_type='not_registered' is not allowed; allowed values: .*'test_sigmoid'"):
+        PreferenceLossConfig(loss_type="not_registered")
+    # a registered loss declares what it combines with: the config refuses the rest
+    with pytest.raises(ValueError, match="f_divergence_type='js_divergence' is not allowed with loss_type "
+                                         r"\['test_squared_margin'\]"):
+        PreferenceLossConfig(loss_type="test_squared_margin", f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="rdpo_alpha / dpop_lambda modify the logit of loss types .*'test_sigmoid'"):
+        PreferenceLossConfig(loss_type="test_squared_margin", rdpo_alpha=0.1)
+    with pytest.raises(ValueError, match=r"must return per-pair losses of shape \(4,\), got \(\)"):
+        tx.register_preference_loss("test_scalar", lambda x: jnp.sum(x.chosen_logps), overwrite=True)
+        preference_loss(LOGPS, REJ, REF, REF_REJ, MASK, MASK, PreferenceLossConfig(loss_type="test_scalar"))
+    assert set(tx.PREFERENCE_LOSS_TYPES) <= set(tx.PREFERENCE_LOSS_REGISTRY)
