@@ -284,12 +284,6 @@ def rloo_advantages(
 
     Returns:
       ``[N]`` advantages (stop-gradient).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from trlax.objectives import rloo_advantages
-      >>> print(rloo_advantages(jnp.array([1.0, 0.0, 0.0, 2.0]), 4))  # r_i - mean of the other three
-      [ 0.3333 -1.     -1.      1.6667]
     """
     r, gid, ng, valid, n = _scores(rewards, num_generations, group_ids, num_groups)
     mean, _, const = _group_stats(r, valid, gid, ng)

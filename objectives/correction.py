@@ -140,17 +140,6 @@ def off_policy_sequence_mask(
 
     Returns:
       ``[B, 1]`` float mask (1 keep, 0 drop), stop-gradient.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from trlax.objectives import off_policy_sequence_mask
-      >>> adv = jnp.array([-1.0, -1.0, 1.0])
-      >>> logps = jnp.array([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
-      >>> behaviour = jnp.array([[-1.0, -1.0], [-0.2, -0.2], [-0.2, -0.2]])  # rows 1, 2 drifted: KL 0.8
-      >>> print(off_policy_sequence_mask(adv, logps, behaviour, jnp.ones((3, 2), bool), threshold=0.5))
-      [[1.]
-       [0.]
-       [1.]]
     """
     logps = _sg(as_float(logps, "logps"))
     beh = _sg(as_float(behaviour_logps, "behaviour_logps"))

@@ -160,16 +160,6 @@ def generalized_jsd(
 
     Returns:
       ``[B, T]`` divergence per position (unmasked; reduce with :func:`gkd_loss` or ``aggregate``).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from trlax.objectives import generalized_jsd
-      >>> student = jnp.array([[[0.0, 1.0, 2.0]]])
-      >>> teacher = jnp.array([[[2.0, 1.0, 0.0]]])
-      >>> print(generalized_jsd(student, teacher, beta=0.5))  # [B, T] per position
-      [[0.2476]]
-      >>> print(generalized_jsd(student, teacher, beta=0.0))  # beta = 0: KL(teacher || student)
-      [[1.1504]]
     """
     check_range("beta", beta, low=0.0, high=1.0)
     check_range("temperature", temperature, low=0.0, low_inclusive=False)

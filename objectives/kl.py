@@ -172,16 +172,6 @@ def kl_in_reward(
       ``(rewards [B, T], current_kl)``: ``current_kl`` is the batch mean of the per-sequence mean KL
       (verl's ``actor/reward_kl_penalty``; empty rows count 0), the input of
       :func:`adaptive_kl_controller`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from trlax.objectives import kl_in_reward
-      >>> scores = jnp.array([[0.0, 1.0]])  # the reward on the last token
-      >>> logps = jnp.array([[-1.0, -2.0]])
-      >>> ref = jnp.array([[-1.5, -2.5]])
-      >>> rewards, kl = kl_in_reward(scores, logps, ref, jnp.ones((1, 2), bool), beta=0.1)
-      >>> print(rewards)  # scores - beta * k1
-      [[-0.05  0.95]]
     """
     scores = _sg(as_float(token_scores, "token_scores"))
     mask = as_mask(mask)

@@ -204,18 +204,6 @@ def bema(
     Returns:
       :class:`BEMATransformation` ``(init, update)``. θ₀ and the EMA are kept in float32 or wider
       (bf16 parameters are not averaged in bf16); the returned BEMA weights have the parameters' dtypes.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from trlax.objectives import bema
-      >>> avg = bema(update_freq=1, lag=1.0)
-      >>> params = {"w": jnp.array([0.0, 0.0])}
-      >>> state = avg.init(params)
-      >>> for step in range(3):
-      ...     params = {"w": params["w"] + 1.0}  # an optimiser step
-      ...     averaged, state = avg.update(params, state)
-      >>> print(averaged["w"], int(state.step))
-      [4.5004 4.5004] 3
     """
     for name, v in (("update_freq", update_freq), ("update_after", update_after)):
         if isinstance(v, bool) or not isinstance(v, int):

@@ -5,13 +5,18 @@ ULD, self-distillation and BEMA: ``vmap`` over four values of the main coefficie
 calls with Python numbers; ``jax.grad`` w.r.t. it equals a central finite difference (float64); a jitted
 step with a β schedule compiles once; the configs are pytrees (float fields are leaves, the rest static)
 and stay hashable for static use. Also the preference-loss registry (a user's loss through the whole
-``preference_loss`` pipeline, with a traced β).
+``preference_loss`` pipeline, with a traced β), and the float64 references run jitted and not
+(``chex.variants``) for one function of each family: the reference modules run eagerly only (their
+dozens of configurations share the per-primitive compile cache; jitting each would compile each).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +42,9 @@ from trlax.objectives import (
     tpo_loss,
     uld_loss,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _numpy_ref as ref  # noqa: E402
 
 B, T = 4, 5
 BETAS = (0.01, 0.1, 0.5, 2.0)
@@ -475,3 +483,103 @@ def test_preference_registry_errors_name_the_problem():
         tx.register_preference_loss("test_scalar", lambda x: jnp.sum(x.chosen_logps), overwrite=True)
         preference_loss(LOGPS, REJ, REF, REF_REJ, MASK, MASK, PreferenceLossConfig(loss_type="test_scalar"))
     assert set(tx.PREFERENCE_LOSS_TYPES) <= set(tx.PREFERENCE_LOSS_REGISTRY)
+
+
+# ------------------------------------------- the references, jitted and not (one function per family)
+
+NAN_PAD = jnp.where(MASK, LOGPS, jnp.nan)  # garbage under the padding must not reach values or gradients
+_N = {k: np.asarray(v, np.float64) for k, v in dict(lp=LOGPS, old=OLD, ref=REF, rej=REJ, ref_rej=REF_REJ, ent=ENT,
+                                                      adv=ADV).items()}
+_N["mask"] = np.asarray(MASK, bool)
+
+
+def _np_logsig(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def _np_seq(lp, m, mean=False):
+    s = np.where(m, lp, 0.0).sum(-1)
+    return s / np.maximum(m.sum(-1), 1) if mean else s
+
+
+class TestReferencesJittedAndNot(chex.TestCase):
+    """Each test runs twice, under ``jax.jit`` and eagerly (``chex.variants``): one compile per family."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_aggregation(self):
+        f = self.variant(lambda x: jnp.stack([tx.aggregate(x, MASK, m) for m in ("grpo", "bnpo", "dr_grpo", "dapo")]))
+        want = [ref.aggregate(np.where(_N["mask"], _N["lp"], 0.0), _N["mask"], m)
+                for m in ("grpo", "bnpo", "dr_grpo", "dapo")]
+        np.testing.assert_allclose(f(NAN_PAD), want, rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_policy_loss_value_and_grad(self):
+        f = self.variant(jax.value_and_grad(lambda lp: policy_loss(lp, OLD, ADV, MASK, POLICY, ref_logps=REF,
+                                                                   entropies=ENT)[0]))
+        value, grad = f(NAN_PAD)
+        np_loss = lambda x: ref.policy_loss(x, _N["old"], _N["adv"], _N["mask"], POLICY, ref_logps=_N["ref"],  # noqa: E731
+                                            entropies=_N["ent"])
+        np.testing.assert_allclose(value, np_loss(_N["lp"]), rtol=1e-10)
+        np.testing.assert_allclose(grad, ref.fd_grad(np_loss, _N["lp"], where=_N["mask"]), rtol=1e-5, atol=1e-8)
+        assert np.all(np.asarray(grad)[~_N["mask"]] == 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_kl_estimators(self):
+        f = self.variant(lambda lp: jnp.stack([kl_penalty(lp, REF, MASK, k) for k in KL_ESTIMATORS]))
+        got = np.asarray(f(NAN_PAD))
+        for i, k in enumerate(KL_ESTIMATORS):
+            want = np.where(_N["mask"], ref.kl_penalty(_N["lp"], _N["ref"], _N["mask"], k), 0.0)
+            np.testing.assert_allclose(np.where(_N["mask"], got[i], 0.0), want, rtol=1e-12, atol=1e-15, err_msg=k)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_sampler_correction(self):
+        modes = tx.SAMPLER_CORRECTION_MODES
+        f = self.variant(lambda old, samp: [tx.sampler_importance_weights(old, samp, MASK, m, clip_min=0.8,
+                                                                          clip_max=1.5) for m in modes])
+        for m, got in zip(modes, f(OLD, REF), strict=True):
+            want = ref.sampler_importance_weights(_N["old"], _N["ref"], _N["mask"], m, clip_min=0.8, clip_max=1.5)
+            sel = _N["mask"] if np.shape(want) == _N["mask"].shape else _N["mask"].any(-1, keepdims=True)
+            np.testing.assert_allclose(np.where(sel, got, 0.0), np.where(sel, want, 0.0), rtol=1e-12, err_msg=m)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_group_relative_advantages(self):
+        rewards = jnp.asarray([1.0, 0.0, 0.5, jnp.nan, 2.0, 2.0, 1.0, 0.0])  # a NaN (unscorable) reward
+        f = self.variant(lambda r: jnp.stack([tx.group_relative_advantages(r, 4, scale_rewards=s)
+                                              for s in tx.SCALE_REWARDS]))
+        got = f(rewards)
+        for i, s in enumerate(tx.SCALE_REWARDS):
+            np.testing.assert_allclose(got[i], ref.group_relative_advantages(np.asarray(rewards), 4, scale_rewards=s),
+                                       rtol=1e-12, atol=1e-15, err_msg=s)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_preference_loss_dpo(self):
+        cfg = PreferenceLossConfig.dpo(beta=0.3)
+        f = self.variant(lambda lp: preference_loss(lp, REJ, REF, REF_REJ, MASK, MASK, cfg)[0])
+        m = _N["mask"]
+        margin = (_np_seq(_N["lp"], m) - _np_seq(_N["ref"], m)) - (_np_seq(_N["rej"], m) - _np_seq(_N["ref_rej"], m))
+        np.testing.assert_allclose(f(NAN_PAD), np.mean(-_np_logsig(0.3 * margin)), rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_unpaired_simpo(self):
+        f = self.variant(lambda lp: cpo_loss(lp, REJ, MASK, MASK, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
+                                             cpo_alpha=0.0)[0])
+        m = _N["mask"]
+        x = _np_seq(_N["lp"], m, mean=True) - _np_seq(_N["rej"], m, mean=True)
+        np.testing.assert_allclose(f(NAN_PAD), np.mean(-_np_logsig(2.0 * x - 0.5)), rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_supervised_sft(self):
+        f = self.variant(lambda lp: tx.sft_loss(lp, MASK)[0])
+        np.testing.assert_allclose(f(NAN_PAD), -np.where(_N["mask"], _N["lp"], 0.0).sum() / _N["mask"].sum(),
+                                   rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_distillation_gkd(self):
+        f = self.variant(lambda s: gkd_loss(s, TEACHER, MASK, beta=0.3)[0])
+        ls = np.asarray(jax.nn.log_softmax(STUDENT), np.float64)
+        lt = np.asarray(jax.nn.log_softmax(TEACHER), np.float64)
+        lm = np.logaddexp(ls + np.log(0.7), lt + np.log(0.3))  # M = 0.3·T + 0.7·S
+        kl = lambda lp, lq: np.sum(np.exp(lp) * (lp - lq), -1)  # noqa: E731
+        jsd = 0.3 * kl(lt, lm) + 0.7 * kl(ls, lm)
+        m = _N["mask"]
+        np.testing.assert_allclose(f(STUDENT), np.where(m, jsd, 0.0).sum() / m.sum(), rtol=1e-10)
