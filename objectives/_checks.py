@@ -28,6 +28,16 @@ array, traced or not. Inputs are annotated ``ArrayLike`` (anything ``jnp.asarray
 __all__ = ["ArrayLike", "Scalar"]  # (the typing aliases: the rest of this module is internal)
 
 
+def _chex():
+    """chex, imported on the first check rather than with ``trlax.objectives`` (the import stays as light as
+    JAX's; after the first call this is a ``sys.modules`` lookup). The shape / rank / dtype assertions below
+    are chex's (the ecosystem's convention, as in rlax), re-raised as ``ValueError`` / ``TypeError`` that name
+    the argument; ``chex.disable_asserts()`` turns them off as it does in every chex-checked library."""
+    import chex
+
+    return chex
+
+
 def _asarray(x: Any, name: str) -> jnp.ndarray:
     try:
         return jnp.asarray(x)
@@ -44,8 +54,10 @@ def as_float(x: Any, name: str) -> jnp.ndarray:
     log-probability that arrives as an integer is always a bug upstream.
     """
     arr = _asarray(x, name)
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must be a floating array, got dtype {arr.dtype}")
+    try:
+        _chex().assert_type(arr, float)
+    except AssertionError:
+        raise TypeError(f"`{name}` must be a floating array, got dtype {arr.dtype}") from None
     if jnp.finfo(arr.dtype).bits < 32:
         arr = arr.astype(jnp.float32)
     return arr
@@ -61,27 +73,41 @@ def as_mask(mask: Any, name: str = "mask") -> jnp.ndarray:
     return arr != 0
 
 
-def check_rank(x: jnp.ndarray, rank: int, name: str) -> None:
-    if x.ndim != rank:
-        raise ValueError(f"`{name}` must have rank {rank}, got shape {tuple(x.shape)}")
+def check_rank(x: jax.Array, rank: int, name: str) -> None:
+    """``chex.assert_rank`` at trace time; the error names the argument."""
+    try:
+        _chex().assert_rank(x, rank)
+    except AssertionError:
+        raise ValueError(f"`{name}` must have rank {rank}, got shape {tuple(x.shape)}") from None
 
 
-def check_shape(x: jnp.ndarray, shape: Iterable[Optional[int]], name: str) -> None:
-    """Check ``x.shape`` against ``shape`` (``None`` matches any size)."""
+def check_shape(x: jax.Array, shape: Iterable[Optional[int]], name: str) -> None:
+    """``chex.assert_shape`` of ``x`` against ``shape`` (``None`` matches any size); the error names the
+    argument."""
     shape = tuple(shape)
-    ok = x.ndim == len(shape) and all(s is None or s == d for s, d in zip(shape, x.shape, strict=True))
-    if not ok:
+    try:
+        _chex().assert_shape(x, shape)
+    except AssertionError:
         want = tuple("*" if s is None else s for s in shape)
-        raise ValueError(f"`{name}` must have shape {want}, got {tuple(x.shape)}")
+        raise ValueError(f"`{name}` must have shape {want}, got {tuple(x.shape)}") from None
 
 
 def check_same_shape(ref: jax.Array, ref_name: str, **others: Optional[ArrayLike]) -> None:
+    """``chex.assert_equal_shape`` of each given ``others`` with ``ref``; the error names the argument."""
+    chex = _chex()
     for name, arr in others.items():
-        if arr is not None and tuple(jnp.shape(arr)) != tuple(ref.shape):
+        if arr is None:
+            continue
+        try:
+            if hasattr(arr, "shape"):
+                chex.assert_equal_shape([ref, arr])
+            elif tuple(jnp.shape(arr)) != tuple(ref.shape):  # a list / number: no chex form
+                raise AssertionError
+        except AssertionError:
             raise ValueError(
                 f"`{name}` must have the same shape as `{ref_name}` {tuple(ref.shape)}, "
                 f"got {tuple(jnp.shape(arr))}"
-            )
+            ) from None
 
 
 def per_row(x: Any, batch: int, name: str, dtype=None) -> jnp.ndarray:

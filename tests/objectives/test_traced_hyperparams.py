@@ -450,8 +450,7 @@ def test_registered_preference_loss_runs_the_whole_pipeline():
         np.testing.assert_allclose(v1, v0, rtol=1e-12)
         np.testing.assert_allclose(g1, g0, rtol=1e-12, atol=1e-15)
         assert abs(float(v0)) > 1e-3 and np.abs(g0).max() > 1e-3
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
-                               _pref_full(c0, LOGPS)[1], _pref_full(c1, LOGPS)[1])
+        chex.assert_trees_all_close(_pref_full(c1, LOGPS)[1], _pref_full(c0, LOGPS)[1], rtol=1e-12)
 
     # a new loss: the recipe's pair mean of the formula on masked sums, β traced through the config
     f = jax.jit(lambda c: preference_loss(LOGPS, REJ, REF, REF_REJ, MASK, MASK, c)[0])
