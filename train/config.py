@@ -249,7 +249,8 @@ def _grpo_cls():
         ("entropy_coef_min", float, dataclasses.field(default=0.0)),
         ("entropy_coef_max", float, dataclasses.field(default=1.0)),
         # R1-style cold start (trlax.train.loops.format_warmup): this many SFT steps on the answer format (each
-        # prompt paired with a random row's answer) before GRPO, which starts from that model; 0 = off;
+        # prompt paired with its own answer 30% of the time, else a random row's) before GRPO, which starts from
+        # that model; 0 = off;
         # -1 = auto: trlax.train.loops.DEFAULT_JOB's value for the built-in task and model, else 0
         ("sft_warmup_steps", int, dataclasses.field(default=-1)),
     ]
@@ -372,7 +373,9 @@ def __getattr__(name):  # ALGORITHMS: every registered trainer (computed on firs
 
 def _is_optional(tp) -> Tuple[bool, Any]:
     if isinstance(tp, str):
-        tp = eval(tp, vars(typing), {})  # dataclass string annotations (from __future__ annotations)
+        # dataclass string annotations (from __future__ annotations); the objectives' configs annotate their
+        # continuous hyperparameters `Scalar` (float or a JAX scalar): a flag / YAML value of one is a float
+        tp = eval(tp, {**vars(typing), "Scalar": float}, {})
     args = typing.get_args(tp)
     if typing.get_origin(tp) is typing.Union and type(None) in args:
         inner = [a for a in args if a is not type(None)]
