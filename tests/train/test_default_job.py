@@ -14,8 +14,10 @@ import yaml
 from trlax.train import cli, data as D, loops
 from trlax.train.config import build_config
 
-STEPS = 150  # the default job runs 400 (README: 0.12 -> 0.76+); the rise is required on this shorter schedule
-ACC_START_MAX, ACC_END_MIN = 0.3, 0.45
+# the default job runs 400 steps (README: held-out accuracy 0.13 -> 0.86); the rise is required on this shorter
+# schedule: after the warm start alone ~0.13 (chance 0.12), after 100 GRPO steps ~0.6 (0.635 in the full job's run)
+STEPS = 100
+ACC_START_MAX, ACC_END_MIN = 0.3, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def job(tmp_path_factory):
 
 def test_held_out_accuracy_rises(job):
     s, ev = job["summary"], job["eval"]
+    print("held-out accuracy by step:", {r["step"]: round(r["eval/accuracy"], 3) for r in ev})
     assert ev[0]["step"] == 0 and ev[-1]["step"] == STEPS
     assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"] <= ACC_START_MAX, s
     assert s["eval_accuracy_last"] == ev[-1]["eval/accuracy"] >= ACC_END_MIN, s
