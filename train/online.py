@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trlax.rollouts.rewards import reward_metrics
 from trlax.train import data as D
 from trlax.train.checkpoint import key_from_meta, key_to_meta
 from trlax.train.config import make_run_config
@@ -356,8 +357,7 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
         m.update({"reward": float(np.mean(pol_tot)), "completion_length": float(pol_mask.sum(1).mean()),
                   "truncated_frac": float(np.mean(pol_trunc)), "beta": coefs[0]})
         names = ("reward_model",) if judge.pairwise else judge.col_names
-        for j, name in enumerate(names):
-            m[f"rewards/{name}"] = float(np.nanmean(pol_R[:, j]))
+        m.update(reward_metrics(pol_R, names))  # per function: rewards/<name>/mean, /std (TRL), rewards/<name>
         if algo != "online_dpo":
             m["reward/" + ("reference" if algo == "xpo" else "mixture")] = float(np.mean(tot2))
             m["preference"] = float(np.mean(pref))

@@ -39,7 +39,7 @@ from trlax.objectives.aggregation import Mean
 from trlax.objectives import unpaired as U
 from trlax.train import data as D
 from trlax.train.config import make_run_config
-from trlax.train.loops import _host, _Run, _texts, first_last
+from trlax.train.loops import _host, _Run, _texts, eval_first_last, eval_records, first_last
 from trlax.train.registry import TrainerSpec
 
 DEFAULTS = dict(batch_size=32, max_steps=60, learning_rate=1e-3, max_completion_length=4, max_prompt_length=8)
@@ -97,37 +97,70 @@ def _offline_loop(algo: str, cfg, rows, cols: Sequence[str], loss_builder, *, ma
     ``{mask_col}_mask`` (the tokens ``num_items`` counts); ``add(run, batch) -> dict`` adds host columns
     (reference log-probs, BCO moments) before the step; ``after(run, metrics)`` runs after it."""
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = eval_records(algo, cfg, rows)
     run = _Run(algo, cfg, loss_builder, extra_state_fn=extra_state_fn)
     tok = run.tokenizer
-    P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
-    blocks = {c: D.encode_right_padded(tok, _texts(tok, rows, c), cfg.max_completion_length) for c in cols}
-    labels = np.asarray([bool(r["label"]) for r in rows]) if "label" in rows[0] else None
+
+    def encode_rows(sel):
+        P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
+        out = {"prompt_ids": P_ids, "prompt_mask": P_mask}
+        for c in cols:
+            out[f"{c}_ids"], out[f"{c}_mask"] = D.encode_right_padded(tok, _texts(tok, sel, c),
+                                                                      cfg.max_completion_length)
+        if "label" in sel[0]:
+            out["labels"] = np.asarray([bool(r["label"]) for r in sel])
+        return out
+
+    table = encode_rows(rows)  # every training row, tokenised once
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
-    for step in range(run.start_step + 1, cfg.max_steps + 1):
-        idx = sampler.next()
-        batch = {"prompt_ids": P_ids[idx], "prompt_mask": P_mask[idx]}
-        for c, (ids, mask) in blocks.items():
-            batch[f"{c}_ids"], batch[f"{c}_mask"] = ids[idx], mask[idx]
+
+    def complete(batch):
         batch["mask"] = batch[f"{mask_col}_mask"]
-        if labels is not None:
-            batch["labels"] = labels[idx]
         if add is not None:
             batch.update(add(run, batch))
+        return batch
+
+    def evaluate(step):  # held-out implicit-reward accuracy (paired trainers) and margin, as run_dpo
+        run.eval_batches(eval_rows, lambda sel: complete(encode_rows(sel)), step, weight_keys=(
+            "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"), derive=_margins)
+
+    if eval_rows is not None and run.start_step == 0:
+        evaluate(0)
+    for step in range(run.start_step + 1, cfg.max_steps + 1):
+        idx = sampler.next()
+        batch = complete({k: v[idx] for k, v in table.items()})
         m = run.train_step(batch)
         if after is not None:
             after(run, m)
-        if "rewards/margins" not in m and "rewards/chosen" in m:
-            m["rewards/margins"] = m["rewards/chosen"] - m["rewards/rejected"]
-        run.logger.log(step, m, tokens=int(sum(mask[idx].sum() for _, mask in blocks.values())))
+        m.update(_margins(m))
+        run.logger.log(step, m, tokens=int(sum(batch[f"{c}_mask"].sum() for c in cols)))
+        if eval_rows is not None and run.due_eval(step, step - 1):
+            evaluate(step)
         run.maybe_checkpoint(step, {"data": sampler.state()})
     hist = run.logger.history
     first, last = first_last([r["loss"] for r in hist])
     m_first, m_last = first_last([r.get(metric, np.nan) for r in hist])
-    print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}")
+    line = f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}"
     tag = {"rewards/accuracies": "accuracy", "rewards/margins": "margin"}.get(metric, metric)  # as run_dpo
-    return run.finish({"algorithm": algo, "loss_type": getattr(cfg, "loss_type", algo), "steps": cfg.max_steps,
-                       "loss_first_10pct": first, "loss_last_10pct": last,
-                       f"{tag}_first_10pct": m_first, f"{tag}_last_10pct": m_last})
+    summary = {"algorithm": algo, "loss_type": getattr(cfg, "loss_type", algo), "steps": cfg.max_steps,
+               "loss_first_10pct": first, "loss_last_10pct": last,
+               f"{tag}_first_10pct": m_first, f"{tag}_last_10pct": m_last}
+    if eval_rows is not None:  # as run_dpo: eval_{accuracy, margin}_{first, last} (accuracy: paired trainers)
+        held = []
+        for key, name in (("rewards/accuracies", "accuracy"), ("rewards/margins", "margin")):
+            if any(f"eval/{key}" in r for r in run.logger.eval_history):
+                summary[f"eval_{name}_first"], summary[f"eval_{name}_last"] = eval_first_last(run, key)
+                held.append(f"{name} {summary[f'eval_{name}_first']:.3f} -> {summary[f'eval_{name}_last']:.3f}")
+        line += f"; held-out ({len(eval_rows)} rows) reward " + ", ".join(held)
+    print(line)
+    return run.finish(summary)
+
+
+def _margins(m: Dict[str, float]) -> Dict[str, float]:
+    """``rewards/margins`` = chosen − rejected mean reward where the objective logs only those (KTO, BCO)."""
+    if "rewards/margins" not in m and "rewards/chosen" in m and "rewards/rejected" in m:
+        return {"rewards/margins": m["rewards/chosen"] - m["rewards/rejected"]}
+    return {}
 
 
 def _ref_columns(run, batch, cols):

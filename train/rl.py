@@ -45,6 +45,10 @@ from trlax.train.config import GRPO_DEFAULTS, make_run_config
 
 # ------------------------------------------------------------------------------------ shared pieces
 
+# completions per held-out prompt in the evaluation of the trainers that sample one per prompt in training
+# (ppo, a2po): accuracy is their mean, pass@EVAL_GENERATIONS whether one of them is right
+EVAL_GENERATIONS = 4
+
 _SAMPLING_FIELDS = [
     ("temperature", float, 1.0), ("top_p", float, 1.0), ("top_k", int, 0), ("min_p", float, 0.0),
     # comma-separated reward functions (see trlax.train.loops.reward_functions) and optional weights
@@ -112,11 +116,11 @@ class _Rollouts:
         out = {"reward": float(np.nanmean(s["reward"])), "reward_std": float(np.nanstd(s["reward"])),
                "completion_length": float(np.mean(s["completion_mask"].sum(1))),
                "truncated_frac": float(np.mean(s["truncated"]))}
-        for j, name in enumerate(self.reward_names):
-            out[f"rewards/{name}"] = float(np.nanmean(s["R"][:, j]))
-        from trlax.rollouts.rewards import nan_reward_counts
+        from trlax.rollouts.rewards import reward_metrics
 
-        out.update(nan_reward_counts(s["R"]))  # NaN rewards: left out of the weighted sum (TRL), counted
+        # per function: rewards/<name>/mean, /std (TRL) and rewards/<name>; NaN rewards: left out of the weighted
+        # sum (TRL), counted
+        out.update(reward_metrics(s["R"], self.reward_names))
         out.update(s.get("agent_metrics", {}))
         return out
 
@@ -129,25 +133,59 @@ def _logps_fn(run, temperature, reference=False):
     return jax.jit(lambda p, a, b, c, d: fn(p, a, b, c, d, temperature=temperature)[0])
 
 
-def _rounds(run, cfg, rows, n_prompts, do_round, extra_meta=lambda: {}):
+def _rounds(run, cfg, rows, n_prompts, do_round, extra_meta=lambda: {}, evaluate=None):
     """The outer loop: each round draws ``n_prompts`` prompt indices and a PRNG key, and
     ``do_round(idx, key, step) -> step`` runs (and logs) its optimiser steps; the data position, key and
-    ``extra_meta()`` are checkpointed after every round (so ``--resume`` is exact)."""
+    ``extra_meta()`` are checkpointed after every round (so ``--resume`` is exact). ``evaluate(step)`` (held-out
+    evaluation, :meth:`_Evaluation.__call__`) runs before the first step and when due (``eval_steps``, last step)."""
     data = D.EpochSampler(len(rows), n_prompts, cfg.seed, **run.meta.get("data", {}))
     key = jax.random.PRNGKey(cfg.seed) if "key" not in run.meta else jnp.asarray(key_from_meta(run.meta["key"]))
     step = run.start_step
+    if evaluate is not None and step == 0:
+        evaluate(0)
     while step < cfg.max_steps:
         key, round_key = jax.random.split(key)
         prev = step
         step = do_round(data.next(), round_key, step)
+        if evaluate is not None and run.due_eval(step, prev):
+            evaluate(step)
         run.maybe_checkpoint(step, {"data": data.state(), "key": key_to_meta(key), **extra_meta()}, prev_step=prev)
 
 
-def _summary(run, algo, cfg, **extra):
+class _Evaluation:
+    """Held-out evaluation of an RL trainer (``--eval_dataset`` / ``--eval_split``, ``--eval_steps``), the code
+    path of ``trlax train grpo`` (:func:`trlax.train.loops.sample_eval`): ``k`` completions of every held-out
+    prompt sampled with the rollouts' sampler, in batches of ``n_prompts`` prompts (the training round's
+    when ``k`` is its group size: no new sampling program); mean reward, each reward function, accuracy and
+    pass@k. ``policy_params(state_params)``: the policy's tree of the trainable tree (PPO: ``["policy"]``)."""
+
+    def __init__(self, run, ro, eval_rows, algo, k, n_prompts, policy_params=lambda p: p):
+        self.run, self.ro, self.k, self.n_prompts, self.policy_params = run, ro, k, max(1, n_prompts), policy_params
+        self.rows = L.sample_eval_rows(eval_rows, run, algo, single_turn=ro.agent is None)
+
+    def __call__(self, step):
+        ro = self.ro
+        L.sample_eval(self.run, ro.sampler, ro.reward_fn, ro.reward_names, ro.weights, self.rows, step, k=self.k,
+                      n_prompts=self.n_prompts, params=self.policy_params(self.run.state.params))
+
+    def summary(self, out):
+        """Adds the ``eval_*_first`` / ``_last`` fields to ``out``; returns the final line's addition."""
+        return L.sample_eval_summary(self.run, out, self.rows, self.k,
+                                     L.accuracy_column(self.ro.reward_names) is not None)
+
+
+def _evaluation(run, cfg, ro, eval_rows, algo, k, n_prompts, policy_params=lambda p: p):
+    return None if eval_rows is None else _Evaluation(run, ro, eval_rows, algo, k, n_prompts, policy_params)
+
+
+def _summary(run, algo, cfg, evaluation=None, **extra):
     first, last = L.first_last([r["reward"] for r in run.logger.history])
-    print(f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}")
-    return run.finish({"algorithm": algo, "steps": cfg.max_steps, "reward_first_10pct": first,
-                       "reward_last_10pct": last, **extra})
+    out = {"algorithm": algo, "steps": cfg.max_steps, "reward_first_10pct": first, "reward_last_10pct": last, **extra}
+    line = f"mean reward: first 10% of steps {first:.3f} -> last 10% of steps {last:.3f}"
+    if evaluation is not None:
+        line += evaluation.summary(out)
+    print(line)
+    return run.finish(out)
 
 
 # --------------------------------------------------------------------------------------------- RLOO
@@ -218,6 +256,7 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
 
     lcfg = rloo_loss_config(cfg)
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     G, spg, n_iter = cfg.num_generations, cfg.steps_per_generation, cfg.num_iterations
     off_policy = spg > 1 or n_iter > 1
 
@@ -264,8 +303,10 @@ def run_rloo(cfg, rows=None, algo: str = "rloo") -> Dict[str, Any]:
                 run.logger.log(step, {**m, **gm}, tokens=int(c_mask[sl].sum()))
         return step
 
-    _rounds(run, cfg, rows, cfg.batch_size * spg // G, do_round)
-    return _summary(run, algo, cfg, normalize_advantages=cfg.normalize_advantages)
+    n_prompts = cfg.batch_size * spg // G
+    ev = _evaluation(run, cfg, ro, eval_rows, algo, G, n_prompts)  # G per prompt: the training round's program
+    _rounds(run, cfg, rows, n_prompts, do_round, evaluate=ev)
+    return _summary(run, algo, cfg, ev, normalize_advantages=cfg.normalize_advantages)
 
 
 # ---------------------------------------------------------------------------------------------- PPO
@@ -368,6 +409,7 @@ def run_ppo(cfg, rows=None, algo: str = "ppo") -> Dict[str, Any]:
     from trlax.objectives import adaptive_kl_controller, fixed_kl_controller, gae_advantages
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     lcfg = ppo_loss_config(cfg)
     vm = {}
 
@@ -419,8 +461,11 @@ def run_ppo(cfg, rows=None, algo: str = "ppo") -> Dict[str, Any]:
                 run.logger.log(step, {**m, **gm}, tokens=int(c_mask[sl].sum()))
         return step
 
-    _rounds(run, cfg, rows, n_rollout, do_round, lambda: {"kl_coef": kl_state["coef"]})
-    return _summary(run, algo, cfg, kl_coef_final=kl_state["coef"])
+    # held-out: EVAL_GENERATIONS completions per prompt (PPO samples one per prompt in training), the rollout's rows
+    k = EVAL_GENERATIONS
+    ev = _evaluation(run, cfg, ro, eval_rows, algo, k, n_rollout // k, policy_params=lambda p: p["policy"])
+    _rounds(run, cfg, rows, n_rollout, do_round, lambda: {"kl_coef": kl_state["coef"]}, evaluate=ev)
+    return _summary(run, algo, cfg, ev, kl_coef_final=kl_state["coef"])
 
 
 # --------------------------------------------------------------------------------------------- A*-PO
@@ -446,6 +491,7 @@ def run_a2po(cfg, rows=None, algo: str = "a2po") -> Dict[str, Any]:
     from trlax.objectives import astar_po_loss, astar_po_values
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -479,8 +525,10 @@ def run_a2po(cfg, rows=None, algo: str = "a2po") -> Dict[str, Any]:
                        tokens=int(c_mask.sum()))
         return step + 1
 
-    _rounds(run, cfg, rows, cfg.batch_size, do_round, lambda: {"values": {str(k): v for k, v in cache.items()}})
-    return _summary(run, algo, cfg, num_prompts_valued=len(cache))
+    ev = _evaluation(run, cfg, ro, eval_rows, algo, EVAL_GENERATIONS, cfg.batch_size // EVAL_GENERATIONS)
+    _rounds(run, cfg, rows, cfg.batch_size, do_round, lambda: {"values": {str(k): v for k, v in cache.items()}},
+            evaluate=ev)
+    return _summary(run, algo, cfg, ev, num_prompts_valued=len(cache))
 
 
 # ---------------------------------------------------------------------------------------------- GMPO
