@@ -30,11 +30,18 @@ def _jax_cache_dir():
 
 
 # XLA compile options of the test session (exported so subprocess tests use them too; the subprocess tests
-# append them to their device-count flag): LLVM at -O0. On CPU the suite's time is almost all compilation of
-# tiny programs whose run time does not matter: -O0 cut a toy trainer run's CPU time by ~35% (the PRNG's
-# initialisers by 5x). Results differ from -O2 only by float rounding (every assertion has a tolerance);
+# append them to their device-count flag). On CPU the suite's time is almost all compilation of tiny programs
+# whose run time does not matter, so the flags trade run-time speed for compile speed:
+# - LLVM at -O0: a toy trainer run's CPU time -35% (the PRNG's initialisers 5x);
+# - XLA:CPU's classic loop emitters instead of its MLIR fusion emitters (`use_fusion_emitters=false`), and
+#   one LLVM module instead of a split into parallel codegen parts: a toy DPO run's 43 compiles took 8.3 s
+#   of backend compile at -O0 alone, 1.7 s with both (2026-11-30, tests/README.md).
+# Results differ from XLA's defaults only by float rounding (every assertion has a tolerance);
 # TRLAX_TEST_XLA_FLAGS="" runs the suite with XLA's defaults, as users get them.
-TEST_XLA_FLAGS = os.environ.setdefault("TRLAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+TEST_XLA_FLAGS = os.environ.setdefault(
+    "TRLAX_TEST_XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+    "--xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 JAX_CACHE_DIR = _jax_cache_dir()
