@@ -23,7 +23,7 @@ Group statistics use ``segment_sum`` on ``group_ids``; singleton policy is expli
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -224,7 +224,7 @@ def gfpo_advantages(
     num_groups: Optional[int] = None,
     scale_rewards: str = "group",
     eps: Scalar = 1e-4,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """GFPO group filtering (Shrivastava et al. 2025, "Sample More to Think Less", arXiv 2508.09726,
     eq. 2): keep the best ``k`` of each group by a per-completion ``scores`` (e.g. ``-length`` or
     reward per token: higher is kept), compute group-relative advantages over the kept set only.
@@ -478,7 +478,7 @@ def reinforce_plus_plus_advantages(
     mask: ArrayLike,
     gamma: Scalar = 1.0,
     whiten: bool = True,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """REINFORCE++ (Hu et al. arXiv 2501.03262, eqs. 6–8): discounted returns :func:`discounted_returns`
     (token rewards usually the outcome at the last token minus ``β·KL_t``) whitened over every valid
     token of the batch (:func:`masked_whiten`).
@@ -535,7 +535,7 @@ def gae_advantages(
     *,
     bootstrap_values: Optional[ArrayLike] = None,
     whiten: bool = False,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """Generalised advantage estimation (Schulman et al. arXiv 1506.02438, eqs. 11–16) with a reverse
     ``lax.scan``: ``δ_t = r_t + γ V_{t'} − V_t``, ``Â_t = δ_t + γλ Â_{t'}``, returns ``R_t = Â_t + V_t``,
     where ``t'`` is the next *valid* position (masked positions — interleaved observation tokens — are
@@ -596,7 +596,7 @@ def clipped_value_loss(
     returns: ArrayLike,
     mask: ArrayLike,
     clip_range: Optional[Scalar] = 0.2,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """PPO clipped value loss (Schulman et al. arXiv 1707.06347, eq. 9 value term, with the value
     clipping of OpenAI baselines; Engstrom et al. arXiv 2005.12729, sec. 3):
     ``L_t = ½ max((V_t − R_t)², (V^clip_t − R_t)²)``, ``V^clip = V_old + clip(V − V_old, −ε_v, ε_v)``
@@ -630,7 +630,9 @@ def clipped_value_loss(
     return jnp.where(m, loss, zero), clipped & m
 
 
-def remax_advantages(token_rewards: ArrayLike, baseline_rewards: ArrayLike, mask: ArrayLike):
+def remax_advantages(
+    token_rewards: ArrayLike, baseline_rewards: ArrayLike, mask: ArrayLike
+) -> Tuple[jax.Array, jax.Array]:
     """ReMax (Li et al. arXiv 2310.10505, Algorithm 1 / eq. 6): REINFORCE with the reward of the greedy
     completion as baseline, ``A_t = Σ_{k≥t} m_k r_k − b_i`` with ``b_i = r(x, ŷ_greedy)`` (verl ``remax``).
 
@@ -671,7 +673,7 @@ def optimal_token_baseline_advantages(
     is_weights: Optional[ArrayLike] = None,
     handle_zero_tail: bool = False,
     eps: Scalar = 1e-8,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """Optimal Token Baseline (OTB; Li 2025, "Optimal Token Baseline" blog, richardli.xyz; verl
     ``optimal_token_baseline``; minimum-variance baseline of Greensmith et al. 2004, JMLR 5, eq. 10 with
     the logit-gradient norm proxy).

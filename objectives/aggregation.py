@@ -52,7 +52,7 @@ def _broadcast_mask(x: jnp.ndarray, mask: Any) -> jnp.ndarray:
     return jnp.broadcast_to(mask, shape)
 
 
-def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
+def masked_sum(x: ArrayLike, mask: ArrayLike, axis: Optional[int] = None) -> jax.Array:
     """``Σ x`` over positions where ``mask`` is true; masked NaN/inf never leak (select, then sum).
     ``x`` and ``mask`` broadcast against each other (e.g. ``[B, T]`` values, ``[B, 1]`` row mask).
 
@@ -69,7 +69,7 @@ def masked_sum(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, jnp.zeros((), x.dtype)), axis=axis)
 
 
-def masked_mean(x: ArrayLike, mask: ArrayLike, axis=None) -> jax.Array:
+def masked_mean(x: ArrayLike, mask: ArrayLike, axis: Optional[int] = None) -> jax.Array:
     """Mean over masked positions (the count is taken over the broadcast mask); 0 (not NaN) where
     nothing is selected.
 

@@ -617,7 +617,7 @@ def rollout_correction(
     *,
     old_logps: Optional[ArrayLike] = None,
     logps: Optional[ArrayLike] = None,
-):
+) -> Tuple[jax.Array, jax.Array, jax.Array, Dict[str, Any]]:
     """Compose the rollout-correction stages of ``config`` (verl ``compute_rollout_correction_and_
     rejection_mask`` + ``apply_bypass_mode``; decoupled PPO, Hilton et al. arXiv 2110.00641, eq. 4).
 

@@ -23,7 +23,7 @@ instead of the loss (:func:`kl_in_reward`) with a fixed or adaptive coefficient
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,7 @@ def kl_in_reward(
     beta: Scalar,
     kind: str = "k1",
     clamp: Optional[Scalar] = 20.0,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """KL penalty folded into the per-token reward (Ziegler et al. 2019, arXiv 1909.08593, the KL-penalised reward;
     Ouyang et al. 2022, arXiv 2203.02155, eq. 2; verl ``use_kl_in_reward``):
     ``r_t = score_t − β·KL_t`` with ``KL_t`` the ``kind`` estimate of the *sampling* policy's
@@ -185,7 +185,9 @@ def kl_in_reward(
     return rewards, jnp.mean(row_kl)
 
 
-def fixed_kl_controller(beta: Scalar, current_kl: Optional[ArrayLike] = None, n_steps=None):
+def fixed_kl_controller(
+    beta: Scalar, current_kl: Optional[ArrayLike] = None, n_steps: Optional[ArrayLike] = None
+) -> jax.Array:
     """Fixed KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, constant β; verl ``FixedKLController``):
     returns ``beta`` (a scalar) unchanged. Same signature as
     :func:`adaptive_kl_controller`, so a train loop can swap them."""
@@ -195,11 +197,11 @@ def fixed_kl_controller(beta: Scalar, current_kl: Optional[ArrayLike] = None, n_
 def adaptive_kl_controller(
     beta: Scalar,
     current_kl: ArrayLike,
-    n_steps,
+    n_steps: ArrayLike,
     target_kl: Scalar = 0.1,
     horizon: Scalar = 10000.0,
     max_error: Scalar = 0.2,
-):
+) -> jax.Array:
     """Adaptive KL coefficient (Ziegler et al. 2019, arXiv 1909.08593, adaptive β schedule; verl
     ``AdaptiveKLController``): ``e = clip(KL/KL_target − 1, −0.2, 0.2)``,
     ``β ← β·(1 + e·n_steps/horizon)``. Pure: the caller keeps ``beta`` (the state) and passes it

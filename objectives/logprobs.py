@@ -115,7 +115,7 @@ def token_entropy(logits: ArrayLike, temperature: Any = 1.0) -> jax.Array:
     return _stats(z)[1]
 
 
-def logps_and_entropy(logits: ArrayLike, targets: ArrayLike, temperature: Any = 1.0):
+def logps_and_entropy(logits: ArrayLike, targets: ArrayLike, temperature: Any = 1.0) -> Tuple[jax.Array, jax.Array]:
     """Both :func:`token_logps` and :func:`token_entropy` from one pass over ``[..., V]`` logits.
 
     Args:
@@ -225,7 +225,7 @@ def fused_logps_and_entropy(
     targets: ArrayLike,
     temperature: Any = 1.0,
     chunk_size: int = 1024,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies straight from hidden states and the LM head, in chunks.
 
     Equals ``logps_and_entropy(hidden @ lm_head.T, targets, temperature)`` in value and gradient

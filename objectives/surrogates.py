@@ -9,7 +9,7 @@ Inputs broadcast: ``ratio`` is ``[B, T]`` (token level) or ``[B, 1]`` (sequence 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,7 @@ def clip_indicators(
     advantages: ArrayLike,
     epsilon_low: Scalar,
     epsilon_high: Optional[Scalar] = None,
-):
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Where the PPO clip is active: ``(low, high, region)`` booleans (as TRL's ``clip_ratio`` metrics):
     low = ``r < 1−ε_low ∧ A < 0``, high = ``r > 1+ε_high ∧ A > 0``, region = either.
 
@@ -344,7 +344,7 @@ def gmpo_clip_indicators(
     mask: ArrayLike,
     epsilon_low: Scalar = 0.4,
     epsilon_high: Optional[Scalar] = None,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """Where GMPO's log-space clip (arXiv 2507.20673) is active, ``(high, low)`` ``[B, T]`` booleans:
     high = ``δ > ε_high ∧ A > 0``, low = ``δ < −ε_low ∧ A < 0`` (TRL ``GMPOTrainer``'s
     ``clip_ratio/high_mean`` / ``low_mean``; verl's ``pg_clipfrac`` also counts out-of-range tokens
@@ -653,7 +653,7 @@ def entropy_dependent_epsilon(
     low_entropy_epsilon: Scalar = 0.2,
     high_entropy_epsilon: Scalar = 0.4,
     quantile: Scalar = 0.8,
-):
+) -> Tuple[jax.Array, jax.Array]:
     """Per-token clip range by entropy (Archer, "Stabilizing Knowledge, Promoting Reasoning",
     arXiv 2507.15778, dual-token constraints): tokens whose entropy is above the row's ``quantile`` (linear
     interpolation over the row's valid tokens, as ``torch.nanquantile``) are high-entropy "forking"

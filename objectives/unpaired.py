@@ -163,7 +163,7 @@ def kto_kl_baseline(
     return _sg(jnp.maximum(kl, 0.0))
 
 
-def kto_kl_pairs(completions):
+def kto_kl_pairs(completions: Any) -> Any:
     """Mismatched (prompt, completion) pairs for the KTO reference point (arXiv 2402.01306, eq. 8 /
     sec. 4.1; TRL ``KTOTrainer``):
     completion ``i`` is paired with prompt ``i + 1`` — ``(x_1, y_n), (x_2, y_1), …`` — by rolling the
@@ -274,7 +274,7 @@ class BCOState(NamedTuple):
     count: jnp.ndarray  # type: ignore[assignment]  # (a field named like tuple.count)
 
 
-def bco_init(dtype=jnp.float32) -> BCOState:
+def bco_init(dtype: Any = jnp.float32) -> BCOState:
     """Initial BCO running moments (BCO, arXiv 2404.04656, sec. 4.2: δ is the running mean of the
     rewards): mean 0, var 1, count 1e-24 (so the first update gives the batch mean almost exactly,
     as TRL). Returns a :class:`BCOState` of scalars."""
@@ -381,7 +381,7 @@ def bco_udm_probs(classifier: UDMClassifier, embeddings: ArrayLike) -> jax.Array
 
 
 def bco_udm_weights(desirable_probs: ArrayLike, *, min_density_ratio: Scalar = 0.5, max_density_ratio: Scalar = 10.0,
-                    labels: Optional[ArrayLike] = None):
+                    labels: Optional[ArrayLike] = None) -> jax.Array:
     """BCO underlying-distribution matching weights (arXiv 2404.04656, sec. 4.3 / eq. 11): with
     ``p = P(desirable | prompt)`` from a prompt classifier (:func:`bco_udm_fit`, :func:`bco_udm_probs`),
     the density ratio ``p / (1 − p)`` (``+1e-8`` in the denominator, as TRL) clipped to
@@ -626,7 +626,7 @@ def simpo_loss(
     beta: Scalar = 2.5,
     gamma: Scalar = 1.375,
     label_smoothing: Scalar = 0.0,
-):
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """SimPO (arXiv 2405.14734, eq. 6) with the paper-index values ``β = 2.5``, ``γ = 1.375``, no NLL:
     ``−log σ(β(S̄_w − S̄_l) − γ)``. Shapes as :func:`cpo_loss`.
 
@@ -652,7 +652,7 @@ def alphapo_loss(
     alpha: Scalar = 0.25,
     beta: Scalar = 2.5,
     gamma: Scalar = 0.1,
-):
+) -> Tuple[jax.Array, Dict[str, Any]]:
     """AlphaPO (arXiv 2501.03884, eq. 6) with the paper-index values ``α = 0.25``, ``β = 2.5``,
     ``γ = 0.1``: SimPO on ``u(S̄) = (1 − e^{−αS̄})/α``. Shapes as :func:`cpo_loss`."""
     return cpo_loss(chosen_logps, rejected_logps, chosen_mask, rejected_mask, loss_type="alphapo", beta=beta,
@@ -729,7 +729,7 @@ def tpo_loss(
 # ------------------------------------------------------------------------ Online DPO / XPO / Nash-MD
 
 
-def order_by_reward(first_rewards: ArrayLike, second_rewards: ArrayLike, first: Any, second: Any):
+def order_by_reward(first_rewards: ArrayLike, second_rewards: ArrayLike, first: Any, second: Any) -> Tuple[Any, Any]:
     """Rank two policy samples per prompt by reward (Online DPO, arXiv 2402.04792): the chosen one is
     ``first`` where ``first_rewards >= second_rewards`` (ties go to ``first``, as TRL).
 
@@ -1041,7 +1041,7 @@ def astar_po_loss(
 # ---------------------------------------------------------------------------------------------- TR-DPO
 
 
-def trdpo_soft_update(ref_params: Any, policy_params: Any, alpha: Scalar = 0.6):
+def trdpo_soft_update(ref_params: Any, policy_params: Any, alpha: Scalar = 0.6) -> Any:
     """TR-DPO soft update (arXiv 2404.09656, eq. 5): ``θ_ref ← α·θ + (1 − α)·θ_ref`` leaf-wise.
     ``alpha = 1`` is the hard update (eq. 6). Pytrees must have the same structure."""
     check_range("alpha", alpha, low=0.0, high=1.0)
@@ -1050,7 +1050,7 @@ def trdpo_soft_update(ref_params: Any, policy_params: Any, alpha: Scalar = 0.6):
         ref_params, policy_params)
 
 
-def trdpo_hard_update(ref_params: Any, policy_params: Any):
+def trdpo_hard_update(ref_params: Any, policy_params: Any) -> Any:
     """TR-DPO hard update (arXiv 2404.09656, eq. 6): ``θ_ref ← θ`` (a copy of the policy pytree)."""
     return jax.tree_util.tree_map(lambda r, p: jnp.asarray(p).astype(jnp.asarray(r).dtype), ref_params, policy_params)
 
@@ -1062,7 +1062,7 @@ def trdpo_ref_update(
     *,
     alpha: Scalar = 0.6,
     sync_steps: int = 512,
-):
+) -> Any:
     """TR-DPO reference update on a schedule (arXiv 2404.09656, sec. 3; TRL ``SyncRefModelCallback``):
     at optimiser steps where ``step % sync_steps == 0`` apply :func:`trdpo_soft_update` with
     ``alpha`` (1.0 = hard), else return ``ref_params`` unchanged. ``step`` may be a traced integer
