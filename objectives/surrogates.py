@@ -9,6 +9,7 @@ Inputs broadcast: ``ratio`` is ``[B, T]`` (token level) or ``[B, 1]`` (sequence 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -166,7 +167,7 @@ def sapo_loss(
     return -(4.0 / tau) * jax.nn.sigmoid(tau * (ratio - 1.0)) * adv
 
 
-_LOG_1E8 = float(jnp.log(1e-8))
+_LOG_1E8 = math.log(1e-8)  # (a Python float: a JAX op here would start the XLA backend on import)
 
 
 def vespo_weights(
