@@ -33,6 +33,11 @@ demonstration: ``warm_start=auto`` (tiny model + built-in data) first fine-tunes
 answer shown in the teacher prompt (``<output_dir>/warm_start``) and to guess a uniformly random digit
 without one (it is never taught to add); the trainer then distils that in-context behaviour into the
 bare-prompt policy.
+
+Held-out evaluation (``--eval_dataset`` / ``--eval_split``, ``--eval_steps``) of the trainers that sample from the
+student (all but the teacher-only batches of gkd / gold) is GRPO's (:func:`trlax.train.loops.sample_eval`):
+accuracy (and pass@k) of the student's samples against the rows' ``answer`` / ``solution`` / ``completion``, with
+the training step's sampling program (k = ``num_generations`` for sdft / sdpo, else 1), logged with split "eval".
 """
 
 from __future__ import annotations
@@ -167,11 +172,51 @@ def _roll_batch(roll) -> Dict[str, np.ndarray]:
             "completion_ids": L._host(roll.completion_ids), "mask": L._host(roll.completion_mask)}
 
 
-def _finish(run, cfg, algo: str, metric: str, extra: Optional[Dict[str, Any]] = None):
+def _finish(run, cfg, algo: str, metric: str, extra: Optional[Dict[str, Any]] = None, ev=None):
     first, last = L.first_last([r.get(metric, np.nan) for r in run.logger.history])
-    print(f"{metric}: first 10% of steps {first:.4f} -> last 10% {last:.4f}")
-    return run.finish(dict({"algorithm": algo, "steps": cfg.max_steps, "metric": metric,
-                            f"{metric}_first_10pct": first, f"{metric}_last_10pct": last}, **(extra or {})))
+    out = dict({"algorithm": algo, "steps": cfg.max_steps, "metric": metric,
+                f"{metric}_first_10pct": first, f"{metric}_last_10pct": last}, **(extra or {}))
+    line = f"{metric}: first 10% of steps {first:.4f} -> last 10% {last:.4f}"
+    print(line + (ev.summary(out) if ev is not None else ""))
+    return run.finish(out)
+
+
+def _evaluation(run, cfg, eval_rows, algo: str, sampler, k: int = 1, n_prompts: Optional[int] = None):
+    """Held-out evaluation of a distillation trainer that samples from the student (None without eval rows):
+    GRPO's code path (:func:`trlax.train.loops.sample_eval` through :class:`trlax.train.rl._Evaluation`), ``k``
+    samples of each held-out prompt from the training step's ``sampler`` (``n_prompts`` prompts a batch, default
+    ``batch_size``: its compiled program), scored by ``accuracy``: the completion is the row's ``answer`` /
+    ``solution`` / ``completion`` followed by EOS (the built-in verifier's accuracy,
+    :func:`trlax.train.data.addition_rewards`); logs mean reward (= accuracy), accuracy and pass@k."""
+    if eval_rows is None:
+        return None
+    import types
+
+    from trlax.train.rl import _evaluation as rl_evaluation
+
+    def answer(r):
+        if "answer" in r or "solution" in r:
+            return str(r.get("answer", r.get("solution"))).strip()
+        c = r["completion"]
+        return (c if isinstance(c, str) else " ".join(str(m.get("content", "")) for m in c)).strip()
+
+    if not any(k_ in eval_rows[0] for k_ in ("answer", "solution", "completion")):
+        raise ValueError(f"held-out evaluation (eval_dataset={cfg.eval_dataset!r} / eval_split={cfg.eval_split}) of "
+                         f"{algo} scores accuracy against an 'answer', 'solution' or 'completion' column; the rows "
+                         f"have {sorted(eval_rows[0])}")
+
+    def reward_fn(texts, comp, prompts, rows, truncated):
+        return D.addition_rewards([t.strip() for t in texts], [answer(r) for r in rows], truncated)[:, :1]
+
+    ro = types.SimpleNamespace(sampler=sampler, reward_fn=reward_fn, reward_names=("accuracy",),
+                               weights=np.ones(1), agent=None)
+    return rl_evaluation(run, cfg, ro, eval_rows, algo, k, n_prompts or cfg.batch_size)
+
+
+def _maybe_eval(run, ev, step: int) -> None:
+    """Evaluate before the first step of a fresh run (``step`` 0) and when due (``eval_steps``, last step)."""
+    if ev is not None and (run.due_eval(step, step - 1) if step else run.start_step == 0):
+        ev(step)
 
 
 # --------------------------------------------------------------------------------------------- GKD
@@ -185,6 +230,7 @@ def run_gkd(cfg, rows=None, algo: str = "gkd") -> Dict[str, Any]:
     from trlax.objectives.distillation import gkd_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -201,6 +247,8 @@ def run_gkd(cfg, rows=None, algo: str = "gkd") -> Dict[str, Any]:
                                           cfg.max_completion_length)
     student_s = _sampler(run, cfg, temperature=cfg.temperature)
     teacher_s = _sampler(run, cfg, teacher.graphdef, temperature=cfg.temperature) if cfg.seq_kd else None
+    ev = _evaluation(run, cfg, eval_rows, algo, student_s)  # held-out accuracy of the student's samples
+    _maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -217,8 +265,9 @@ def run_gkd(cfg, rows=None, algo: str = "gkd") -> Dict[str, Any]:
         m = run.train_step(b)
         m["on_policy"] = float(on_policy)
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        _maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return _finish(run, cfg, algo, "jsd", {"beta": cfg.beta, "lmbda": cfg.lmbda})
+    return _finish(run, cfg, algo, "jsd", {"beta": cfg.beta, "lmbda": cfg.lmbda}, ev)
 
 
 # ------------------------------------------------------------------------------ GOLD (cross-tokenizer)
@@ -274,6 +323,7 @@ def run_gold(cfg, rows=None, algo: str = "gold") -> Dict[str, Any]:
     from trlax.objectives.distillation import uld_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
 
     def loss_builder(run):
         eos = run.tokenizer.eos_token_id
@@ -299,6 +349,8 @@ def run_gold(cfg, rows=None, algo: str = "gold") -> Dict[str, Any]:
     C_ids, C_mask = D.encode_right_padded(tok, L._texts(tok, rows, "completion"), cfg.max_completion_length)
     tP_ids, tP_mask = D.encode_left_padded(t_tok, L._texts(t_tok, rows, "prompt"), cfg.max_prompt_length)
     sampler = _sampler(run, cfg, temperature=cfg.temperature)
+    ev = _evaluation(run, cfg, eval_rows, algo, sampler)  # held-out accuracy of the student's samples
+    _maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -324,8 +376,9 @@ def run_gold(cfg, rows=None, algo: str = "gold") -> Dict[str, Any]:
         m = run.train_step(b)
         m["on_policy"] = float(on_policy)
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        _maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return _finish(run, cfg, algo, "uld", {"lmbda": cfg.lmbda})
+    return _finish(run, cfg, algo, "uld", {"lmbda": cfg.lmbda}, ev)
 
 
 # ------------------------------------------------------------------------------ on-policy distillation
@@ -347,6 +400,7 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
                                                sparse_top1_distillation_loss)
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     iw = algo == "iw_opd"
     jsd = iw and cfg.distillation_objective == "jsd"
 
@@ -375,6 +429,8 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
     teacher = load_teacher(cfg, run)
     P_ids, P_mask = _prompts(run, cfg, rows)
     sampler = _sampler(run, cfg, temperature=cfg.temperature)
+    ev = _evaluation(run, cfg, eval_rows, algo, sampler)  # held-out accuracy of the student's samples
+    _maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -391,8 +447,9 @@ def run_opd(cfg, rows=None, algo: str = "opd") -> Dict[str, Any]:
         m["sampled_reverse_kl"] = rkl
         m["completion_length"] = float(b["mask"].sum(1).mean())
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        _maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return _finish(run, cfg, algo, "sampled_reverse_kl")
+    return _finish(run, cfg, algo, "sampled_reverse_kl", ev=ev)
 
 
 # --------------------------------------------------------------------------------- self-distillation
@@ -438,6 +495,7 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
     from trlax.objectives.distillation import self_distillation_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     sdpo = algo == "sdpo"
     G = cfg.num_generations
     warm = _warm_start(cfg)
@@ -468,6 +526,9 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
     rate = cfg.teacher_update_rate  # (with LoRA the EMA is of the adapters; policy.model adds the frozen base)
     t_logits = jax.jit(lambda p, *a: completion_logits(run.policy.model(p), *a) / cfg.temperature)
     ema = jax.jit(lambda p, e: jax.tree_util.tree_map(lambda x, y: (1 - rate) * y + rate * x, p, e))
+    # held-out accuracy of the student's bare-prompt samples: G per prompt, the training step's program
+    ev = _evaluation(run, cfg, eval_rows, algo, sampler, k=G, n_prompts=cfg.batch_size // G)
+    _maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size // G, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -501,8 +562,9 @@ def run_self_distill(cfg, rows=None, algo: str = "sdft") -> Dict[str, Any]:
         m["accuracy"] = float(acc.mean())
         m["teacher_rows"] = float(b["mask"].any(1).mean())
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        _maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return _finish(run, cfg, algo, "accuracy", {"warm_start": warm})
+    return _finish(run, cfg, algo, "accuracy", {"warm_start": warm}, ev)
 
 
 # --------------------------------------------------------------------------------------------- SSD
@@ -517,6 +579,7 @@ def run_ssd(cfg, rows=None, algo: str = "ssd") -> Dict[str, Any]:
     from trlax.objectives.supervised import sft_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -530,6 +593,8 @@ def run_ssd(cfg, rows=None, algo: str = "ssd") -> Dict[str, Any]:
     run = L._Run(algo, cfg, loss_builder)
     P_ids, P_mask = _prompts(run, cfg, rows)
     sampler = _sampler(run, cfg, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    ev = _evaluation(run, cfg, eval_rows, algo, sampler)  # held-out accuracy of the policy's samples
+    _maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -538,8 +603,9 @@ def run_ssd(cfg, rows=None, algo: str = "ssd") -> Dict[str, Any]:
         m = run.train_step(b)
         m["completion_length"] = float(b["mask"].sum(1).mean())
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        _maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return _finish(run, cfg, algo, "nll")
+    return _finish(run, cfg, algo, "nll", ev=ev)
 
 
 # ------------------------------------------------------------------------------------------ configs

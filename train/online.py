@@ -21,6 +21,11 @@ One loop (:func:`run_online`) serves the three; each optimiser step
   plus ``α·log π_θ(ỹ)`` of the reference sample;
 - Nash-MD (Munos et al. 2023, arXiv 2312.00886, eq. 11): :func:`trlax.objectives.nash_md_loss`.
 
+Held-out evaluation (``--eval_dataset`` / ``--eval_split``, ``--eval_steps``) is GRPO's
+(:func:`trlax.train.loops.sample_eval`): the policy's samples of the held-out prompts scored by the judge's rewards
+(mean reward, each reward function, accuracy and pass@k with the builtin / accuracy judges; k = 2 for online
+DPO, whose pair is the policy's, 1 for XPO and Nash-MD), logged with split "eval".
+
 ``beta_schedule`` / ``alpha_schedule`` are TRL's per-epoch lists (``β[epoch]``, the last value once the
 list runs out; an epoch is a pass over the prompts); each distinct value compiles its own step.
 The loss is the mean over pairs of the whole batch (micro-batches return their share of it).
@@ -38,6 +43,7 @@ import numpy as np
 
 from trlax.rollouts.rewards import reward_metrics
 from trlax.train import data as D
+from trlax.train import loops as L
 from trlax.train.checkpoint import key_from_meta, key_to_meta
 from trlax.train.config import make_run_config
 from trlax.train.loops import _host, _Run, _texts, first_last, reward_functions
@@ -258,6 +264,7 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
     if algo not in ALGOS:
         raise ValueError(f"algo={algo!r}; allowed: {', '.join(ALGOS)}")
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     alpha0 = getattr(cfg, "alpha", 0.0)
     alpha_sched = getattr(cfg, "alpha_schedule", "")
     coefs = (_per_epoch(cfg.beta, cfg.beta_schedule, 0), _per_epoch(alpha0, alpha_sched, 0))
@@ -265,8 +272,10 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
     steps = {coefs: run.step_fn}
     tok = run.tokenizer
     judge = _Judge(cfg, tok)
-    if "builtin" in judge.names and not any(k in rows[0] for k in ("answer", "solution")):
-        raise ValueError(f"dataset={cfg.dataset!r}: judge 'builtin' needs an 'answer' (or 'solution') column")
+    for name, rs in (("dataset", rows), ("eval_dataset", eval_rows or rows)):
+        if "builtin" in judge.names and not any(k in rs[0] for k in ("answer", "solution")):
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: judge 'builtin' needs an 'answer' (or 'solution') "
+                             "column")
     P_ids, P_mask = D.encode_left_padded(tok, _texts(tok, rows, "prompt"), cfg.max_prompt_length)
     empty = np.flatnonzero(P_mask.sum(1) == 0)
     if empty.size:
@@ -291,6 +300,13 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
         comp = [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
         return comp, tok.batch_decode(comp, skip_special_tokens=True)
 
+    # held-out evaluation (--eval_dataset / --eval_split, --eval_steps): GRPO's code path (loops.sample_eval)
+    # with the judge's rewards; k = the policy samples per prompt of a training step (online DPO: the pair, 2;
+    # XPO / Nash-MD: 1, the other sample is the reference's / mixture's), batch_size prompts: the training
+    # step's sampling program
+    ev = _evaluation(run, cfg, judge, eval_rows, algo, sampler)
+    if ev is not None and run.start_step == 0:
+        ev(0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     key = jax.random.PRNGKey(cfg.seed) if "key" not in run.meta else jnp.asarray(key_from_meta(run.meta["key"]))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
@@ -364,12 +380,45 @@ def run_online(cfg, rows=None, algo: str = "online_dpo") -> Dict[str, Any]:
         if algo == "xpo":
             m["alpha"] = coefs[1]
         run.logger.log(step, m, tokens=int(first[1].sum() + second[1].sum()))
+        if ev is not None and run.due_eval(step, step - 1):
+            ev(step)
         run.maybe_checkpoint(step, {"data": data.state(), "key": key_to_meta(key)})
     rewards = [r["reward"] for r in run.logger.history]
     first_r, last_r = first_last(rewards)
-    print(f"mean reward: first 10% of steps {first_r:.3f} -> last 10% of steps {last_r:.3f}")
-    return run.finish({"algorithm": algo, "judge": cfg.judge, "steps": cfg.max_steps,
-                       "reward_first_10pct": first_r, "reward_last_10pct": last_r})
+    out = {"algorithm": algo, "judge": cfg.judge, "steps": cfg.max_steps, "reward_first_10pct": first_r,
+           "reward_last_10pct": last_r}
+    line = f"mean reward: first 10% of steps {first_r:.3f} -> last 10% of steps {last_r:.3f}"
+    print(line + (ev.summary(out) if ev is not None else ""))
+    return run.finish(out)
+
+
+def _evaluation(run, cfg, judge: _Judge, eval_rows, algo: str, sampler):
+    """The held-out evaluation of an online trainer (None without eval rows): :class:`trlax.train.rl._Evaluation`
+    (:func:`trlax.train.loops.sample_eval`: mean reward, each reward function, accuracy, pass@k) on the judge's
+    reward columns, and with ``missing_eos_penalty`` a ``missing_eos_penalty`` column (``-penalty`` where
+    truncated), so that ``eval/reward`` is the training ``reward`` (the judged total) of held-out samples. The
+    pairwise judge: the reward model's score."""
+    if eval_rows is None:
+        return None
+    from trlax.train.rl import _evaluation as rl_evaluation
+
+    tok = run.tokenizer
+    names = ("reward_model",) if judge.pairwise else tuple(judge.col_names)
+    penalty = 0.0 if judge.pairwise else judge.penalty
+    if penalty:
+        names += ("missing_eos_penalty",)
+
+    def reward_fn(texts, comp, prompts, rows, truncated):
+        ptxt = [str(D.as_text(tok, r["prompt"])) for r in rows]  # as the training step judges them
+        _, R = judge.rewards(texts, comp, ptxt, rows, truncated)
+        if penalty:
+            R = np.concatenate([R, -penalty * np.asarray(truncated, np.float64)[:, None]], axis=1)
+        return R
+
+    ro = types.SimpleNamespace(sampler=sampler, reward_fn=reward_fn, reward_names=names, weights=np.ones(len(names)),
+                               agent=None)
+    k = 2 if algo == "online_dpo" else 1
+    return rl_evaluation(run, cfg, ro, eval_rows, algo, k, cfg.batch_size)
 
 
 def _runner(algo: str):

@@ -1,7 +1,7 @@
 """Held-out evaluation (`--eval_dataset` / `--eval_split` with `--eval_steps`): the rows it writes to
 metrics.jsonl and summary.json, the held-out SFT loss recomputed from the initial policy, DPO's reward accuracy
-and margin (0 while the policy is the reference), GRPO's reward / accuracy / pass@k (and RLOO's, KTO's margin: the
-same code paths), and the errors.
+and margin (0 while the policy is the reference), GRPO's reward / accuracy / pass@k (and RLOO's, online DPO's, SSD's,
+KTO's margin: the same code paths), and the errors.
 
 Tiny shapes of the other trainer tests (TINY_RUN); each trainer runs once."""
 
@@ -104,23 +104,34 @@ def test_grpo_held_out_reward_accuracy_pass_at_k(tmp_path):
     assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"] and s["eval_pass@4_last"] == ev[-1]["eval/pass@4"]
 
 
-@pytest.mark.parametrize("name", ["rloo", "kto"])
+# samples per held-out prompt (pass@k) of the trainers evaluated through loops.sample_eval: rloo its group
+# (num_generations 4), online_dpo its pair, ssd its one sample
+SAMPLED_K = {"rloo": 4, "online_dpo": 2, "ssd": 1}
+
+
+@pytest.mark.parametrize("name", ["rloo", "kto", "online_dpo", "ssd"])
 def test_rl_and_unpaired_trainers_evaluate(tmp_path, name):
-    """The other RL trainers share GRPO's held-out evaluation (loops.sample_eval: reward, accuracy, pass@k over
-    the group), the other preference trainers DPO's (held-out reward margin; KTO's from its chosen / rejected
-    rewards, 0 while the policy is the reference). Two steps, evaluated before and after."""
+    """The other RL trainers, the online preference trainers (the judge's rewards) and the distillation trainers
+    that sample (accuracy against the answer) share GRPO's held-out evaluation (loops.sample_eval: reward,
+    accuracy, pass@k over the samples per prompt), the other preference trainers DPO's (held-out reward margin;
+    KTO's from its chosen / rejected rewards, 0 while the policy is the reference). Two steps, evaluated before
+    and after."""
     s = run_trainer(name, tmp_path, batch_size=8, max_steps=2, eval_split=0.2)
     ev = _eval_rows(tmp_path)
     assert [r["step"] for r in ev] == [0, 2]
     assert [r["step"] for r in read_metrics(tmp_path) if r.get("split") != "eval"] == [1, 2]  # training rows
-    if name == "rloo":  # num_generations 4: pass@4
+    if name in SAMPLED_K:
+        k = SAMPLED_K[name]
         rows = D.load_records(name, "builtin", seed=0)
         assert s["eval_prompts"] == len({r["prompt"] for r in D.split_by_prompt(rows, 0.2, 0)[1]})
         for r in ev:
-            assert 0.0 <= r["eval/accuracy"] <= r["eval/pass@4"] <= 1.0
+            assert 0.0 <= r["eval/accuracy"] <= r[f"eval/pass@{k}"] <= 1.0
             assert r["eval/accuracy"] == r["eval/rewards/accuracy"]
-            np.testing.assert_allclose(r["eval/reward"], r["eval/rewards/accuracy"] + r["eval/rewards/format"])
-        assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"] and s["eval_pass@4_last"] == ev[-1]["eval/pass@4"]
+            # the built-in verifier (accuracy + format); the distillation trainers score accuracy alone
+            fmt = r["eval/rewards/format"] if name != "ssd" else 0.0
+            np.testing.assert_allclose(r["eval/reward"], r["eval/rewards/accuracy"] + fmt)
+        assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"]
+        assert s[f"eval_pass@{k}_last"] == ev[-1][f"eval/pass@{k}"]
     else:
         assert abs(ev[0]["eval/rewards/chosen"]) < 1e-6 and abs(ev[0]["eval/rewards/margins"]) < 1e-6, ev[0]
         for r in ev:
