@@ -188,8 +188,8 @@ try:
         BUDGETS = json.load(_fh)["modules"]
 except (OSError, ValueError, KeyError):
     BUDGETS = {}
-UNLISTED_SECONDS = 20.0  # a module not in budgets.json yet: scheduled as a mid-sized one
-SLOW_MODULE_SECONDS = 60.0  # modules recorded at this or more are marked ``slow``
+UNLISTED_SECONDS = 10.0  # a module not in budgets.json yet: scheduled as a mid-sized one
+SLOW_MODULE_SECONDS = 30.0  # modules recorded at this many CPU seconds or more are marked ``slow``
 
 
 def module_seconds(module):
