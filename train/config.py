@@ -53,6 +53,7 @@ class CommonConfig:
     # this many skips in a row stop the run with an error and a checkpoint of the last good state
     max_consecutive_skips: int = 10
     progress: bool = True
+    plot: bool = True  # draw the metrics into <output_dir>/curves.png at the end of the run
     export: bool = True  # save_pretrained the final policy (HF format) into <output_dir>/final
     # multi-host: call jax.distributed.initialize before anything else (same command on every host)
     distributed: bool = False

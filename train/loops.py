@@ -340,7 +340,7 @@ class _Run:
 
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         self.ckpt.close()
-        plot = self.logger.plot()
+        plot = self.logger.plot() if self.cfg.plot else None
         self.logger.close()
         if self.cfg.export:
             path = os.path.join(self.cfg.output_dir, "final")

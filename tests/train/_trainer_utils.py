@@ -13,7 +13,8 @@ from trlax.train import loops
 from trlax.train.config import build_config
 
 # small shapes shared by the trainer tests (compile time dominates on CPU)
-TINY_RUN = dict(progress=False, export=False, max_prompt_length=4, max_completion_length=3)
+# (no curves.png: ~0.2 CPU-s per run; tests/train/test_default_job.py checks the plot)
+TINY_RUN = dict(progress=False, plot=False, export=False, max_prompt_length=4, max_completion_length=3)
 
 
 def capture_first_step(monkeypatch):
