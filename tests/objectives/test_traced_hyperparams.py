@@ -5,9 +5,11 @@ ULD, self-distillation and BEMA: ``vmap`` over four values of the main coefficie
 calls with Python numbers; ``jax.grad`` w.r.t. it equals a central finite difference (float64); a jitted
 step with a β schedule compiles once; the configs are pytrees (float fields are leaves, the rest static)
 and stay hashable for static use. Also the preference-loss registry (a user's loss through the whole
-``preference_loss`` pipeline, with a traced β), and the float64 references run jitted and not
-(``chex.variants``) for one function of each family: the reference modules run eagerly only (their
-dozens of configurations share the per-primitive compile cache; jitting each would compile each).
+``preference_loss`` pipeline, with a traced β), and the float64 references under ``jit``
+(``chex.variants(with_jit=True)``) for one function of each family. The reference modules run the same
+functions eagerly (their dozens of configurations share the per-primitive compile cache; jitting each
+would compile each), so here the jitted variant only: an eager variant of these nine checks built 168
+more executables (every eager primitive is one) for paths those modules already cover.
 """
 
 from __future__ import annotations
@@ -502,16 +504,17 @@ def _np_seq(lp, m, mean=False):
 
 
 class TestReferencesJittedAndNot(chex.TestCase):
-    """Each test runs twice, under ``jax.jit`` and eagerly (``chex.variants``): one compile per family."""
+    """Each test runs its function under ``jax.jit`` (``chex.variants``; one compile per family) against
+    the float64 reference; the eager path is the reference modules' (test_reference, ...)."""
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_aggregation(self):
         f = self.variant(lambda x: jnp.stack([tx.aggregate(x, MASK, m) for m in ("grpo", "bnpo", "dr_grpo", "dapo")]))
         want = [ref.aggregate(np.where(_N["mask"], _N["lp"], 0.0), _N["mask"], m)
                 for m in ("grpo", "bnpo", "dr_grpo", "dapo")]
         np.testing.assert_allclose(f(NAN_PAD), want, rtol=1e-12)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_policy_loss_value_and_grad(self):
         f = self.variant(jax.value_and_grad(lambda lp: policy_loss(lp, OLD, ADV, MASK, POLICY, ref_logps=REF,
                                                                    entropies=ENT)[0]))
@@ -522,7 +525,7 @@ class TestReferencesJittedAndNot(chex.TestCase):
         np.testing.assert_allclose(grad, ref.fd_grad(np_loss, _N["lp"], where=_N["mask"]), rtol=1e-5, atol=1e-8)
         assert np.all(np.asarray(grad)[~_N["mask"]] == 0.0)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_kl_estimators(self):
         f = self.variant(lambda lp: jnp.stack([kl_penalty(lp, REF, MASK, k) for k in KL_ESTIMATORS]))
         got = np.asarray(f(NAN_PAD))
@@ -530,7 +533,7 @@ class TestReferencesJittedAndNot(chex.TestCase):
             want = np.where(_N["mask"], ref.kl_penalty(_N["lp"], _N["ref"], _N["mask"], k), 0.0)
             np.testing.assert_allclose(np.where(_N["mask"], got[i], 0.0), want, rtol=1e-12, atol=1e-15, err_msg=k)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_sampler_correction(self):
         modes = tx.SAMPLER_CORRECTION_MODES
         f = self.variant(lambda old, samp: [tx.sampler_importance_weights(old, samp, MASK, m, clip_min=0.8,
@@ -540,7 +543,7 @@ class TestReferencesJittedAndNot(chex.TestCase):
             sel = _N["mask"] if np.shape(want) == _N["mask"].shape else _N["mask"].any(-1, keepdims=True)
             np.testing.assert_allclose(np.where(sel, got, 0.0), np.where(sel, want, 0.0), rtol=1e-12, err_msg=m)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_group_relative_advantages(self):
         rewards = jnp.asarray([1.0, 0.0, 0.5, jnp.nan, 2.0, 2.0, 1.0, 0.0])  # a NaN (unscorable) reward
         f = self.variant(lambda r: jnp.stack([tx.group_relative_advantages(r, 4, scale_rewards=s)
@@ -550,7 +553,7 @@ class TestReferencesJittedAndNot(chex.TestCase):
             np.testing.assert_allclose(got[i], ref.group_relative_advantages(np.asarray(rewards), 4, scale_rewards=s),
                                        rtol=1e-12, atol=1e-15, err_msg=s)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_preference_loss_dpo(self):
         cfg = PreferenceLossConfig.dpo(beta=0.3)
         f = self.variant(lambda lp: preference_loss(lp, REJ, REF, REF_REJ, MASK, MASK, cfg)[0])
@@ -558,7 +561,7 @@ class TestReferencesJittedAndNot(chex.TestCase):
         margin = (_np_seq(_N["lp"], m) - _np_seq(_N["ref"], m)) - (_np_seq(_N["rej"], m) - _np_seq(_N["ref_rej"], m))
         np.testing.assert_allclose(f(NAN_PAD), np.mean(-_np_logsig(0.3 * margin)), rtol=1e-12)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_unpaired_simpo(self):
         f = self.variant(lambda lp: cpo_loss(lp, REJ, MASK, MASK, loss_type="simpo", beta=2.0, simpo_gamma=0.5,
                                              cpo_alpha=0.0)[0])
@@ -566,13 +569,13 @@ class TestReferencesJittedAndNot(chex.TestCase):
         x = _np_seq(_N["lp"], m, mean=True) - _np_seq(_N["rej"], m, mean=True)
         np.testing.assert_allclose(f(NAN_PAD), np.mean(-_np_logsig(2.0 * x - 0.5)), rtol=1e-12)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_supervised_sft(self):
         f = self.variant(lambda lp: tx.sft_loss(lp, MASK)[0])
         np.testing.assert_allclose(f(NAN_PAD), -np.where(_N["mask"], _N["lp"], 0.0).sum() / _N["mask"].sum(),
                                    rtol=1e-12)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_distillation_gkd(self):
         f = self.variant(lambda s: gkd_loss(s, TEACHER, MASK, beta=0.3)[0])
         ls = np.asarray(jax.nn.log_softmax(STUDENT), np.float64)
