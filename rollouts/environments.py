@@ -464,7 +464,8 @@ _TOOL_CHARS = list("0123456789+-*/=() \n")
 def tool_tokenizer(directory: Optional[str] = None):
     """A small character-level ``PreTrainedTokenizerFast`` with :data:`TOOL_CHAT_TEMPLATE` (``tools=``
     supported), built locally with the ``tokenizers`` library (nothing is downloaded): digits and arithmetic
-    characters, ChatML / Hermes markers and the calculator call's fixed text as single tokens; other characters
+    characters, ChatML / Hermes markers, the calculator call's fixed text and the calculator's rendered JSON schema
+    (the line the template writes between ``<tools>`` and ``</tools>``) as single tokens; other characters
     are ``<unk>``. EOS is ``<|im_end|>``. Saved to ``directory`` when given."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -478,6 +479,11 @@ def tool_tokenizer(directory: Optional[str] = None):
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in _TOOL_TOKENS])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>")
     fast.chat_template = TOOL_CHAT_TEMPLATE
+    # the calculator's JSON schema line, as the template renders it into the system prompt, is one token too (a
+    # character-level spelling is ~270 <unk>s that bury the problem: the tiny model then cannot learn to copy it)
+    text = fast.apply_chat_template([{"role": "user", "content": "u"}], tools=[calculator], tokenize=False)
+    fast.add_tokens([AddedToken(text[text.index("<tools>\n") + 8:text.index("\n</tools>")], special=False,
+                                normalized=False)])
     if directory:
         os.makedirs(directory, exist_ok=True)
         fast.save_pretrained(directory)

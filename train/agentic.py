@@ -97,12 +97,16 @@ def environment_rows(cfg) -> Optional[List[Dict[str, Any]]]:
     return None if fn is None else list(fn(1024, cfg.seed))
 
 
-def demonstration_rows(factory, tokenizer, rows: Sequence[Dict[str, Any]], seed: int = 0) -> List[Dict[str, str]]:
+def demonstration_rows(factory, tokenizer, rows: Sequence[Dict[str, Any]], seed: int = 0,
+                       per_turn: bool = False) -> List[Dict[str, str]]:
     """SFT rows ``{"prompt", "completion"}`` (text) of one demonstration episode per dataset row: each
     environment's :meth:`~trlax.rollouts.Environment.demonstration` turns played against a fresh environment, the
     prompt and observations rendered exactly as :class:`~trlax.rollouts.MultiTurnSampler` renders them (the
-    completion is the interleaved block: turn, observation, turn ...). Raises naming the environment when it has
-    no demonstrations."""
+    completion is the interleaved block: turn, observation, turn ...). With ``per_turn`` an episode gives one row
+    per policy turn instead: the prompt is the context before the turn (prompt, earlier turns and observations),
+    the completion the turn alone, so an SFT loss over completions covers the policy's tokens only (the
+    environment's observations are context, as in the sampler's loss mask). Raises naming the environment when it
+    has no demonstrations."""
     import random
 
     from trlax.rollouts.environments import ChatFormat, Tool
@@ -119,15 +123,19 @@ def demonstration_rows(factory, tokenizer, rows: Sequence[Dict[str, Any]], seed:
             raise ValueError(f"sft_warmup_steps: environment {type(env).__name__} has no demonstrations (define "
                              "demonstration(row, rng)); pass --sft_warmup_steps 0")
         fmt = ChatFormat(tokenizer, [t if isinstance(t, Tool) else Tool(t) for t in getattr(env, "tools", ()) or ()])
+        prompt = fmt.prompt_text(obs)
         completion = ""
         for i, turn in enumerate(turns):
+            if per_turn:
+                out.append({"prompt": prompt + completion, "completion": turn})
             completion += turn
             ended_with_eos = bool(eos) and turn.endswith(eos)
             res = _step_result(env.step(turn[: -len(eos)] if ended_with_eos else turn), type(env).__name__)
             if res.done or i + 1 == len(turns):
                 break
             completion += fmt.observation_text(res.observation, ended_with_eos)
-        out.append({"prompt": fmt.prompt_text(obs), "completion": completion})
+        if not per_turn:
+            out.append({"prompt": prompt, "completion": completion})
     return out
 
 
@@ -137,7 +145,8 @@ def warm_start(cfg, rows: Sequence[Dict[str, Any]]) -> str:
     :data:`WARM_START_LR`) on the environment's
     demonstration transcripts (:func:`demonstration_rows`; the built-in :class:`~trlax.rollouts.CalculatorEnv`'s
     teach the tool-call flow, not the task), in ``<output_dir>/warmup``. Returns its Hugging Face export, the
-    model GRPO starts from. The SFT loss covers the whole block (policy turns and observations). With
+    model GRPO starts from. The SFT rows are one per policy turn (:data:`WARM_START_PER_TURN`), so the loss covers
+    the policy's tokens only, as GRPO's loss mask does: the observations are context, not targets. With
     ``model=tiny`` the initial random model (with the tool tokenizer) is saved first, so that the SFT stage and
     GRPO use the same tokenizer; a resumed run reuses a finished warm start."""
     import os
@@ -155,7 +164,8 @@ def warm_start(cfg, rows: Sequence[Dict[str, Any]]) -> str:
 
         shutil.rmtree(out)
     policy = modeling.build_policy(cfg)
-    sft_rows = demonstration_rows(environment_factory(cfg.environment, cfg.tools), policy.tokenizer, rows, cfg.seed)
+    sft_rows = demonstration_rows(environment_factory(cfg.environment, cfg.tools), policy.tokenizer, rows, cfg.seed,
+                                  per_turn=WARM_START_PER_TURN)
     model = cfg.model
     if model == "tiny":
         model = os.path.join(out, "init")
@@ -166,11 +176,14 @@ def warm_start(cfg, rows: Sequence[Dict[str, Any]]) -> str:
     values.update(model=model, output_dir=out, max_steps=cfg.sft_warmup_steps, resume=False, export=True,
                   learning_rate=max(cfg.learning_rate, WARM_START_LR),
                   max_prompt_length=-(-longest // mult) * mult)  # the sampler's prompt width: same positions
-    print(f"warm start: {cfg.sft_warmup_steps} SFT steps on {len(sft_rows)} demonstrations of "
-          f"{cfg.environment or 'the tools'} -> {final}", flush=True)
+    print(f"warm start: {cfg.sft_warmup_steps} SFT steps on {len(rows)} demonstrations of "
+          f"{cfg.environment or 'the tools'} ({len(sft_rows)} rows) -> {final}", flush=True)
     loops.run_sft(build_config("sft", values), sft_rows)
     return final
 
+
+# the warm start's SFT rows: one per policy turn (the loss on the policy's tokens only; observations are context)
+WARM_START_PER_TURN = True
 
 # the warm start's learning rate (at least; the run's if larger): SFT of a small model takes larger steps than RL
 WARM_START_LR = 3e-3

@@ -110,6 +110,13 @@ def test_calculator_env_rewards(tok):
     env.step(CALCULATOR_CALL_OPEN + "3+4")  # unclosed (e.g. cut by the budget): no bonus at all
     assert env.end_reward() == 0.0 and env.tool_malformed == 1
     assert len(tok(CALCULATOR_CALL_OPEN + "3+4" + CALCULATOR_CALL_CLOSE, add_special_tokens=False)["input_ids"]) == 5
+    # the calculator's schema line is one token of the toy tokenizer: the prompt is short, the problem's digits
+    # are tokens of their own (the text is the template's, unchanged)
+    fmt = ChatFormat(tok, env.tools)
+    text = fmt.prompt_text(env.reset({"prompt": "3+4=", "answer": "7"}))
+    assert '"description": "Evaluate arithmetic."' in text
+    pieces = tok.convert_ids_to_tokens(fmt.prompt_ids(env.reset({"prompt": "3+4=", "answer": "7"})))
+    assert len(pieces) < 30 and "<unk>" not in pieces and pieces[-9:-5] == ["3", "+", "4", "="]
 
 
 @pytest.mark.trl
@@ -210,6 +217,19 @@ def test_calculator_warm_start_demonstrations(tok):
         assert enc(d["completion"]) == enc(call + CALCULATOR_CALL_CLOSE) + enc(obs) + enc(rest[len(obs):])
         n_copy += expr == row["prompt"][:-1]
     assert 0.4 < n_call / len(rows) < 0.6 and 0.2 < n_copy / n_call < 0.45  # demo_direct 0.5, demo_copy 0.3 (+ luck)
+    # per_turn (the warm start's rows): one row per policy turn, the context before it as the prompt, so the SFT
+    # loss covers the policy's tokens only; the same transcripts
+    turn_rows = iter(demonstration_rows(CalculatorEnv, tok, rows, seed=0, per_turn=True))
+    for d in demos:
+        first = next(turn_rows)
+        assert first["prompt"] == d["prompt"]
+        if first["completion"].endswith("<|im_end|>"):  # a direct answer: one turn
+            assert first["completion"] == d["completion"]
+            continue
+        second = next(turn_rows)
+        assert first["completion"].endswith(CALCULATOR_CALL_CLOSE) and second["completion"][:-len("<|im_end|>")].isdigit()
+        assert second["prompt"] + second["completion"] == d["prompt"] + d["completion"]
+    assert next(turn_rows, None) is None
     # a copying demonstration played against the environment: correct, a number, a call that ran, well-formed
     row = {"prompt": "3+4=", "answer": "7"}
     env.demo_copy = 1.0
