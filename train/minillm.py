@@ -67,11 +67,16 @@ def run_minillm(cfg, rows=None, algo: str = "minillm") -> Dict[str, Any]:
     student, or from the teacher mixture when ``teacher_mix_alpha > 0``), compute the teacher's logits on
     them and take one step on :func:`trlax.objectives.minillm_loss` (+ ``pt_coef·L_PT``). Logs
     ``reverse_kl`` (the exact per-position KL(q_θ ‖ p_T) at ``kd_temperature`` on the batch's positions,
-    the spec metric), ``is_weight`` (mean importance weight) and, with ``L_PT``, ``pt_nll``."""
+    the spec metric), ``is_weight`` (mean importance weight) and, with ``L_PT``, ``pt_nll``. Held-out evaluation
+    (``eval_dataset`` / ``eval_split``): the distillation trainers' (:func:`trlax.train.distill._evaluation`), one
+    sample of the *student* per held-out prompt scored for accuracy against the row's ``completion`` /
+    ``answer`` — with ``teacher_mix_alpha = 0`` the training step's sampler (its compiled program), else the
+    student's own sampler at ``temperature`` (the mixture is not the student)."""
     from trlax.objectives.distillation import minillm_loss
     from trlax.objectives.supervised import sft_loss
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = L.eval_records(algo, cfg, rows)
     use_pt = cfg.pt_coef > 0
     if use_pt and any("completion" not in r for r in rows):
         raise ValueError(f"pt_coef={cfg.pt_coef}: the pre-training loss needs a 'completion' column in "
@@ -106,6 +111,10 @@ def run_minillm(cfg, rows=None, algo: str = "minillm") -> Dict[str, Any]:
                                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     else:
         sampler = KD._sampler(run, cfg, temperature=cfg.temperature)
+    if eval_rows is not None and cfg.teacher_mix_alpha > 0:  # the mixture is not the student: its own sampler
+        sampler = KD._sampler(run, cfg, temperature=cfg.temperature)
+    ev = KD._evaluation(run, cfg, eval_rows, algo, sampler) if eval_rows is not None else None
+    KD._maybe_eval(run, ev, 0)
     data = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = data.next()
@@ -125,8 +134,10 @@ def run_minillm(cfg, rows=None, algo: str = "minillm") -> Dict[str, Any]:
         m["is_weight"] = KD._masked_mean(w, b["mask"])
         m["completion_length"] = float(b["mask"].sum(1).mean())
         run.logger.log(step, m, tokens=int(b["mask"].sum()))
+        KD._maybe_eval(run, ev, step)
         run.maybe_checkpoint(step, {"data": data.state()})
-    return KD._finish(run, cfg, algo, "reverse_kl", {"teacher_mix_alpha": cfg.teacher_mix_alpha, "gamma": cfg.gamma})
+    return KD._finish(run, cfg, algo, "reverse_kl", {"teacher_mix_alpha": cfg.teacher_mix_alpha, "gamma": cfg.gamma},
+                      ev)
 
 
 # ------------------------------------------------------------------------------------------ config

@@ -43,7 +43,7 @@ from flax import nnx
 
 from trlax.objectives._checks import check_range
 from trlax.train import data as D
-from trlax.train.loops import _host, _Run, first_last
+from trlax.train.loops import _host, _Run, eval_first_last, eval_records, first_last
 from trlax.train.registry import TrainerSpec
 
 _SMALL = dict(batch_size=32, learning_rate=1e-3, max_prompt_length=8)
@@ -151,24 +151,45 @@ def _join(tok, prompt, completion) -> str:
     return D.as_text(tok, prompt) + D.as_text(tok, completion)
 
 
-def _finish(run, cfg, algo: str, metric: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+def _finish(run, cfg, algo: str, metric: str, extra: Dict[str, Any], eval_rows=None,
+            eval_keys=()) -> Dict[str, Any]:
     hist = run.logger.history
     first, last = first_last([r["loss"] for r in hist])
     m_first, m_last = first_last([r.get(metric, np.nan) for r in hist])
-    print(f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}")
-    return run.finish({"algorithm": algo, "steps": cfg.max_steps, "loss_first_10pct": first, "loss_last_10pct": last,
-                       f"{metric}_first_10pct": m_first, f"{metric}_last_10pct": m_last, **extra})
+    line = f"mean loss: first 10% of steps {first:.4f} -> last 10% {last:.4f}; {metric} {m_first:.3f} -> {m_last:.3f}"
+    out = {"algorithm": algo, "steps": cfg.max_steps, "loss_first_10pct": first, "loss_last_10pct": last,
+           f"{metric}_first_10pct": m_first, f"{metric}_last_10pct": m_last, **extra}
+    if eval_rows is not None:  # eval_<key>_first / _last, as the preference trainers
+        for key in eval_keys:
+            out[f"eval_{key}_first"], out[f"eval_{key}_last"] = eval_first_last(run, key)
+        line += f"; held-out ({len(eval_rows)} rows) " + ", ".join(
+            f"{key} {out[f'eval_{key}_first']:.3f} -> {out[f'eval_{key}_last']:.3f}" for key in eval_keys)
+    print(line)
+    return run.finish(out)
+
+
+def _maybe_eval(run, evaluate, eval_rows, step: int) -> None:
+    """Evaluate before the first step of a fresh run (``step`` 0) and when due (``eval_steps``, last step)."""
+    if eval_rows is not None and (run.due_eval(step, step - 1) if step else run.start_step == 0):
+        evaluate(step)
 
 
 def run_reward(cfg, rows=None, algo: str = "reward") -> Dict[str, Any]:
     """Bradley-Terry reward model (arXiv 2203.02155, eq. 1; margin arXiv 2307.09288, eq. 2; centring
-    arXiv 2312.09244, eq. 9); see the module docstring."""
+    arXiv 2312.09244, eq. 9); see the module docstring. Held-out evaluation (``eval_dataset`` / ``eval_split``):
+    the pairwise accuracy (fraction of pairs with ``r(chosen) > r(rejected)``), the mean margin
+    ``r(chosen) − r(rejected)``, the mean reward and the objective's loss over the held-out pairs: each pair
+    scored once, in batches of ``batch_size`` pairs (the training batch's shapes; the last batch filled up from
+    the start and the repeats dropped), then :func:`~trlax.objectives.reward_model_loss` on all the scores (an
+    exact mean over the pairs: the objective's batch means cannot leave out a batch's repeated rows)."""
     from trlax.objectives.unpaired import reward_model_loss
     from trlax.rollouts.reward_model import classifier_from_decoder, save_reward_model
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
-    if cfg.use_margin and "margin" not in rows[0]:
-        raise ValueError(f"use_margin=True but dataset={cfg.dataset!r} has no 'margin' column")
+    rows, eval_rows = eval_records(algo, cfg, rows)
+    for name, sel in (("dataset", rows), ("eval_dataset", eval_rows)):
+        if cfg.use_margin and sel is not None and "margin" not in sel[0]:
+            raise ValueError(f"use_margin=True but {name}={getattr(cfg, name)!r} has no 'margin' column")
     eta = cfg.center_rewards_coefficient
 
     def loss_builder(run):
@@ -186,20 +207,50 @@ def run_reward(cfg, rows=None, algo: str = "reward") -> Dict[str, Any]:
     tok = run.tokenizer
     L = cfg.max_prompt_length + cfg.max_completion_length
     add_eos = tok.eos_token_id != tok.pad_token_id  # else transformers would score the token before EOS
-    Ch_ids, Ch_mask = D.encode_right_padded(tok, [_join(tok, r["prompt"], r["chosen"]) for r in rows], L, add_eos)
-    Rj_ids, Rj_mask = D.encode_right_padded(tok, [_join(tok, r["prompt"], r["rejected"]) for r in rows], L, add_eos)
-    margin = np.asarray([float(r["margin"]) for r in rows], np.float32) if cfg.use_margin else None
+
+    def encode(sel):
+        out = {}
+        for col in ("chosen", "rejected"):
+            out[f"{col}_ids"], out[f"{col}_mask"] = D.encode_right_padded(
+                tok, [_join(tok, r["prompt"], r[col]) for r in sel], L, add_eos)
+        if cfg.use_margin:
+            out["margin"] = np.asarray([float(r["margin"]) for r in sel], np.float32)
+        return out
+
+    table = encode(rows)  # every training pair, tokenised once
+    if eval_rows is not None:
+        from trlax.objectives.aggregation import finalize_metrics
+
+        held = encode(eval_rows)
+        score = jax.jit(lambda p, ids, mask: run.model(p)(ids, mask)[:, 0])
+
+        @jax.jit
+        def objective(rw, rl, mg):  # the training objective and its metrics on all the held-out scores
+            loss, metrics = reward_model_loss(rw, rl, margin=mg, center_rewards_coefficient=eta)
+            return dict(finalize_metrics(metrics), loss=loss)
+
+    def evaluate(step):  # held-out pairwise accuracy, margin, mean reward and loss
+        n, bs, rs = len(eval_rows), cfg.batch_size, []
+        for i in range(0, n, bs):
+            idx = np.arange(i, i + bs) % n
+            r = _host(score(run.state.params, np.concatenate([held["chosen_ids"][idx], held["rejected_ids"][idx]]),
+                            np.concatenate([held["chosen_mask"][idx], held["rejected_mask"][idx]])))
+            rs.append(r.reshape(2, bs)[:, :min(bs, n - i)])
+        rw, rl = np.concatenate(rs, axis=1)
+        m = objective(rw, rl, held.get("margin"))
+        run.logger.log_eval(step, {k: float(_host(m[k])) for k in ("accuracy", "margin", "reward/mean", "loss")})
+
+    _maybe_eval(run, evaluate, eval_rows, 0)
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = sampler.next()
-        batch = {"chosen_ids": Ch_ids[idx], "chosen_mask": Ch_mask[idx], "rejected_ids": Rj_ids[idx],
-                 "rejected_mask": Rj_mask[idx]}
-        if margin is not None:
-            batch["margin"] = margin[idx]
+        batch = {k: v[idx] for k, v in table.items()}
         m = run.train_step(batch)
-        run.logger.log(step, m, tokens=int(Ch_mask[idx].sum() + Rj_mask[idx].sum()))
+        run.logger.log(step, m, tokens=int(batch["chosen_mask"].sum() + batch["rejected_mask"].sum()))
+        _maybe_eval(run, evaluate, eval_rows, step)
         run.maybe_checkpoint(step, {"data": sampler.state()})
-    return _finish(run, cfg, algo, "accuracy", {"use_margin": cfg.use_margin, "center_rewards_coefficient": eta})
+    return _finish(run, cfg, algo, "accuracy", {"use_margin": cfg.use_margin, "center_rewards_coefficient": eta},
+                   eval_rows, ("accuracy", "margin", "loss"))
 
 
 def encode_steps(tok, rows, max_prompt_length: int, max_completion_length: int, step_separator: str,
@@ -238,11 +289,16 @@ def encode_steps(tok, rows, max_prompt_length: int, max_completion_length: int, 
 
 
 def run_prm(cfg, rows=None, algo: str = "prm") -> Dict[str, Any]:
-    """Process reward model (arXiv 2211.14275, sec. 3; TRL ``PRMTrainer``); see the module docstring."""
+    """Process reward model (arXiv 2211.14275, sec. 3; TRL ``PRMTrainer``); see the module docstring.
+    Held-out evaluation (``eval_dataset`` / ``eval_split``): the step-label accuracy and the loss over the
+    held-out rows' labelled positions (those trained on: every step, or the last with
+    ``train_on_last_step_only``), in batches of ``batch_size`` rows at the training batch's shapes, each batch
+    weighted by its labelled positions (a token mean over the whole held-out set)."""
     from trlax.objectives.unpaired import process_reward_loss
     from trlax.rollouts.reward_model import classifier_from_decoder, save_process_reward_model
 
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
+    rows, eval_rows = eval_records(algo, cfg, rows)
 
     def loss_builder(run):
         def loss_fn(params, b, totals):
@@ -259,14 +315,39 @@ def run_prm(cfg, rows=None, algo: str = "prm") -> Dict[str, Any]:
     if not mask.any():
         raise ValueError(f"dataset={cfg.dataset!r}: no step label survives max_prompt_length + "
                          f"max_completion_length = {ids.shape[1]} tokens")
+    if eval_rows is not None:
+        ev = dict(zip(("input_ids", "attention_mask", "labels", "mask"), encode_steps(
+            run.tokenizer, eval_rows, cfg.max_prompt_length, cfg.max_completion_length, cfg.step_separator,
+            cfg.train_on_last_step_only)))
+
+    def evaluate(step):
+        # run.eval_batches weights each batch by its rows; the loss and accuracy are means over labelled
+        # positions, so here each batch (the last one filled up from the start, the repeats' labels masked out)
+        # is weighted by its labelled positions: exact token means over the held-out set
+        n, bs = len(eval_rows), cfg.batch_size
+        sums, count = {"loss": 0.0, "accuracy": 0.0}, 0.0
+        for i in range(0, n, bs):
+            b = {k: v[np.arange(i, i + bs) % n] for k, v in ev.items()}
+            b["mask"][min(bs, n - i):] = False
+            w = float(b["mask"].sum())
+            if w:
+                m = run.eval_loss(b)
+                count += w
+                for k in sums:
+                    sums[k] += w * m[k]
+        run.logger.log_eval(step, {k: v / count if count else float("nan") for k, v in sums.items()})
+
+    _maybe_eval(run, evaluate, eval_rows, 0)
     sampler = D.EpochSampler(len(rows), cfg.batch_size, cfg.seed, **run.meta.get("data", {}))
     for step in range(run.start_step + 1, cfg.max_steps + 1):
         idx = sampler.next()
         batch = {"input_ids": ids[idx], "attention_mask": att[idx], "labels": labels[idx], "mask": mask[idx]}
         m = run.train_step(batch)
         run.logger.log(step, m, tokens=int(att[idx].sum()))
+        _maybe_eval(run, evaluate, eval_rows, step)
         run.maybe_checkpoint(step, {"data": sampler.state()})
-    return _finish(run, cfg, algo, "accuracy", {"train_on_last_step_only": cfg.train_on_last_step_only})
+    return _finish(run, cfg, algo, "accuracy", {"train_on_last_step_only": cfg.train_on_last_step_only},
+                   eval_rows, ("accuracy", "loss"))
 
 
 # ------------------------------------------------------------------------------------------- configs

@@ -1,7 +1,8 @@
 """Held-out evaluation (`--eval_dataset` / `--eval_split` with `--eval_steps`): the rows it writes to
 metrics.jsonl and summary.json, the held-out SFT loss recomputed from the initial policy, DPO's reward accuracy
 and margin (0 while the policy is the reference), GRPO's reward / accuracy / pass@k (and RLOO's, online DPO's, SSD's,
-KTO's margin: the same code paths), and the errors.
+MiniLLM's, KTO's margin: the same code paths), the reward models' held-out pairwise / step accuracy and loss, and the
+errors.
 
 Tiny shapes of the other trainer tests (TINY_RUN); each trainer runs once."""
 
@@ -105,22 +106,37 @@ def test_grpo_held_out_reward_accuracy_pass_at_k(tmp_path):
 
 
 # samples per held-out prompt (pass@k) of the trainers evaluated through loops.sample_eval: rloo its group
-# (num_generations 4), online_dpo its pair, ssd its one sample
-SAMPLED_K = {"rloo": 4, "online_dpo": 2, "ssd": 1}
+# (num_generations 4), online_dpo its pair, ssd and minillm their one sample
+SAMPLED_K = {"rloo": 4, "online_dpo": 2, "ssd": 1, "minillm": 1}
+DISTILL = ("ssd", "minillm")  # scored for accuracy alone (no format reward)
+# the reward models' held-out metrics (train/reward.py)
+REWARD_MODELS = {"reward": ("accuracy", "margin", "loss"), "prm": ("accuracy", "loss")}
+# run fields beyond the shared ones: prm's steps ("3+4=7\n", 6 tokens each) need a longer completion than
+# TINY_RUN's for a label to survive; minillm's builtin teacher needs only to exist (2 SFT steps, not 60)
+EXTRA = {"prm": dict(max_prompt_length=6, max_completion_length=12), "minillm": dict(teacher_steps=2)}
 
 
-@pytest.mark.parametrize("name", ["rloo", "kto", "online_dpo", "ssd"])
+@pytest.mark.parametrize("name", ["rloo", "kto", "online_dpo", "ssd", "minillm", "reward", "prm"])
 def test_rl_and_unpaired_trainers_evaluate(tmp_path, name):
     """The other RL trainers, the online preference trainers (the judge's rewards) and the distillation trainers
     that sample (accuracy against the answer) share GRPO's held-out evaluation (loops.sample_eval: reward,
     accuracy, pass@k over the samples per prompt), the other preference trainers DPO's (held-out reward margin;
-    KTO's from its chosen / rejected rewards, 0 while the policy is the reference). Two steps, evaluated before
-    and after."""
-    s = run_trainer(name, tmp_path, batch_size=8, max_steps=2, eval_split=0.2)
+    KTO's from its chosen / rejected rewards, 0 while the policy is the reference); the reward models log the
+    held-out pairwise (reward) / step-label (prm) accuracy and loss, the reward model also the mean margin
+    r(chosen) - r(rejected). Two steps, evaluated before and after."""
+    s = run_trainer(name, tmp_path, batch_size=8, max_steps=2, eval_split=0.2, **EXTRA.get(name, {}))
     ev = _eval_rows(tmp_path)
     assert [r["step"] for r in ev] == [0, 2]
     assert [r["step"] for r in read_metrics(tmp_path) if r.get("split") != "eval"] == [1, 2]  # training rows
-    if name in SAMPLED_K:
+    if name in REWARD_MODELS:
+        keys = REWARD_MODELS[name]
+        for r in ev:
+            assert set(r) >= {f"eval/{k}" for k in keys}, r
+            assert 0.0 <= r["eval/accuracy"] <= 1.0 and np.isfinite(r["eval/loss"]) and r["eval/loss"] > 0, r
+        assert ev[-1]["eval/loss"] != ev[0]["eval/loss"]  # the trained model is evaluated, not the initial one
+        for k in keys:
+            assert s[f"eval_{k}_first"] == ev[0][f"eval/{k}"] and s[f"eval_{k}_last"] == ev[-1][f"eval/{k}"]
+    elif name in SAMPLED_K:
         k = SAMPLED_K[name]
         rows = D.load_records(name, "builtin", seed=0)
         assert s["eval_prompts"] == len({r["prompt"] for r in D.split_by_prompt(rows, 0.2, 0)[1]})
@@ -128,7 +144,7 @@ def test_rl_and_unpaired_trainers_evaluate(tmp_path, name):
             assert 0.0 <= r["eval/accuracy"] <= r[f"eval/pass@{k}"] <= 1.0
             assert r["eval/accuracy"] == r["eval/rewards/accuracy"]
             # the built-in verifier (accuracy + format); the distillation trainers score accuracy alone
-            fmt = r["eval/rewards/format"] if name != "ssd" else 0.0
+            fmt = r["eval/rewards/format"] if name not in DISTILL else 0.0
             np.testing.assert_allclose(r["eval/reward"], r["eval/rewards/accuracy"] + fmt)
         assert s["eval_accuracy_first"] == ev[0]["eval/accuracy"]
         assert s[f"eval_pass@{k}_last"] == ev[-1][f"eval/pass@{k}"]
