@@ -233,14 +233,17 @@ class _Run:
 
     def eval_batches(self, eval_rows, encode, step: int, weight_keys=None, derive=None) -> None:
         """Log (:meth:`RunLogger.log_eval`) the objective's loss and metrics on ``eval_rows``, in batches of
-        ``batch_size`` rows (``encode(rows) -> host batch``; the last batch filled up from the start of the set,
-        each batch's metrics weighted by its rows that were not repeats); ``derive(metrics) -> dict``: metrics
-        computed from the averaged ones (e.g. a margin from the chosen and rejected rewards)."""
+        ``batch_size`` rows (``encode(rows) -> host batch``), each batch's metrics weighted by its rows; the
+        rows left over (``len(eval_rows) % batch_size``, or all of a smaller set) form one batch of their own
+        shape (one more compile of the evaluation, no row counted twice: a batch filled up with repeats would
+        weigh the repeats in its means); ``derive(metrics) -> dict``: metrics computed from the averaged ones
+        (e.g. a margin from the chosen and rejected rewards)."""
         n, bs = len(eval_rows), self.cfg.batch_size
         sums: Dict[str, float] = {}
         for i in range(0, n, bs):
-            m = self.eval_loss(encode([eval_rows[j % n] for j in range(i, i + bs)]))
-            w = min(bs, n - i) / n
+            sel = list(eval_rows[i:i + bs])
+            m = self.eval_loss(encode(sel))
+            w = len(sel) / n
             for k, v in m.items():
                 if weight_keys is None or k in weight_keys:
                     sums[k] = sums.get(k, 0.0) + w * v

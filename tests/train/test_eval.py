@@ -155,3 +155,27 @@ def test_rl_and_unpaired_trainers_evaluate(tmp_path, name):
         assert ev[-1]["eval/rewards/margins"] != 0.0
         assert s["eval_margin_first"] == ev[0]["eval/rewards/margins"]
         assert s["eval_margin_last"] == ev[-1]["eval/rewards/margins"]
+
+
+@pytest.mark.parametrize("n", [10, 3, 8])
+def test_eval_batches_counts_every_row_once(n):
+    """``_Run.eval_batches`` on a stub whose per-batch metric is the batch's row mean: the logged value is the
+    mean over the held-out rows whatever ``n % batch_size`` (a last batch filled up with repeats of the first
+    rows gave (8+9+0+1)/4 weighted 2/10 for n = 10, batch 4: 4.2 instead of 4.5)."""
+    from types import SimpleNamespace
+
+    from trlax.train import loops
+
+    logged, shapes = {}, []
+
+    def eval_loss(batch):
+        shapes.append(len(batch))
+        return {"loss": float(np.mean(batch)), "other": 1.0}
+
+    stub = SimpleNamespace(cfg=SimpleNamespace(batch_size=4), eval_loss=eval_loss,
+                           logger=SimpleNamespace(log_eval=lambda step, m: logged.update(m, step=step)))
+    loops._Run.eval_batches(stub, list(range(n)), lambda sel: np.asarray(sel, float), 7, weight_keys=("loss",),
+                            derive=lambda m: {"twice": 2 * m["loss"]})
+    np.testing.assert_allclose(logged["loss"], (n - 1) / 2, rtol=1e-12)
+    assert logged["twice"] == 2 * logged["loss"] and "other" not in logged and logged["step"] == 7
+    assert shapes == [4] * (n // 4) + ([n % 4] if n % 4 else [])
