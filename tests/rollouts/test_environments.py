@@ -227,7 +227,8 @@ def test_calculator_warm_start_demonstrations(tok):
             assert first["completion"] == d["completion"]
             continue
         second = next(turn_rows)
-        assert first["completion"].endswith(CALCULATOR_CALL_CLOSE) and second["completion"][:-len("<|im_end|>")].isdigit()
+        assert first["completion"].endswith(CALCULATOR_CALL_CLOSE)
+        assert second["completion"][:-len("<|im_end|>")].isdigit()
         assert second["prompt"] + second["completion"] == d["prompt"] + d["completion"]
     assert next(turn_rows, None) is None
     # a copying demonstration played against the environment: correct, a number, a call that ran, well-formed
