@@ -219,6 +219,7 @@ def test_conversational_jsonl_with_chat_templated_checkpoint(tmp_path, monkeypat
     box = {}
     monkeypatch.setattr(loops, "_on_first_step", lambda run, state, batch, metrics: box.update(batch=batch))
     monkeypatch.chdir(mypkg)
+    monkeypatch.syspath_prepend(str(mypkg))  # importable here even when no earlier test ran the CLI there
     import mypkg.rewards
 
     mypkg.rewards.CALLS.clear()
