@@ -394,17 +394,19 @@ def first_last(values, frac: float = 0.1):
     return float(np.nanmean(values[:n])), float(np.nanmean(values[-n:]))
 
 
-def eval_records(algo: str, cfg, rows):
+def eval_records(algo: str, cfg, rows, multi_process: bool = False):
     """``(train_rows, eval_rows)``: ``eval_rows`` from ``cfg.eval_dataset`` (read and checked like the training
     set), or the held-out ``cfg.eval_split`` of ``rows`` (whole prompts, :func:`trlax.train.data.split_by_prompt`),
-    or None (no evaluation)."""
+    or None (no evaluation). ``multi_process``: the trainer evaluates on multi-host runs too (GRPO); the others
+    refuse there."""
+    single = multi_process or jax.process_count() == 1
     if getattr(cfg, "eval_dataset", ""):
-        if jax.process_count() > 1:
-            raise ValueError(f"eval_dataset={cfg.eval_dataset!r}: evaluation runs in one process for now")
+        if not single:
+            raise ValueError(f"eval_dataset={cfg.eval_dataset!r}: {algo}'s evaluation runs in one process for now")
         return rows, D.load_records(algo, cfg.eval_dataset, seed=cfg.seed)
     if getattr(cfg, "eval_split", 0.0) > 0:
-        if jax.process_count() > 1:
-            raise ValueError(f"eval_split={cfg.eval_split}: evaluation runs in one process for now")
+        if not single:
+            raise ValueError(f"eval_split={cfg.eval_split}: {algo}'s evaluation runs in one process for now")
         return D.split_by_prompt(rows, cfg.eval_split, cfg.seed)
     return rows, None
 
@@ -429,20 +431,31 @@ def sample_eval(run, sampler, reward_fn, reward_names, weights, eval_rows, step:
     by ``reward_fn``. Logs (:meth:`RunLogger.log_eval`) and returns the mean weighted reward, each reward
     function's mean (``rewards/<name>``) and, with an ``accuracy`` / ``exact_match`` reward, ``accuracy`` (the
     fraction of correct completions: pass@1) and ``pass@k`` (the fraction of prompts with a correct completion).
-    Used by grpo, rloo, ppo and a2po."""
+    Used by grpo, rloo, ppo and a2po. Multi-host (GRPO): every process holds the same ``eval_rows``; each batch is
+    one global sampling program over every process's block of its prompts (as in training), each process scores
+    its own completions, and the rewards are gathered, so every process logs the same figures."""
     cfg, tok = run.cfg, run.tokenizer
     sp, n = run.policy.sampler_params(run.state.params if params is None else params), len(eval_rows)
+    multi = jax.process_count() > 1
     Rs = []
     for i in range(0, n, n_prompts):
         sel = [eval_rows[j % n] for j in range(i, i + n_prompts)]
         p_ids, p_mask = D.encode_left_padded(tok, _texts(tok, sel, "prompt"), cfg.max_prompt_length)
-        roll = sampler.generate(sp, (p_ids, p_mask), jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), i),
-                                num_generations=k)
-        c_ids, c_mask, trunc = _host(roll.completion_ids), _host(roll.completion_mask), _host(roll.truncated)
+        key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), i)
+        c_sl = run.rows(n_prompts * k)  # this process's completions: whole groups of k (as in training) ...
+        loc = np.arange(c_sl.start // k, c_sl.stop // k)  # ... and their prompts (all with one process)
+        if multi:
+            g = _replicated(run, np.concatenate([p_ids[loc], p_mask[loc]], 1), n_prompts)
+            roll = sampler.generate_global(sp, g[:, :p_ids.shape[1]], g[:, p_ids.shape[1]:] > 0, key, num_generations=k)
+        else:
+            roll = sampler.generate(sp, (p_ids, p_mask), key, num_generations=k)
+        c_ids, c_mask, trunc = run.local(roll.completion_ids), run.local(roll.completion_mask), run.local(roll.truncated)
         comp = [c_ids[b][c_mask[b]].tolist() for b in range(c_ids.shape[0])]
-        grows = [sel[b // k] for b in range(len(comp))]
+        grows = [sel[j] for j in np.repeat(loc, k)]
         R = reward_fn(tok.batch_decode(comp, skip_special_tokens=True), comp,
                       [str(r["prompt"]) for r in grows], grows, trunc)
+        if multi:
+            R = run.gather(np.asarray(R, np.float64), n_prompts * k)  # every process's completions, in row order
         Rs.append(R[: min(n_prompts, n - i) * k])
     R = np.concatenate(Rs)
     out = {"reward": float(np.mean(np.nansum(R * np.asarray(weights), axis=1)))}
@@ -456,10 +469,10 @@ def sample_eval(run, sampler, reward_fn, reward_names, weights, eval_rows, step:
     return out
 
 
-def sample_eval_rows(eval_rows, run, algo: str, single_turn: bool = True):
-    """Each distinct evaluation row once; refuses what :func:`sample_eval` does not run (multi-process runs,
-    multi-turn rollouts)."""
-    if jax.process_count() > 1 or not single_turn:
+def sample_eval_rows(eval_rows, run, algo: str, single_turn: bool = True, multi_process: bool = False):
+    """Each distinct evaluation row once; refuses what :func:`sample_eval` does not run (multi-turn rollouts;
+    multi-process runs unless ``multi_process``: GRPO)."""
+    if (jax.process_count() > 1 and not multi_process) or not single_turn:
         raise ValueError(f"held-out evaluation (eval_dataset / eval_split) of {algo} runs in one process and with "
                          "single-turn rollouts for now")
     return list({repr(r): r for r in eval_rows}.values())
@@ -847,7 +860,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
     if rows is None and uses_environment(cfg):  # an environment's own built-in task (CalculatorEnv: addition)
         rows = environment_rows(cfg)
     rows = D.load_records(algo, cfg.dataset, seed=cfg.seed) if rows is None else rows
-    rows, eval_rows = eval_records(algo, cfg, rows)
+    rows, eval_rows = eval_records(algo, cfg, rows, multi_process=True)
     # R1-style cold start on the answer format: GRPO starts from (and is regularised towards) its export
     # (multi-turn runs: on the environment's demonstration transcripts, trlax.train.agentic.warm_start)
     warmup = agentic_warm_start if uses_environment(cfg) else format_warmup
@@ -1017,7 +1030,7 @@ def run_grpo(cfg, rows=None, algo: str = "grpo") -> Dict[str, Any]:
         sample_eval(run, sampler, reward_fn, reward_names, w_arr, eval_rows, step, k=G, n_prompts=n_prompts)
 
     if eval_rows is not None:
-        eval_rows = sample_eval_rows(eval_rows, run, "GRPO", single_turn=agent is None)  # each distinct row once
+        eval_rows = sample_eval_rows(eval_rows, run, "GRPO", single_turn=agent is None, multi_process=True)
         if run.start_step == 0:
             evaluate(0)
 

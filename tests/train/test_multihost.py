@@ -34,9 +34,18 @@ ALGOS = {
     "dpo": [],
     # beta > 0 (reference log-probs) and two optimiser steps per generation (old log-probs; the second step's
     # rows move between processes on the devices)
+    # (the default job's warm start off; its held-out evaluation on 1% of the prompts: 6 prompts x 4 samples,
+    # before step 1 and after step 2)
+    # rewards: the built-in accuracy (0 for an untrained model) and a user function that varies between
+    # samples (the fraction of digits: non-zero advantages, so the policy term moves the parameters)
     "grpo": ["--num_generations", "4", "--beta", "0.04", "--steps_per_generation", "2",
-             "--sft_warmup_steps", "0", "--eval_split", "0"],  # the default job's warm start / evaluation: off
+             "--sft_warmup_steps", "0", "--eval_split", "0.01", "--reward_funcs", "mh_rewards:digits,accuracy"],
 }
+REWARDS_MODULE = '''
+def digits(prompts, completions, completion_ids, **columns):
+    """The fraction of the completion's characters that are digits."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+'''
 COMMON = ["--max_steps", "2", "--batch_size", "8", "--max_prompt_length", "4", "--max_completion_length", "3",
           "--mesh_fsdp", "2", "--progress", "false"]
 WAIT_S = 240  # bound on every subprocess
@@ -53,12 +62,15 @@ def _env():
         env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    if "root" in _CACHE:  # the user reward module (mh_rewards.py) importable by every process
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CACHE["root"], env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def _rows(path):
+def _rows(path, split=None):
+    """The training rows of a metrics.jsonl (``split="eval"``: its held-out evaluation rows)."""
     with open(path) as fh:
-        return [json.loads(line) for line in fh]
+        return [r for r in map(json.loads, fh) if r.get("split") == split]
 
 
 def _params(run_dir):
@@ -191,6 +203,8 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     # the test session's persistent compilation cache (tests/conftest.py) when there is one, else the module's
     _CACHE["dir"] = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "jax_cache")
+    _CACHE["root"] = str(root)
+    (root / "mh_rewards.py").write_text(REWARDS_MODULE)
     yield root
     _CACHE.clear()
 
@@ -294,6 +308,20 @@ def test_launch_equals_one_process_eight_devices(runs, one_process, algo):
     assert [r["step"] for r in multi] == [r["step"] for r in one] == [1, 2]
     _close(multi, one, algo)
     _same_params(one_process["ref"][algo], runs[algo])
+    if algo == "grpo":  # the rewards vary within groups (else both runs would leave the parameters as they are)
+        assert min(r["frac_reward_zero_std"] for r in one) < 1 and max(r["rewards/digits"] for r in one) > 0, one
+    if algo == "grpo":  # held-out evaluation: one global sampling program, each process scoring its completions
+        ev_multi = _rows(os.path.join(runs[algo], "metrics.jsonl"), "eval")
+        ev_one = _rows(os.path.join(one_process["ref"][algo], "metrics.jsonl"), "eval")
+        assert [r["step"] for r in ev_multi] == [r["step"] for r in ev_one] == [0, 2]
+        keys = sorted(k for k in ev_one[0] if k.startswith("eval/"))
+        assert {"eval/reward", "eval/accuracy", "eval/pass@4", "eval/rewards/digits"} <= set(keys) and keys == sorted(
+            k for k in ev_multi[0] if k.startswith("eval/"))
+        for a, b in zip(ev_multi, ev_one):
+            np.testing.assert_allclose([a[k] for k in keys], [b[k] for k in keys], rtol=1e-6, err_msg=str(keys))
+        assert all(r["eval/rewards/digits"] > 0 for r in ev_one), ev_one  # a figure that can differ
+        summary = json.load(open(os.path.join(runs[algo], "summary.json")))
+        assert summary["eval_prompts"] == 6, summary
 
 
 def test_launched_sft_equals_one_process(killed, one_process):
