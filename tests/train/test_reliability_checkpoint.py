@@ -24,7 +24,9 @@ import pytest
 
 # at least 20 kills in all: a run whose children happen to get far before their kills reaches its last step
 # before its 10th kill (seen once in CI, 18 kills from 2 runs), so a third run gives slack
-N_RUNS, KILLS_PER_RUN, STEPS = 3, 10, 10
+# STEPS leaves room for KILLS_PER_RUN kills per run: random-moment kills only in the first third (one can let
+# the run advance many steps: the faster the machine, the more), then self-kills that advance it 1-2 steps each
+N_RUNS, KILLS_PER_RUN, STEPS = 3, 10, 30
 SEED = 1234
 
 
@@ -141,7 +143,7 @@ def _zygote(spec: dict) -> dict:
             attempts += 1
             done = max([int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()], default=0) \
                 if os.path.isdir(os.path.join(out, "checkpoints")) else 0
-            if rng.random() < 0.5 and done < spec["steps"] - 3:  # killed by the helper at a random moment
+            if rng.random() < 0.5 and done < spec["steps"] // 3:  # killed by the helper at a random moment
                 res = launch(out, kill_after=rng.uniform(0.05, 0.6))
             else:  # killed by itself right after a checkpoint write started (async: it is in flight)
                 at = min(done + rng.randint(1, 2), spec["steps"] - 1)
