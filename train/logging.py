@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -57,13 +57,7 @@ class RunLogger:
             row["tokens_per_s"] = tokens / max(now - self._t, 1e-9)
         self._t = now
         self.history.append(row)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and np.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        self._write(row, step, [k for k in row if k != "step"])
         if self._bar is not None:
             show = {k: f"{row[k]:.4g}" for k in ("reward", "kl", "loss", "tokens_per_s") if k in row}
             self._bar.set_postfix(show, refresh=False)
@@ -78,14 +72,18 @@ class RunLogger:
             print("eval at step %d: %s" % (step, ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items())), flush=True)
         row.update(step=step, split="eval")
         self.eval_history.append(row)
+        self._write(row, step, [k for k in row if k.startswith("eval/")])
+        return row
+
+    def _write(self, row: Dict[str, Any], step: int, scalars: List[str]) -> None:
+        """``row`` as one line of ``metrics.jsonl``; its finite ``scalars`` to TensorBoard at ``step``."""
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
-            for k, v in row.items():
-                if k.startswith("eval/") and np.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-        return row
+            for k in scalars:
+                if np.isfinite(row[k]):
+                    self._tb.add_scalar(k, row[k], step)
 
     def plot(self, keys=("reward", "rewards/*", "eval/*", "kl", "loss", "entropy", "frac_reward_zero_std"),
              filename: str = "curves.png") -> Optional[str]:
